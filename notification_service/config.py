@@ -1,0 +1,290 @@
+"""Configuration: read once from the environment (and ./.env), validated at start-up.
+
+Every variable is documented once in README.md and once in .env.example.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+T = TypeVar("T")
+
+SmtpSecurity = Literal["auto", "ssl", "starttls", "none"]
+_SECURITIES: tuple[SmtpSecurity, ...] = ("auto", "ssl", "starttls", "none")
+# Deliberately loose: the SMTP server is the judge of an address, this only
+# refuses what would make a broken header (spaces, no domain, line breaks).
+_EMAIL_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+\.?[^@\s<>\"',;]*")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ConfigError(ValueError):
+    """A variable has a value the service cannot start with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 5000
+    web_workers: int = 2
+    web_threads: int = 8
+    max_body_bytes: int = 1024 * 1024
+    # MongoDB. None means "start the embedded server" (make run only).
+    db_uri: str | None = None
+    db_timeout_ms: int = 3000
+    users_collection: str = "users"
+    notifications_field: str = "notifications"
+    outbox_collection: str = "email_outbox"
+    notifications_limit: int = 100
+    list_max_limit: int = 100
+    # Test mode of the original assignment: unknown users are created on /create.
+    email: str | None = None
+    # SMTP. No host means "start the local sink" (make run only).
+    smtp_host: str | None = None
+    smtp_port: int | None = None
+    smtp_login: str | None = None
+    smtp_password: str | None = field(default=None, repr=False)
+    smtp_email: str = "notifications@localhost"
+    smtp_name: str | None = None
+    smtp_security: SmtpSecurity = "auto"
+    smtp_verify: bool = True
+    smtp_ca_file: str | None = None
+    smtp_timeout: float = 10.0
+    smtp_max_per_connection: int = 100
+    smtp_rate_limit: float = 0.0  # messages per second per dispatcher process; 0 = unlimited
+    templates_dir: str | None = None
+    # Outbox dispatcher
+    dispatcher_threads: int = 1  # inside each server process; 0 = run `worker` separately
+    dispatch_poll_seconds: float = 0.5
+    dispatch_lease_seconds: float = 60.0
+    dispatch_max_attempts: int = 10
+    dispatch_max_age_seconds: float = 86400.0
+    dispatch_backoff_base_seconds: float = 2.0
+    dispatch_backoff_max_seconds: float = 600.0
+    # Local data of make run (embedded database and mail sink)
+    data_dir: str = "var"
+    log_level: str = "INFO"
+
+    @property
+    def database_name(self) -> str:
+        """The database named by the path of DB_URI, `notifications` when it names none."""
+        if not self.db_uri:
+            return "notifications"
+        path = urlsplit(self.db_uri).path.lstrip("/")
+        return path or "notifications"
+
+    @property
+    def resolved_smtp_port(self) -> int:
+        if self.smtp_port is not None:
+            return self.smtp_port
+        return {"ssl": 465, "starttls": 587}.get(self.smtp_security, 25)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Config:
+        """Build the config from `environ` (default: ./.env overlaid by os.environ).
+
+        :raise ConfigError: naming the first variable with a bad value.
+        """
+        if environ is None:
+            env: dict[str, str] = {}
+            if dotenv and Path(".env").is_file():
+                env.update({k: v for k, v in dotenv_values(".env").items() if v is not None})
+            env.update(os.environ)
+        else:
+            env = dict(environ)
+        r = _Reader(env)
+        d = cls()
+        smtp_security = r.choice("SMTP_SECURITY", _SECURITIES, d.smtp_security)
+        config = cls(
+            host=r.text("HOST", d.host),
+            port=r.integer("PORT", d.port, 1, 65535),
+            web_workers=r.integer("WEB_WORKERS", d.web_workers, 1, 64),
+            web_threads=r.integer("WEB_THREADS", d.web_threads, 1, 256),
+            max_body_bytes=r.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 64 * 1024 * 1024),
+            db_uri=r.optional("DB_URI", _check_mongo_uri),
+            db_timeout_ms=r.integer("DB_TIMEOUT_MS", d.db_timeout_ms, 100, 60_000),
+            users_collection=r.name("USERS_COLLECTION", d.users_collection),
+            notifications_field=r.name("NOTIFICATIONS_FIELD", d.notifications_field),
+            outbox_collection=r.name("OUTBOX_COLLECTION", d.outbox_collection),
+            notifications_limit=r.integer("NOTIFICATIONS_LIMIT", d.notifications_limit, 1, 10_000),
+            list_max_limit=r.integer("LIST_MAX_LIMIT", d.list_max_limit, 1, 10_000),
+            email=r.optional("EMAIL", _check_email),
+            smtp_host=r.optional("SMTP_HOST", _check_host),
+            smtp_port=r.optional("SMTP_PORT", lambda v: _parse_int(v, 1, 65535)),
+            smtp_login=r.optional("SMTP_LOGIN", str),
+            smtp_password=r.optional("SMTP_PASSWORD", str),
+            smtp_email=r.optional("SMTP_EMAIL", _check_email) or d.smtp_email,
+            smtp_name=r.optional("SMTP_NAME", _check_header_text),
+            smtp_security=smtp_security,
+            smtp_verify=r.boolean("SMTP_VERIFY", d.smtp_verify),
+            smtp_ca_file=r.optional("SMTP_CA_FILE", _check_file),
+            smtp_timeout=r.number("SMTP_TIMEOUT", d.smtp_timeout, 0.1, 600),
+            smtp_max_per_connection=r.integer(
+                "SMTP_MAX_PER_CONNECTION", d.smtp_max_per_connection, 1, 100_000
+            ),
+            smtp_rate_limit=r.number("SMTP_RATE_LIMIT", d.smtp_rate_limit, 0, 100_000),
+            templates_dir=r.optional("TEMPLATES_DIR", _check_dir),
+            dispatcher_threads=r.integer("DISPATCHER_THREADS", d.dispatcher_threads, 0, 64),
+            dispatch_poll_seconds=r.number(
+                "DISPATCH_POLL_SECONDS", d.dispatch_poll_seconds, 0.01, 60
+            ),
+            dispatch_lease_seconds=r.number(
+                "DISPATCH_LEASE_SECONDS", d.dispatch_lease_seconds, 1, 3600
+            ),
+            dispatch_max_attempts=r.integer(
+                "DISPATCH_MAX_ATTEMPTS", d.dispatch_max_attempts, 1, 1000
+            ),
+            dispatch_max_age_seconds=r.number(
+                "DISPATCH_MAX_AGE_SECONDS", d.dispatch_max_age_seconds, 1, 30 * 86400
+            ),
+            dispatch_backoff_base_seconds=r.number(
+                "DISPATCH_BACKOFF_BASE_SECONDS", d.dispatch_backoff_base_seconds, 0.01, 3600
+            ),
+            dispatch_backoff_max_seconds=r.number(
+                "DISPATCH_BACKOFF_MAX_SECONDS", d.dispatch_backoff_max_seconds, 0.01, 86400
+            ),
+            data_dir=r.text("DATA_DIR", d.data_dir),
+            log_level=r.choice(
+                "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True
+            ),
+        )
+        if config.smtp_login is not None and config.smtp_password is None:
+            raise ConfigError("SMTP_PASSWORD: must be set when SMTP_LOGIN is set")
+        if config.smtp_host is None and (config.smtp_login or config.smtp_port):
+            raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
+        return config
+
+
+class _Reader:
+    """Typed accessors that refuse a bad value with a message naming the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def _convert(self, name: str, raw: str, convert: Callable[[str], T]) -> T:
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc} (got {raw!r})") from None
+
+    def optional(self, name: str, convert: Callable[[str], T]) -> T | None:
+        raw = self._raw(name)
+        return None if raw is None else self._convert(name, raw, convert)
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self._raw(name)
+        return default if raw is None else self._convert(name, raw, lambda v: _parse_int(v, lo, hi))
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        return self._convert(name, raw, lambda v: _parse_float(v, lo, hi))
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        return default if raw is None else self._convert(name, raw, _parse_bool)
+
+    def name(self, name: str, default: str) -> str:
+        raw = self._raw(name)
+        return default if raw is None else self._convert(name, raw, _check_name)
+
+    def choice(
+        self, name: str, choices: tuple[T, ...], default: T, *, upper: bool = False
+    ) -> T:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        for choice in choices:
+            if choice == value:
+                return choice
+        raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))} (got {raw!r})")
+
+
+def _parse_int(raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"must be between {lo} and {hi}")
+    return value
+
+
+def _parse_float(raw: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not lo <= value <= hi:  # also refuses nan
+        raise ValueError(f"must be between {lo:g} and {hi:g}")
+    return value
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _check_name(raw: str) -> str:
+    if not _NAME_RE.fullmatch(raw):
+        raise ValueError("must be letters, digits and underscores, not starting with a digit")
+    return raw
+
+
+def _check_email(raw: str) -> str:
+    if not _EMAIL_RE.fullmatch(raw):
+        raise ValueError("must be an email address like name@example.com")
+    return raw
+
+
+def _check_host(raw: str) -> str:
+    if any(c.isspace() for c in raw) or "/" in raw:
+        raise ValueError("must be a host name or address, without scheme or path")
+    return raw
+
+
+def _check_header_text(raw: str) -> str:
+    if "\r" in raw or "\n" in raw:
+        raise ValueError("must be one line")
+    return raw
+
+
+def _check_mongo_uri(raw: str) -> str:
+    if not raw.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError("must start with mongodb:// or mongodb+srv://")
+    return raw
+
+
+def _check_file(raw: str) -> str:
+    if not Path(raw).is_file():
+        raise ValueError("no such file")
+    return raw
+
+
+def _check_dir(raw: str) -> str:
+    if not Path(raw).is_dir():
+        raise ValueError("no such directory")
+    return raw
