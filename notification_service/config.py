@@ -15,13 +15,12 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .schemas import is_email_address
+
 T = TypeVar("T")
 
 SmtpSecurity = Literal["auto", "ssl", "starttls", "none"]
 _SECURITIES: tuple[SmtpSecurity, ...] = ("auto", "ssl", "starttls", "none")
-# Deliberately loose: the SMTP server is the judge of an address, this only
-# refuses what would make a broken header (spaces, no domain, line breaks).
-_EMAIL_RE = re.compile(r"[^@\s<>\"',;]+@[^@\s<>\"',;]+\.?[^@\s<>\"',;]*")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -255,7 +254,7 @@ def _check_name(raw: str) -> str:
 
 
 def _check_email(raw: str) -> str:
-    if not _EMAIL_RE.fullmatch(raw):
+    if not is_email_address(raw):
         raise ValueError("must be an email address like name@example.com")
     return raw
 

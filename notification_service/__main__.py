@@ -1,0 +1,178 @@
+"""Command line: `serve` (what `make run` calls), `worker`, `sink`, `check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
+
+from .config import Config, ConfigError
+
+log = logging.getLogger("notification_service")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="notification-service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "serve",
+        help="serve the HTTP API under gunicorn; with DB_URI or SMTP_HOST unset, first "
+        "start the embedded database or the local mail sink",
+    )
+    worker = commands.add_parser("worker", help="run outbox dispatchers only (for scale)")
+    worker.add_argument("--threads", type=int, default=None, help="default: DISPATCHER_THREADS or 1")
+    sink = commands.add_parser("sink", help="a local SMTP server that saves .eml files")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, required=True)
+    sink.add_argument("--dir", type=Path, required=True)
+    commands.add_parser("check-config", help="validate the configuration and templates")
+    args = parser.parse_args(argv)
+
+    try:
+        config = Config.from_env()
+        logging.basicConfig(
+            level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if args.command == "serve":
+            return serve(config)
+        if args.command == "worker":
+            return run_worker(config, args.threads or max(1, config.dispatcher_threads))
+        if args.command == "sink":
+            from .smtp_sink import serve_sink
+
+            serve_sink(args.host, args.port, args.dir)
+            return 0
+        return check_config(config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_config(config: Config) -> int:
+    from .email_templates import EmailTemplates
+
+    EmailTemplates(config.templates_dir)
+    print("configuration and templates are valid")
+    return 0
+
+
+def gunicorn_argv(config: Config) -> list[str]:
+    # gthread: the work is waiting on MongoDB, so threads overlap it; one worker per
+    # core. bench/README.md has the gunicorn vs granian figures behind the choice.
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{config.host}:{config.port}",
+        "--workers", str(config.web_workers),
+        "--threads", str(config.web_threads),
+        "--worker-class", "gthread",
+        "--graceful-timeout", "30",
+        "notification_service.server:create_app()",
+    ]  # fmt: skip
+
+
+def serve(config: Config) -> int:
+    """Serve the API; start the embedded database and mail sink where none is configured."""
+    from .email_templates import EmailTemplates
+
+    EmailTemplates(config.templates_dir)  # a broken template stops the start here
+    data_dir = Path(config.data_dir).resolve()
+    if config.db_uri and config.smtp_host:
+        print(f"database: {_redact(config.db_uri)}", flush=True)
+        print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
+        print(f"serving on http://{config.host}:{config.port}", flush=True)
+        argv = gunicorn_argv(config)
+        os.execv(argv[0], argv)  # gunicorn gets our pid and our signals directly
+
+    from . import embedded
+
+    run_dir = data_dir / "run"
+    env = dict(os.environ)
+    children: list[embedded.Child] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if config.db_uri:
+            print(f"database: {_redact(config.db_uri)}", flush=True)
+        else:
+            db_child, env["DB_URI"] = embedded.start_database(data_dir / "db", run_dir)
+            children.append(db_child)
+            print(f"database: embedded SecantusDB at {env['DB_URI']}, data in {data_dir / 'db'}", flush=True)
+        if config.smtp_host:
+            print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
+        else:
+            mail_dir = data_dir / "mail"
+            sink_child, port = embedded.start_mail_sink(mail_dir, run_dir)
+            children.append(sink_child)
+            env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), SMTP_SECURITY="none")
+            print(f"mail: local sink on 127.0.0.1:{port}, each message saved as a .eml file in {mail_dir}", flush=True)
+        web = embedded.spawn("web", gunicorn_argv(config), run_dir, env)
+        children.append(web)
+        print(f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True)
+        while not stop.is_set():
+            for child in children:
+                if child.process.poll() is not None:
+                    log.error("%s exited with status %s; stopping", child.name, child.process.returncode)
+                    return 1
+            stop.wait(0.5)
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # The web server first, so in-flight requests and sends finish against a live
+        # database and sink; the database last.
+        for child in reversed(children):
+            child.stop()
+        print("stopped", flush=True)
+
+
+def run_worker(config: Config, threads: int) -> int:
+    """Dispatch the outbox until SIGINT/SIGTERM, then finish in-flight sends."""
+    from .dispatcher import DispatcherPool
+    from .server import build_runtime
+
+    runtime = build_runtime(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    pool = DispatcherPool.start(runtime.services, threads)
+    log.info("worker dispatching with %d thread(s)", threads)
+    try:
+        while not stop.wait(1.0):
+            if not all(t.is_alive() for t in pool.threads):
+                return 1
+    finally:
+        started = time.monotonic()
+        runtime.dispatchers = pool
+        runtime.close()
+        log.info("worker stopped in %.1fs", time.monotonic() - started)
+    return 0
+
+
+def _redact(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

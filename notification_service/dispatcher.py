@@ -1,0 +1,238 @@
+"""Drains the outbox: claim one email with a lease, send it over SMTP, store the outcome.
+
+Any number of dispatchers, threads or processes, share one outbox: a claim is one atomic
+find-and-update, and every outcome is written only while the claim is still held. A
+dispatcher that dies leaves its claim to be taken over when the lease runs out, so
+delivery is at least once; a duplicate needs a crash between the SMTP server's
+acceptance and the outbox update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
+from .errors import Unavailable
+from .notifications import Services
+from .outbox import LastError
+
+log = logging.getLogger(__name__)
+
+SenderFactory = Callable[[], SmtpSender]
+
+
+def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: about base * 2**(attempts-1), never above cap.
+
+    The jitter (a random half of the step) spreads retries of a burst that failed together.
+    """
+    step = min(cap, base * 2 ** max(0, attempts - 1))
+    return step * (0.5 + rng.random() / 2)
+
+
+class RateLimiter:
+    """Spaces sends across the threads of one process (SMTP_RATE_LIMIT per second)."""
+
+    def __init__(self, per_second: float, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+        self._sleep = sleep
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            self._sleep(start - now)
+
+
+@dataclass
+class Dispatcher:
+    services: Services
+    sender: SmtpSender
+    name: str
+    limiter: RateLimiter
+    wake: threading.Event
+    stopping: threading.Event
+    rng: random.Random
+    _smtp_was_down: bool = False
+    _indexed: bool = False
+
+    def dispatch_once(self) -> bool:
+        """Claim and handle one due email; False when nothing was due.
+
+        :raise Unavailable: the database did not answer (the caller waits and retries).
+        """
+        svc, cfg = self.services, self.services.config
+        if not self._indexed:
+            svc.outbox.ensure_indexes()
+            self._indexed = True
+        record = svc.outbox.claim(self.name, svc.clock(), cfg.dispatch_lease_seconds)
+        if record is None:
+            return False
+        self._deliver(record)
+        return True
+
+    def run(self) -> None:
+        """Dispatch until `stopping` is set; an in-flight send always finishes first."""
+        cfg = self.services.config
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if self.dispatch_once():
+                        continue
+                    self.wake.wait(self._idle_seconds())
+                except Unavailable:
+                    self.stopping.wait(cfg.dispatch_poll_seconds * 4)
+                except Exception:  # a bug must not kill the thread and strand the outbox
+                    log.exception("dispatcher %s: unexpected error", self.name)
+                    self.stopping.wait(cfg.dispatch_poll_seconds * 4)
+                self.wake.clear()
+        finally:
+            self.sender.close()
+
+    def _idle_seconds(self) -> float:
+        # Poll at least every DISPATCH_POLL_SECONDS (another process may enqueue), and
+        # sooner when a retry falls due before that.
+        poll = self.services.config.dispatch_poll_seconds
+        due = self.services.outbox.next_due()
+        if due is None:
+            return poll
+        return max(0.0, min(poll, (due - self.services.clock()).total_seconds()))
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        svc, cfg = self.services, self.services.config
+        try:
+            message = build_message(
+                OutgoingEmail(
+                    to=record["to"],
+                    subject=record["subject"],
+                    text=record["text"],
+                    html=record.get("html"),
+                    message_id=record["message_id"],
+                ),
+                from_email=cfg.smtp_email,
+                from_name=cfg.smtp_name,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            # A record that cannot become a message never will: fail it, don't retry.
+            self._finish(
+                svc.outbox.mark_failed,
+                record,
+                {"code": None, "message": f"cannot build message: {exc}", "permanent": True},
+                svc.clock(),
+            )
+            return
+        self.limiter.wait()
+        try:
+            self.sender.send(message)
+        except SendError as exc:
+            self._failed(record, exc)
+            return
+        self._finish(svc.outbox.mark_sent, record, None, svc.clock())
+        if self._smtp_was_down:
+            # The server is back: what waits on a backoff from the outage goes now.
+            self._smtp_was_down = False
+            released = svc.outbox.release_backoffs(svc.clock())
+            if released:
+                log.info("dispatcher %s: SMTP is back, %d emails retried now", self.name, released)
+
+    def _failed(self, record: dict[str, Any], exc: SendError) -> None:
+        svc, cfg = self.services, self.services.config
+        now = svc.clock()
+        error: LastError = {"code": exc.code, "message": exc.reply[:1000], "permanent": exc.permanent}
+        attempts = int(record["attempts"])
+        too_old = now - record["created_at"] > timedelta(seconds=cfg.dispatch_max_age_seconds)
+        if exc.permanent or attempts >= cfg.dispatch_max_attempts or too_old:
+            log.warning("email %s failed for good after %d attempts: %s", record["_id"], attempts, exc)
+            self._finish(svc.outbox.mark_failed, record, error, now)
+            return
+        self._smtp_was_down = True
+        delay = backoff_seconds(
+            attempts, cfg.dispatch_backoff_base_seconds, cfg.dispatch_backoff_max_seconds, self.rng
+        )
+        log.info("email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay)
+        self._finish(svc.outbox.mark_retry, record, error, now + timedelta(seconds=delay))
+
+    def _finish(self, mark: Callable[..., bool], record: dict[str, Any], error: Any, at: datetime) -> None:
+        # The outcome must be stored even if the database blinks right now: an email the
+        # SMTP server accepted but whose record stays "sending" is sent again after the
+        # lease. So keep trying for half the lease before giving up to that fate.
+        deadline = time.monotonic() + self.services.config.dispatch_lease_seconds / 2
+        args = (record["_id"], self.name) + ((error,) if error is not None else ()) + (at,)
+        while True:
+            try:
+                if not mark(*args):
+                    log.warning("email %s: claim lost before its outcome was stored", record["_id"])
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+class DispatcherPool:
+    """N dispatcher threads in this process, each with its own SMTP connection."""
+
+    def __init__(self, threads: list[threading.Thread], stopping: threading.Event) -> None:
+        self.threads = threads
+        self.stopping = stopping
+
+    @classmethod
+    def start(
+        cls, services: Services, count: int, sender_factory: SenderFactory | None = None
+    ) -> DispatcherPool:
+        cfg = services.config
+        if sender_factory is None:
+            settings = SmtpSettings.from_config(cfg)
+
+            def sender_factory() -> SmtpSender:
+                return SmtpSender(settings)
+
+        stopping = threading.Event()
+        limiter = RateLimiter(cfg.smtp_rate_limit)
+        prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        threads = []
+        for i in range(count):
+            wake = threading.Event()
+            services.outbox.on_enqueue(wake.set)
+            dispatcher = Dispatcher(
+                services=services,
+                sender=sender_factory(),
+                name=f"{prefix}:{i}",
+                limiter=limiter,
+                wake=wake,
+                stopping=stopping,
+                rng=random.Random(),
+            )
+            thread = threading.Thread(target=dispatcher.run, name=f"dispatcher-{i}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        log.info("started %d dispatcher thread(s) as %s", count, prefix)
+        return cls(threads, stopping)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask every thread to stop and wait for in-flight sends to finish."""
+        self.stopping.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def wait(self) -> None:
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(0.5)

@@ -1,0 +1,163 @@
+"""Development defaults for `make run`: an embedded database and a local SMTP sink.
+
+Both run as separate processes. SecantusDB is GPL-2.0 and is only ever started as a
+program (`secantusd-py`), never imported. Each child is tied to this process: it gets
+SIGTERM if we die (Linux PR_SET_PDEATHSIG), and a pid file lets the next start clean up
+whatever a crash left behind anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: a supervisor killed with SIGKILL must
+    # not leave a database holding ./var/db's lock.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    pidfile: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait, then SIGKILL; always removes the pid file."""
+        try:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
+                    self.process.kill()
+                    self.process.wait()
+        finally:
+            self.pidfile.unlink(missing_ok=True)
+
+
+def spawn(name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | None = None) -> Child:
+    """Start `argv` in its own process group (Ctrl-C reaches only the supervisor, which
+    then stops children in order) and record its pid under `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = run_dir / f"{name}.pid"
+    kill_stale(pidfile)
+    process = subprocess.Popen(
+        list(argv), process_group=0, preexec_fn=_die_with_parent, env=env
+    )
+    pidfile.write_text(f"{process.pid}\n{' '.join(argv)}\n")
+    return Child(name, process, pidfile)
+
+
+def kill_stale(pidfile: Path) -> None:
+    """Stop a process a crashed run left behind, if it is still the one we started."""
+    try:
+        pid_text, _, command = pidfile.read_text().partition("\n")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        pidfile.unlink(missing_ok=True)
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        cmdline = ""
+    if cmdline and cmdline == command.strip():
+        log.warning("stopping %s (pid %d) left by an earlier run", pidfile.stem, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                time.sleep(0.1)
+                if not Path(f"/proc/{pid}").exists():
+                    break
+            else:
+                os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until something accepts on host:port.
+
+    :raise RuntimeError: the process exited or the port did not open in time.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+def secantusd_command() -> str:
+    """The `secantusd-py` program beside this interpreter, or on PATH."""
+    beside = Path(sys.executable).with_name("secantusd-py")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("secantusd-py")
+    if found is None:
+        raise RuntimeError(
+            "DB_URI is unset and secantusd-py is not installed: "
+            "pip install 'notification-service[embedded]' or set DB_URI"
+        )
+    return found
+
+
+def start_database(data_dir: Path, run_dir: Path) -> tuple[Child, str]:
+    """Start SecantusDB keeping its data in `data_dir`; return it and its DB_URI."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [
+        secantusd_command(),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--storage-path", str(data_dir),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    child = spawn("database", argv, run_dir)
+    try:
+        wait_for_port("127.0.0.1", port, child.process, timeout=60)
+    except RuntimeError as exc:
+        child.stop()
+        raise RuntimeError(f"the embedded database (secantusd-py) {exc}") from None
+    return child, f"mongodb://127.0.0.1:{port}/notifications"
+
+
+def start_mail_sink(mail_dir: Path, run_dir: Path) -> tuple[Child, int]:
+    """Start the SMTP sink that saves each message as a .eml file under `mail_dir`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "notification_service", "sink",
+            "--port", str(port), "--dir", str(mail_dir)]  # fmt: skip
+    child = spawn("mail-sink", argv, run_dir)
+    try:
+        wait_for_port("127.0.0.1", port, child.process, timeout=30)
+    except RuntimeError as exc:
+        child.stop()
+        raise RuntimeError(f"the mail sink {exc}") from None
+    return child, port

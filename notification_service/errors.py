@@ -1,0 +1,74 @@
+"""Typed errors the domain and the handlers raise; server.py turns them into the one JSON shape."""
+
+from __future__ import annotations
+
+from typing import ClassVar, TypedDict
+
+
+class ErrorDetail(TypedDict):
+    field: str
+    problem: str
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a snake_case code and a message for a person."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "Internal error."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        details: list[ErrorDetail] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.code = code or self.default_code
+        self.details = details or []
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+class BadRequest(ApiError):
+    status = 400
+    default_code = "bad_request"
+    default_message = "The request body is not a JSON object."
+
+
+class ValidationFailed(ApiError):
+    status = 422
+    default_code = "validation_failed"
+    default_message = "Some fields are not valid."
+
+
+class NotFound(ApiError):
+    status = 404
+    default_code = "not_found"
+    default_message = "Not found."
+
+
+class UserNotFound(NotFound):
+    default_code = "user_not_found"
+    default_message = "No user with this user_id."
+
+
+class NotificationNotFound(NotFound):
+    default_code = "notification_not_found"
+    default_message = "The user has no notification with this notification_id."
+
+
+class Unavailable(ApiError):
+    """A dependency (the database) did not answer in time; the client may retry."""
+
+    status = 503
+    default_code = "database_unavailable"
+    default_message = "The database is not answering; retry shortly."
+    retry_after_seconds: ClassVar[int] = 2
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(
+            message, code=code, headers={"Retry-After": str(self.retry_after_seconds)}
+        )

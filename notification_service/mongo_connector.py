@@ -1,0 +1,219 @@
+"""MongoDB access: the client, the users' notification arrays, and database error handling.
+
+The only module (with outbox.py) that imports pymongo. Every call is bounded by the
+client-side operation timeout (DB_TIMEOUT_MS), and every driver error that means "the
+database did not answer" becomes errors.Unavailable (503), so no request hangs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from bson import ObjectId
+from pymongo import MongoClient, ReturnDocument
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from .config import Config
+from .errors import NotificationNotFound, Unavailable, UserNotFound, ValidationFailed
+from .schemas import Notification
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Document = dict[str, Any]
+
+
+class UserHasNoEmail(ValidationFailed):
+    default_code = "user_has_no_email"
+    default_message = "The user's document has no email address to send this notification to."
+
+
+def new_id() -> str:
+    """A fresh ObjectId as 24 lowercase hex characters."""
+    return str(ObjectId())
+
+
+def guarded(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn "the database did not answer" into Unavailable; let real bugs through as 500s."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except PyMongoError as exc:
+            # ConnectionFailure covers refused, reset, server selection and network
+            # timeouts; `timeout` covers the client-side operation timeout (CSOT).
+            if isinstance(exc, ConnectionFailure) or exc.timeout:
+                log.warning("database unavailable in %s: %s", func.__qualname__, exc)
+                raise Unavailable() from exc
+            raise
+
+    return wrapper
+
+
+def connect(config: Config) -> MongoClient[Document]:
+    """Create the process's one client. Call it after fork: pymongo is not fork-safe."""
+    if not config.db_uri:
+        raise ValueError("DB_URI is not set")
+    timeout = config.db_timeout_ms
+    return MongoClient(
+        config.db_uri,
+        appname="notification-service",
+        tz_aware=True,
+        # One budget for the whole operation (selection, connect, round trip), so a
+        # frozen server costs a request at most DB_TIMEOUT_MS before a 503.
+        timeoutMS=timeout,
+        serverSelectionTimeoutMS=timeout,
+        connectTimeoutMS=min(timeout, 2000),
+        connect=False,
+    )
+
+
+def database(client: MongoClient[Document], config: Config) -> Database[Document]:
+    return client[config.database_name]
+
+
+class MongoConnector:
+    """The users collection: notifications live in an array inside each user's document."""
+
+    def __init__(self, db: Database[Document], config: Config) -> None:
+        self.users: Collection[Document] = db[config.users_collection]
+        self.field = config.notifications_field
+        self.limit = config.notifications_limit
+
+    @guarded
+    def ping(self) -> None:
+        self.users.database.command("ping")
+
+    def _push(self, notification: Notification) -> Document:
+        # Newest first and capped in one atomic update: concurrent creates for one user
+        # lose nothing but what the cap drops.
+        return {
+            "$push": {self.field: {"$each": [notification], "$position": 0, "$slice": self.limit}}
+        }
+
+    @guarded
+    def append_capped(
+        self,
+        user_id: str,
+        notification: Notification,
+        *,
+        require_email: bool,
+        create_with_email: str | None,
+    ) -> Document:
+        """Prepend `notification` to the user's capped array; return the user without it.
+
+        :raise UserNotFound: no such user and `create_with_email` is None.
+        :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
+        """
+        oid = ObjectId(user_id)
+        query = self._user_query(oid, require_email)
+        update = self._push(notification)
+        for _ in range(2):
+            user = self.users.find_one_and_update(
+                query, update, projection={self.field: 0}, return_document=ReturnDocument.AFTER
+            )
+            if user is not None:
+                return user
+            if create_with_email is None:
+                break
+            profile = {"_id": oid, "email": create_with_email, self.field: [notification]}
+            try:
+                self.users.insert_one(profile)
+            except DuplicateKeyError:
+                continue  # created meanwhile by a concurrent request, or has no email
+            profile.pop(self.field)
+            return profile
+        raise self._why_missing(oid)
+
+    @guarded
+    def find_user(self, user_id: str, *, create_with_email: str | None) -> Document:
+        """The user (without notifications), created as a profile in test mode.
+
+        :raise UserNotFound: no such user and `create_with_email` is None.
+        """
+        oid = ObjectId(user_id)
+        if create_with_email is None:
+            user = self.users.find_one({"_id": oid}, projection={self.field: 0})
+        else:
+            try:
+                user = self.users.find_one_and_update(
+                    {"_id": oid},
+                    {"$setOnInsert": {"email": create_with_email, self.field: []}},
+                    projection={self.field: 0},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:  # two upserts raced; the other one created it
+                user = self.users.find_one({"_id": oid}, projection={self.field: 0})
+        if user is None:
+            raise UserNotFound()
+        return user
+
+    @guarded
+    def inbox_page(self, user_id: str, skip: int, limit: int) -> Document:
+        """Counts and one page, newest first, in one round trip.
+
+        :raise UserNotFound: no such user.
+        """
+        items = {"$ifNull": [f"${self.field}", []]}
+        # $slice's count must be positive, so a zero limit asks for the counts alone.
+        page: Any = {"$slice": [items, skip, limit]} if limit > 0 else {"$literal": []}
+        pipeline = [
+            {"$match": {"_id": ObjectId(user_id)}},
+            {
+                "$project": {
+                    "_id": 0,
+                    "elements": {"$size": items},
+                    "new": {
+                        "$size": {
+                            "$filter": {
+                                "input": items,
+                                "as": "n",
+                                "cond": {"$eq": ["$$n.is_new", True]},
+                            }
+                        }
+                    },
+                    "list": page,
+                }
+            },
+        ]
+        for result in self.users.aggregate(pipeline):
+            return result
+        raise UserNotFound()
+
+    @guarded
+    def mark_read(self, user_id: str, notification_id: str) -> None:
+        """Set is_new to false; reading a read notification is a success too.
+
+        :raise UserNotFound: / :raise NotificationNotFound:
+        """
+        oid = ObjectId(user_id)
+        # update_one, not find_one_and_update: SecantusDB refuses the positional `$` in
+        # find_one_and_update, and both it and mongod accept this form.
+        result = self.users.update_one(
+            {"_id": oid, f"{self.field}.id": notification_id},
+            {"$set": {f"{self.field}.$.is_new": False}},
+        )
+        if result.matched_count:
+            return
+        if self.users.find_one({"_id": oid}, projection={"_id": 1}) is None:
+            raise UserNotFound()
+        raise NotificationNotFound()
+
+    def _user_query(self, oid: ObjectId, require_email: bool) -> Document:
+        query: Document = {"_id": oid}
+        if require_email:
+            query["email"] = {"$type": "string", "$ne": ""}
+        return query
+
+    def _why_missing(self, oid: ObjectId) -> UserNotFound | UserHasNoEmail:
+        exists = self.users.find_one({"_id": oid}, projection={"_id": 1}) is not None
+        return UserHasNoEmail() if exists else UserNotFound()

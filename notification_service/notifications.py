@@ -1,0 +1,144 @@
+"""The domain: what creating, listing and reading a notification means.
+
+Plain functions that take their collaborators (storage, outbox, templates, clock) in a
+`Services` bundle, so tests pass real ones and may fake only the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import Config
+from .email_templates import EmailTemplates
+from .mongo_connector import MongoConnector, UserHasNoEmail, new_id
+from .outbox import Outbox
+from .schemas import (
+    CreateRequest,
+    CreateResult,
+    InboxPage,
+    ListQuery,
+    Notification,
+    ReadRequest,
+)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Route:
+    record: bool
+    email: bool
+
+
+# SPEC §3: which keys store a record in the user's document and which send an email.
+ROUTES: dict[str, Route] = {
+    "registration": Route(record=False, email=True),
+    "new_message": Route(record=True, email=False),
+    "new_post": Route(record=True, email=False),
+    "new_login": Route(record=True, email=True),
+}
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    store: MongoConnector
+    outbox: Outbox
+    templates: EmailTemplates
+    clock: Clock = utc_now
+
+
+def create_notification(svc: Services, request: CreateRequest) -> CreateResult:
+    """Record and/or email a notification as its key says; the email is queued durably.
+
+    :raise UserNotFound: unknown user outside test mode (EMAIL unset).
+    :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
+    """
+    route = ROUTES[request.key]
+    now = svc.clock()
+    notification: Notification = {
+        "id": new_id(),
+        "timestamp": int(now.timestamp()),
+        "is_new": True,
+        "user_id": request.user_id,
+        "key": request.key,
+        "target_id": request.target_id,
+        "data": request.data,
+    }
+    if route.record:
+        user = svc.store.append_capped(
+            request.user_id,
+            notification,
+            require_email=route.email,
+            create_with_email=svc.config.email,
+        )
+    else:
+        user = svc.store.find_user(request.user_id, create_with_email=svc.config.email)
+    email_id = None
+    if route.email:
+        email_id = _queue_notification_email(svc, notification, user, now)
+    return {
+        "notification_id": notification["id"] if route.record else None,
+        "email_id": email_id,
+    }
+
+
+def list_notifications(svc: Services, query: ListQuery) -> InboxPage:
+    """The counts and one page of the user's notifications, newest first.
+
+    :raise UserNotFound:
+    """
+    result = svc.store.inbox_page(query.user_id, query.skip, query.limit)
+    return {
+        "elements": result["elements"],
+        "new": result["new"],
+        "request": {"user_id": query.user_id, "skip": query.skip, "limit": query.limit},
+        "list": result["list"],
+    }
+
+
+def mark_read(svc: Services, request: ReadRequest) -> None:
+    """Mark one notification read; idempotent.
+
+    :raise UserNotFound: / :raise NotificationNotFound:
+    """
+    svc.store.mark_read(request.user_id, request.notification_id)
+
+
+def message_id(config: Config) -> str:
+    """A globally unique Message-ID, fixed at enqueue so that every retry carries it."""
+    domain = config.smtp_email.rpartition("@")[2] or "localhost"
+    return f"<{new_id()}.notification-service@{domain}>"
+
+
+def _queue_notification_email(
+    svc: Services, notification: Notification, user: dict[str, Any], now: datetime
+) -> str:
+    address = user.get("email")
+    # Same rule as the storage query that guards the record (a non-empty string), so a
+    # create is refused before anything is written. A malformed address is the SMTP
+    # server's to judge: it ends as a failed outbox record, visible at GET /email/<id>.
+    if not isinstance(address, str) or not address:
+        raise UserHasNoEmail()
+    content = svc.templates.render(notification, user)
+    return svc.outbox.enqueue(
+        {
+            "kind": "notification",
+            "to": address,
+            "subject": content.subject,
+            "text": content.text,
+            "html": content.html,
+            "message_id": message_id(svc.config),
+            "user_id": notification["user_id"],
+            "notification_id": notification["id"],
+            "key": notification["key"],
+        },
+        now,
+    )

@@ -1,0 +1,152 @@
+"""Request and response models: the one place that says what the API accepts and returns.
+
+Pydantic models can later produce the OpenAPI document (SPEC §9). Bodies are parsed in
+strict mode so that `{"user_id": {"$ne": null}}` or `123` never pass for a string.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+NotificationKey = Literal["registration", "new_message", "new_post", "new_login"]
+
+DATA_MAX_BYTES = 16 * 1024
+DATA_MAX_DEPTH = 32
+DEFAULT_LIST_MAX_LIMIT = 100
+# BSON integers are signed 64-bit; a larger JSON number would fail only at the driver.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{24}")
+# Deliberately loose: the SMTP server is the judge of an address; this refuses what
+# could never be one or would break a header (spaces, line breaks, no domain).
+_EMAIL_RE = re.compile(r"[^@\s<>()\[\]\\,;:\"]{1,64}@[A-Za-z0-9.-]{1,253}")
+
+
+def is_email_address(value: str) -> bool:
+    return _EMAIL_RE.fullmatch(value) is not None and ".." not in value
+
+
+def _object_id(value: str) -> str:
+    # fullmatch, not a `$` anchor: `$` would also accept a trailing newline.
+    if not _OBJECT_ID_RE.fullmatch(value):
+        raise ValueError("must be a 24-character hexadecimal ObjectId")
+    return value.lower()
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    _check_value(value, depth=0)
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    if size > DATA_MAX_BYTES:
+        raise ValueError(f"is {size} bytes once encoded; at most {DATA_MAX_BYTES} are allowed")
+    return value
+
+
+def _check_value(value: Any, depth: int) -> None:
+    if depth > DATA_MAX_DEPTH:
+        raise ValueError(f"nests deeper than {DATA_MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key.startswith("$") or "." in key or "\x00" in key:
+                raise ValueError(f"key {key!r} starts with '$' or contains '.' or a NUL")
+            _check_text(key)
+            _check_value(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(item, depth + 1)
+    elif isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError("holds an integer outside the signed 64-bit range")
+    elif isinstance(value, float) and not math.isfinite(value):
+        # 1e999 parses as infinity, which JSON cannot carry back out.
+        raise ValueError("holds a number too large to represent")
+
+
+def _check_text(value: str) -> None:
+    # A lone surrogate ("\ud800" in JSON) parses but cannot be stored as UTF-8.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds text that is not valid Unicode") from None
+
+
+def _valid_text(value: str) -> str:
+    _check_text(value)
+    return value
+
+
+ObjectIdStr = Annotated[str, AfterValidator(_object_id)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Query(BaseModel):
+    # Query values arrive as strings, so integers are parsed (not strict), but
+    # unknown parameters are still refused: a typo like `limt=5` must not pass.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CreateRequest(_Body):
+    user_id: ObjectIdStr
+    key: NotificationKey
+    target_id: ObjectIdStr | None = None
+    data: JsonObject = Field(default_factory=dict)
+
+
+class ListQuery(_Query):
+    user_id: ObjectIdStr
+    skip: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
+    limit: Annotated[int, Field(ge=0)] = 10
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_at_most_max(cls, value: int, info: ValidationInfo) -> int:
+        # The maximum is configuration (LIST_MAX_LIMIT), passed as validation context.
+        maximum = (info.context or {}).get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return value
+
+
+class ReadRequest(_Query):
+    user_id: ObjectIdStr
+    notification_id: ObjectIdStr
+
+
+class Notification(TypedDict):
+    """A notification exactly as stored in the user's document and listed."""
+
+    id: str
+    timestamp: int
+    is_new: bool
+    user_id: str
+    key: str
+    target_id: str | None
+    data: dict[str, Any]
+
+
+class ListRequestEcho(TypedDict):
+    user_id: str
+    skip: int
+    limit: int
+
+
+class InboxPage(TypedDict):
+    elements: int
+    new: int
+    request: ListRequestEcho
+    list: list[Notification]
+
+
+class CreateResult(TypedDict):
+    notification_id: str | None
+    email_id: str | None

@@ -1,0 +1,165 @@
+"""The app factory, the one JSON error shape, request ids, and the in-process dispatcher.
+
+Nothing is created at import: `create_app` makes the MongoDB client, so under a
+pre-forking server each worker process gets its own client after the fork.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from . import notification_handler
+from .config import Config, ConfigError
+from .dispatcher import DispatcherPool
+from .email_templates import EmailTemplates
+from .errors import ApiError, ErrorDetail, Unavailable
+from .mongo_connector import Document, MongoConnector, connect, database
+from .notifications import Services
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_content_type",
+}
+
+
+@dataclass
+class Runtime:
+    """What one process holds: its client, the services, its dispatcher threads."""
+
+    services: Services
+    client: Any
+    dispatchers: DispatcherPool | None = None
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        """Stop the dispatchers (finishing in-flight sends), then close the client."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.dispatchers is not None:
+            self.dispatchers.stop()
+        self.client.close()
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Connect and assemble the services; the client is created here, after any fork."""
+    if not config.db_uri:
+        raise ConfigError("DB_URI: must be set (make run starts an embedded server without it)")
+    templates = EmailTemplates(config.templates_dir)
+    client = connect(config)
+    db = database(client, config)
+    services = Services(
+        config=config,
+        store=MongoConnector(db, config),
+        outbox=Outbox(db, config.outbox_collection),
+        templates=templates,
+    )
+    try:
+        services.outbox.ensure_indexes()
+    except Unavailable:
+        # Start anyway and answer 503 until the database is back; dispatchers create
+        # the index again before their first claim.
+        log.warning("database unavailable at start-up; indexes will be created later")
+    return Runtime(services=services, client=client)
+
+
+def create_app(config: Config | None = None, *, dispatch: bool | None = None) -> Flask:
+    """Build the WSGI app. `dispatch` (default: DISPATCHER_THREADS > 0) starts the
+    outbox dispatcher threads inside this process."""
+    config = config or Config.from_env()
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runtime = build_runtime(config)
+    if dispatch if dispatch is not None else config.dispatcher_threads > 0:
+        runtime.dispatchers = DispatcherPool.start(runtime.services, config.dispatcher_threads)
+        # Gunicorn and granian workers exit through sys.exit on SIGTERM/SIGINT, which
+        # runs atexit: in-flight sends finish and their outcome is stored.
+        atexit.register(runtime.close)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
+    app.extensions["notification_service"] = runtime
+    app.register_blueprint(notification_handler.bp)
+    _register_errors(app)
+    app.before_request(_assign_request_id)
+    app.after_request(_echo_request_id)
+    return app
+
+
+def _assign_request_id() -> None:
+    given = request.headers.get("X-Request-ID", "")
+    g.request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+
+
+def _echo_request_id(response: Response) -> Response:
+    response.headers["X-Request-ID"] = g.get("request_id", "")
+    return response
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    details: list[ErrorDetail] | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> tuple[Response, int]:
+    error: Document = {"code": code, "message": message, "details": details or [], **extra}
+    response = jsonify({"success": False, "error": error})
+    response.headers.update(headers or {})
+    return response, status
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> tuple[Response, int]:
+        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(ValidationError)
+    def validation_error(exc: ValidationError) -> tuple[Response, int]:
+        details: list[ErrorDetail] = [
+            {
+                "field": ".".join(str(part) for part in err["loc"]) or "body",
+                "problem": err["msg"].removeprefix("Value error, "),
+            }
+            for err in exc.errors(include_url=False)
+        ]
+        return _error(422, "validation_failed", "Some fields are not valid.", details)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        headers = {}
+        if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
+            headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        code = _HTTP_CODES.get(status, re.sub(r"\W+", "_", (exc.name or "error").lower()))
+        return _error(status, code, exc.description or exc.name or "", headers=headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        request_id = g.get("request_id", "")
+        log.exception("unhandled error, request_id=%s", request_id)
+        return _error(
+            500,
+            "internal_error",
+            "Internal error. Quote the request_id to find it in the log.",
+            request_id=request_id,
+        )

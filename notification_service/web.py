@@ -1,0 +1,92 @@
+"""The edge of every handler: parse the request into a model, serialize the answer.
+
+Kept in one place so that each handler is "parse, call one domain function, answer",
+and so that JSON parsing quirks (NaN, deep nesting, bad encodings) are handled once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from flask import Response, current_app, jsonify, request
+from pydantic import BaseModel
+
+from .errors import BadRequest, ErrorDetail, ValidationFailed
+from .notifications import Services
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def services() -> Services:
+    svc: Services = current_app.extensions["notification_service"].services
+    return svc
+
+
+def ok(data: Any = None, status: int = 200) -> tuple[Response, int]:
+    body: dict[str, Any] = {"success": True}
+    if data is not None:
+        body["data"] = data
+    return jsonify(body), status
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    :raise BadRequest: wrong content type, not JSON, or not an object.
+    """
+    if not request.is_json:
+        raise BadRequest(
+            "The body must be JSON, sent with Content-Type: application/json.",
+            code="unsupported_content_type",
+        )
+    raw = request.get_data(cache=True)  # over MAX_BODY_BYTES: werkzeug raises 413
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: "[[[[..." nested past Python's limit is bad input, not a bug.
+        raise BadRequest(f"The body is not valid JSON: {_short(exc)}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The body must be a JSON object.", code="invalid_json")
+    return value
+
+
+def parse_body(model: type[M]) -> M:
+    return model.model_validate(json_body())
+
+
+def parse_query(model: type[M], **context: Any) -> M:
+    return model.model_validate(_single_values(), context=context)
+
+
+def parse_query_or_body(model: type[M]) -> M:
+    """Fields from the query string and, when a JSON body is sent, from the body too."""
+    fields: dict[str, Any] = _single_values()
+    if request.content_length or request.is_json:
+        for name, value in json_body().items():
+            if name in fields and fields[name] != value:
+                raise ValidationFailed(
+                    details=[{"field": name, "problem": "differs between query and body"}]
+                )
+            fields[name] = value
+    return model.model_validate(fields, strict=True)
+
+
+def _single_values() -> dict[str, Any]:
+    repeated: list[ErrorDetail] = [
+        {"field": name, "problem": "is given more than once"}
+        for name, values in request.args.lists()
+        if len(values) > 1
+    ]
+    if repeated:
+        raise ValidationFailed(details=repeated)
+    return dict(request.args.items())
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "…"

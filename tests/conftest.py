@@ -1,0 +1,190 @@
+"""Shared fixtures: a real SecantusDB server per session, a fresh database per test.
+
+Chained small fixtures, flaskr style: mongo_server -> db_uri -> config -> app -> client.
+A test that needs other settings builds its own with `make_config(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from flask import Flask
+from flask.testing import FlaskClient
+from pymongo import MongoClient
+
+from notification_service.config import Config
+from notification_service.server import Runtime, create_app
+
+# pytest_plugins = ("smtp_fixtures",)  # TEMP
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def secantusd() -> str:
+    beside = Path(sys.executable).with_name("secantusd-py")
+    return str(beside) if beside.exists() else shutil.which("secantusd-py") or "secantusd-py"
+
+
+@dataclass
+class MongoServer:
+    """A SecantusDB process on a free port; `freeze`/`thaw` stop and continue it."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, *extra: str) -> MongoServer:
+        port = free_port()
+        process = subprocess.Popen(
+            [secantusd(), "--host", "127.0.0.1", "--port", str(port),
+             "--storage-path", ":memory:", "--log-level", "WARNING", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"secantusd-py exited with {process.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                server = cls(port, process)
+                server.wait_ready()
+                return server
+            time.sleep(0.1)
+        process.kill()
+        raise RuntimeError("secantusd-py did not start within 60s")
+
+    def uri(self, database: str) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/{database}"
+
+    def wait_ready(self) -> None:
+        with MongoClient(self.uri("admin"), serverSelectionTimeoutMS=30_000) as client:
+            client.admin.command("ping")
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.thaw()
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def mongo_server() -> Iterator[MongoServer]:
+    server = MongoServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_admin(mongo_server: MongoServer) -> Iterator[MongoClient[dict[str, Any]]]:
+    with MongoClient(mongo_server.uri("admin"), tz_aware=True) as client:
+        yield client
+
+
+@pytest.fixture
+def db_name(mongo_admin: MongoClient[dict[str, Any]]) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    mongo_admin.drop_database(name)
+
+
+@pytest.fixture
+def db_uri(mongo_server: MongoServer, db_name: str) -> str:
+    return mongo_server.uri(db_name)
+
+
+@pytest.fixture
+def db(mongo_admin: MongoClient[dict[str, Any]], db_name: str) -> Any:
+    """Direct access to the test's database, to arrange and to check what was stored."""
+    return mongo_admin[db_name]
+
+
+@pytest.fixture
+def make_config(db_uri: str) -> Callable[..., Config]:
+    """Config for this test's database; dispatchers off unless a test turns them on."""
+    base = Config(db_uri=db_uri, dispatcher_threads=0, db_timeout_ms=3000)
+
+    def make(**overrides: Any) -> Config:
+        return replace(base, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config()
+
+
+@pytest.fixture
+def make_app() -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def make(config: Config, **kwargs: Any) -> Flask:
+        app = create_app(config, **kwargs)
+        app.config["TESTING"] = False  # errors must go through the real handlers
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        runtime(app).close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], config: Config) -> Flask:
+    return make_app(config)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def runtime(app: Flask) -> Runtime:
+    rt: Runtime = app.extensions["notification_service"]
+    return rt
+
+
+@pytest.fixture
+def make_user(db: Any, config: Config) -> Callable[..., str]:
+    """Insert a user document as the application would; return its id."""
+
+    def make(email: str | None = "user@example.com", **fields: Any) -> str:
+        doc: dict[str, Any] = {"_id": ObjectId(), **fields}
+        if email is not None:
+            doc["email"] = email
+        db[config.users_collection].insert_one(doc)
+        return str(doc["_id"])
+
+    return make
+
+
+@pytest.fixture
+def user_id(make_user: Callable[..., str]) -> str:
+    return make_user()

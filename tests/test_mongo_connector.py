@@ -1,0 +1,172 @@
+"""Storage operations and database faults, against real SecantusDB servers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from conftest import MongoServer, free_port
+from flask import Flask
+from pymongo.errors import AutoReconnect, OperationFailure
+
+from notification_service.config import Config
+from notification_service.errors import NotificationNotFound, Unavailable, UserNotFound
+from notification_service.mongo_connector import (
+    MongoConnector,
+    UserHasNoEmail,
+    connect,
+    database,
+    guarded,
+)
+from notification_service.schemas import Notification
+
+
+def notification(user_id: str, n: int = 0, is_new: bool = True) -> Notification:
+    return {
+        "id": str(ObjectId()),
+        "timestamp": n,
+        "is_new": is_new,
+        "user_id": user_id,
+        "key": "new_post",
+        "target_id": None,
+        "data": {"n": n},
+    }
+
+
+@pytest.fixture
+def store(config: Config) -> Iterator[MongoConnector]:
+    client = connect(config)
+    yield MongoConnector(database(client, config), config)
+    client.close()
+
+
+def test_database_name_comes_from_the_uri_path() -> None:
+    assert Config(db_uri="mongodb://h:1/app?x=1").database_name == "app"
+    assert Config(db_uri="mongodb://h:1/").database_name == "notifications"
+    assert Config(db_uri="mongodb://h:1").database_name == "notifications"
+
+
+def test_append_capped_returns_the_user_without_the_array(store: MongoConnector, user_id: str) -> None:
+    user = store.append_capped(user_id, notification(user_id), require_email=True, create_with_email=None)
+    assert user["email"] == "user@example.com"
+    assert "notifications" not in user
+
+
+def test_append_capped_keeps_newest_first_within_the_cap(
+    make_config: Callable[..., Config], db: Any, user_id: str
+) -> None:
+    config = make_config(notifications_limit=4)
+    client = connect(config)
+    try:
+        store = MongoConnector(database(client, config), config)
+        for n in range(6):
+            store.append_capped(user_id, notification(user_id, n), require_email=False, create_with_email=None)
+        page = store.inbox_page(user_id, 0, 10)
+    finally:
+        client.close()
+    assert [item["data"]["n"] for item in page["list"]] == [5, 4, 3, 2]
+    assert page["elements"] == 4
+
+
+def test_append_capped_refuses_missing_user_and_missing_email(
+    store: MongoConnector, db: Any, make_user: Callable[..., str]
+) -> None:
+    missing = str(ObjectId())
+    with pytest.raises(UserNotFound):
+        store.append_capped(missing, notification(missing), require_email=False, create_with_email=None)
+    no_email = make_user(email=None)
+    with pytest.raises(UserHasNoEmail):
+        store.append_capped(no_email, notification(no_email), require_email=True, create_with_email="a@b.c")
+    assert db.users.find_one({"_id": ObjectId(no_email)}) == {"_id": ObjectId(no_email)}
+    assert db.users.count_documents({}) == 1
+
+
+def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
+    for n in range(5):
+        store.append_capped(user_id, notification(user_id, n, is_new=n % 2 == 0), require_email=False, create_with_email=None)
+    page = store.inbox_page(user_id, 1, 2)
+    assert (page["elements"], page["new"]) == (5, 3)
+    assert [item["data"]["n"] for item in page["list"]] == [3, 2]
+
+
+def test_mark_read_distinguishes_user_and_notification(store: MongoConnector, user_id: str) -> None:
+    item = notification(user_id)
+    store.append_capped(user_id, item, require_email=False, create_with_email=None)
+    store.mark_read(user_id, item["id"])
+    store.mark_read(user_id, item["id"])
+    assert store.inbox_page(user_id, 0, 1)["new"] == 0
+    with pytest.raises(NotificationNotFound):
+        store.mark_read(user_id, str(ObjectId()))
+    with pytest.raises(UserNotFound):
+        store.mark_read(str(ObjectId()), item["id"])
+
+
+# --- faults: bounded waits, 503 with Retry-After, recovery --------------------------
+
+
+@pytest.fixture
+def own_server() -> Iterator[MongoServer]:
+    """A server of this test's own, so freezing it cannot disturb other tests."""
+    server = MongoServer.start()
+    yield server
+    server.stop()
+
+
+def test_frozen_database_gives_503_within_the_timeout_then_recovers(
+    own_server: MongoServer, make_app: Callable[..., Flask], make_user: Callable[..., str]
+) -> None:
+    config = Config(db_uri=own_server.uri("frozen"), dispatcher_threads=0, db_timeout_ms=1500)
+    client = make_app(config).test_client()
+    user_id = str(ObjectId())
+    assert client.post("/create", json={"user_id": user_id, "key": "new_post"}).status_code == 404
+
+    own_server.freeze()
+    try:
+        for request in (
+            lambda: client.get(f"/list?user_id={user_id}"),
+            lambda: client.post("/create", json={"user_id": user_id, "key": "new_post"}),
+        ):
+            started = time.monotonic()
+            response = request()
+            elapsed = time.monotonic() - started
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "2"
+            assert response.get_json()["error"]["code"] == "database_unavailable"
+            assert elapsed < 5, f"took {elapsed:.1f}s"
+    finally:
+        own_server.thaw()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        response = client.get(f"/list?user_id={user_id}")
+        if response.status_code != 503:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 404  # answered again: the user just does not exist
+
+
+def test_unreachable_database_gives_503_quickly(make_app: Callable[..., Flask]) -> None:
+    config = Config(db_uri=f"mongodb://127.0.0.1:{free_port()}/none", dispatcher_threads=0, db_timeout_ms=1000)
+    started = time.monotonic()
+    client = make_app(config).test_client()  # starts even though the database is down
+    response = client.get(f"/list?user_id={ObjectId()}")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert time.monotonic() - started < 6
+
+
+def test_guarded_maps_outages_to_503_and_lets_bugs_through() -> None:
+    @guarded
+    def outage() -> None:
+        raise AutoReconnect("connection reset")
+
+    @guarded
+    def bug() -> None:
+        raise OperationFailure("unknown operator: $foo", code=2)
+
+    with pytest.raises(Unavailable):
+        outage()
+    with pytest.raises(OperationFailure):
+        bug()

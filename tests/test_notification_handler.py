@@ -1,0 +1,462 @@
+"""The seed's HTTP API against a real database: shapes, routing by key, cap, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from flask import Flask
+from flask.testing import FlaskClient
+
+from notification_service.config import Config
+
+OTHER_ID = "0399ea67638f394d4b7243fc"
+
+
+def create(client: FlaskClient, **body: Any) -> Any:
+    return client.post("/create", json=body)
+
+
+def stored(db: Any, user_id: str) -> list[dict[str, Any]]:
+    user = db.users.find_one({"_id": ObjectId(user_id)})
+    assert user is not None
+    return list(user.get("notifications", []))
+
+
+# --- /create -----------------------------------------------------------------------
+
+
+def test_create_new_message_stores_the_seed_shape(client: FlaskClient, db: Any, user_id: str) -> None:
+    before = int(time.time())
+    response = create(client, user_id=user_id, key="new_message", target_id=OTHER_ID, data={"a": 1})
+    assert response.status_code == 201
+    body = response.get_json()
+    assert body["success"] is True
+    assert body["data"]["email_id"] is None
+    [notification] = stored(db, user_id)
+    assert set(notification) == {"id", "timestamp", "is_new", "user_id", "key", "target_id", "data"}
+    assert notification["id"] == body["data"]["notification_id"]
+    assert ObjectId.is_valid(notification["id"]) and len(notification["id"]) == 24
+    assert before <= notification["timestamp"] <= int(time.time())
+    assert notification["is_new"] is True
+    assert notification["user_id"] == user_id
+    assert notification["key"] == "new_message"
+    assert notification["target_id"] == OTHER_ID
+    assert notification["data"] == {"a": 1}
+    assert db.email_outbox.count_documents({}) == 0
+
+
+def test_create_defaults_target_and_data(client: FlaskClient, db: Any, user_id: str) -> None:
+    assert create(client, user_id=user_id, key="new_post").status_code == 201
+    [notification] = stored(db, user_id)
+    assert notification["target_id"] is None
+    assert notification["data"] == {}
+
+
+def test_create_registration_queues_email_and_stores_no_record(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    response = create(client, user_id=user_id, key="registration")
+    assert response.status_code == 201
+    data = response.get_json()["data"]
+    assert data["notification_id"] is None
+    assert stored(db, user_id) == []
+    email = db.email_outbox.find_one({"_id": ObjectId(data["email_id"])})
+    assert email["status"] == "queued"
+    assert email["to"] == "user@example.com"
+    assert "registration" in email["subject"] and "registration" in email["text"]
+
+
+def test_create_new_login_records_and_queues_email(client: FlaskClient, db: Any, user_id: str) -> None:
+    response = create(client, user_id=user_id, key="new_login", data={"ip": "10.0.0.1"})
+    data = response.get_json()["data"]
+    [notification] = stored(db, user_id)
+    assert notification["id"] == data["notification_id"]
+    email = db.email_outbox.find_one({"_id": ObjectId(data["email_id"])})
+    assert email["notification_id"] == notification["id"]
+    assert "new_login" in email["subject"]
+    assert "10.0.0.1" in email["text"]
+
+
+@pytest.mark.parametrize("key", ["new_message", "new_post"])
+def test_record_only_keys_queue_no_email(client: FlaskClient, db: Any, user_id: str, key: str) -> None:
+    assert create(client, user_id=user_id, key=key).status_code == 201
+    assert db.email_outbox.count_documents({}) == 0
+
+
+def test_cap_drops_oldest(make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str) -> None:
+    client = make_app(make_config(notifications_limit=3)).test_client()
+    for i in range(5):
+        create(client, user_id=user_id, key="new_post", data={"n": i})
+    assert [n["data"]["n"] for n in stored(db, user_id)] == [4, 3, 2]
+
+
+def test_concurrent_creates_lose_nothing_and_cap_holds(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str
+) -> None:
+    app = make_app(make_config(notifications_limit=25))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        client = app.test_client()
+        for i in range(8):
+            status = create(client, user_id=user_id, key="new_post", data={"t": t, "i": i}).status_code
+            with lock:
+                statuses.append(status)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [201] * 48
+    notifications = stored(db, user_id)
+    assert len(notifications) == 25
+    assert len({n["id"] for n in notifications}) == 25
+    # Each thread's own notifications stay in its order (newest first).
+    for t in range(6):
+        mine = [n["data"]["i"] for n in notifications if n["data"]["t"] == t]
+        assert mine == sorted(mine, reverse=True)
+
+
+def test_concurrent_creates_below_cap_keep_every_notification(
+    app: Flask, db: Any, user_id: str
+) -> None:
+    def worker(t: int) -> None:
+        client = app.test_client()
+        for i in range(10):
+            create(client, user_id=user_id, key="new_message", data={"t": t, "i": i})
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    got = {(n["data"]["t"], n["data"]["i"]) for n in stored(db, user_id)}
+    assert got == {(t, i) for t in range(5) for i in range(10)}
+
+
+def test_unknown_user_is_404_and_creates_nothing(client: FlaskClient, db: Any) -> None:
+    missing = str(ObjectId())
+    for key in ("new_message", "registration", "new_login"):
+        response = create(client, user_id=missing, key=key)
+        assert response.status_code == 404
+        assert response.get_json()["error"]["code"] == "user_not_found"
+    assert db.users.count_documents({}) == 0
+    assert db.email_outbox.count_documents({}) == 0
+
+
+def test_email_mode_creates_the_profile(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any
+) -> None:
+    client = make_app(make_config(email="test@example.com")).test_client()
+    new_user = str(ObjectId())
+    assert create(client, user_id=new_user, key="new_login").status_code == 201
+    user = db.users.find_one({"_id": ObjectId(new_user)})
+    assert user["email"] == "test@example.com"
+    assert len(user["notifications"]) == 1
+    assert db.email_outbox.find_one({})["to"] == "test@example.com"
+    other = str(ObjectId())
+    assert create(client, user_id=other, key="registration").status_code == 201
+    assert db.users.find_one({"_id": ObjectId(other)}) == {
+        "_id": ObjectId(other),
+        "email": "test@example.com",
+        "notifications": [],
+    }
+
+
+def test_email_mode_concurrent_first_creates_make_one_profile(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any
+) -> None:
+    app = make_app(make_config(email="test@example.com"))
+    new_user = str(ObjectId())
+    statuses: list[int] = []
+
+    def worker() -> None:
+        statuses.append(create(app.test_client(), user_id=new_user, key="new_message").status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [201] * 6
+    assert db.users.count_documents({}) == 1
+    assert len(stored(db, new_user)) == 6
+
+
+def test_email_key_for_user_without_email_is_422_and_writes_nothing(
+    client: FlaskClient, db: Any, make_user: Callable[..., str]
+) -> None:
+    user_id = make_user(email=None)
+    for key in ("new_login", "registration"):
+        response = create(client, user_id=user_id, key=key)
+        assert response.status_code == 422
+        assert response.get_json()["error"]["code"] == "user_has_no_email"
+    assert stored(db, user_id) == []
+    assert db.email_outbox.count_documents({}) == 0
+    assert create(client, user_id=user_id, key="new_message").status_code == 201
+
+
+def test_user_id_is_normalised_to_lowercase(client: FlaskClient, db: Any, user_id: str) -> None:
+    assert create(client, user_id=user_id.upper(), key="new_post").status_code == 201
+    assert stored(db, user_id)[0]["user_id"] == user_id
+
+
+# --- bad input: a clear JSON error and nothing changed --------------------------------
+
+VALID = {"key": "new_message"}
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_BODIES: list[tuple[str, Any, int, str, str]] = [
+    ("user_id operator", {"user_id": {"$ne": None}, **VALID}, 422, "validation_failed", "user_id"),
+    ("user_id number", {"user_id": 12345, **VALID}, 422, "validation_failed", "user_id"),
+    ("user_id short", {"user_id": "abc", **VALID}, 422, "validation_failed", "user_id"),
+    ("user_id newline", {"user_id": "638f394d4b7243fc0399ea67\n", **VALID}, 422, "validation_failed", "user_id"),
+    ("user_id missing", {**VALID}, 422, "validation_failed", "user_id"),
+    ("key unknown", {"key": "new_comment"}, 422, "validation_failed", "key"),
+    ("key missing", {}, 422, "validation_failed", "key"),
+    ("key list", {"key": ["new_post"]}, 422, "validation_failed", "key"),
+    ("target_id bad", {**VALID, "target_id": "zz"}, 422, "validation_failed", "target_id"),
+    ("target_id operator", {**VALID, "target_id": {"$gt": ""}}, 422, "validation_failed", "target_id"),
+    ("data list", {**VALID, "data": [1, 2]}, 422, "validation_failed", "data"),
+    ("data string", {**VALID, "data": "x"}, 422, "validation_failed", "data"),
+    ("data dollar key", {**VALID, "data": {"$set": 1}}, 422, "validation_failed", "data"),
+    ("data nested dollar", {**VALID, "data": {"a": [{"$where": "1"}]}}, 422, "validation_failed", "data"),
+    ("data dotted key", {**VALID, "data": {"a.b": 1}}, 422, "validation_failed", "data"),
+    ("data too large", {**VALID, "data": {"x": "y" * 17000}}, 422, "validation_failed", "data"),
+    ("data huge int", {**VALID, "data": {"x": 2**70}}, 422, "validation_failed", "data"),
+    ("data lone surrogate", {**VALID, "data": {"x": "\ud800"}}, 422, "validation_failed", "data"),
+    ("data too deep", {**VALID, "data": {"a": _nested(40)}}, 422, "validation_failed", "data"),
+    ("unknown field", {**VALID, "priority": 1}, 422, "validation_failed", "priority"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "code", "field"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_create_body_is_rejected_and_changes_nothing(
+    client: FlaskClient, db: Any, user_id: str, name: str, body: dict[str, Any], status: int, code: str, field: str
+) -> None:
+    if "user_id" not in body and name != "user_id missing":
+        body = {"user_id": user_id, **body}
+    response = client.post("/create", json=body)
+    assert response.status_code == status, response.get_json()
+    assert response.is_json
+    error = response.get_json()["error"]
+    assert response.get_json()["success"] is False
+    assert error["code"] == code
+    assert error["message"]
+    assert any(d["field"].split(".")[0] == field for d in error["details"]), error
+    assert stored(db, user_id) == []
+    assert db.email_outbox.count_documents({}) == 0
+
+
+RAW_BODIES: list[tuple[str, bytes, str, int, str]] = [
+    ("not json", b"{user_id:", "application/json", 400, "invalid_json"),
+    ("empty", b"", "application/json", 400, "invalid_json"),
+    ("array", b"[1,2]", "application/json", 400, "invalid_json"),
+    ("string", b'"x"', "application/json", 400, "invalid_json"),
+    ("NaN", b'{"key": NaN}', "application/json", 400, "invalid_json"),
+    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "invalid_json"),
+    ("bad utf-8", b'{"key": "\xff\xfe"}', "application/json", 400, "invalid_json"),
+    ("form", b"user_id=1&key=new_post", "application/x-www-form-urlencoded", 400, "unsupported_content_type"),
+    ("text", b'{"key": "new_post"}', "text/plain", 400, "unsupported_content_type"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "ctype", "status", "code"), RAW_BODIES, ids=[b[0] for b in RAW_BODIES])
+def test_malformed_create_body_is_400_json(
+    client: FlaskClient, db: Any, name: str, raw: bytes, ctype: str, status: int, code: str
+) -> None:
+    response = client.post("/create", data=raw, headers={"Content-Type": ctype})
+    assert response.status_code == status
+    assert response.get_json()["error"]["code"] == code
+    assert db.users.count_documents({}) == 0
+
+
+def test_oversized_body_is_413_json(make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str) -> None:
+    client = make_app(make_config(max_body_bytes=4096)).test_client()
+    response = client.post("/create", json={"user_id": user_id, "key": "new_post", "data": {"x": "y" * 5000}})
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "payload_too_large"
+    assert stored(db, user_id) == []
+
+
+# --- /list ---------------------------------------------------------------------------
+
+
+def test_list_answers_the_seed_shape(client: FlaskClient, db: Any, user_id: str) -> None:
+    for i in range(23):
+        create(client, user_id=user_id, key="new_message", target_id=OTHER_ID, data={"i": i})
+    ids = [n["id"] for n in stored(db, user_id)]
+    for nid in ids[12:]:  # 11 oldest read, 12 stay new
+        client.post(f"/read?user_id={user_id}&notification_id={nid}")
+    response = client.get(f"/list?user_id={user_id}")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert list(body) == ["success", "data"]
+    assert body["success"] is True
+    data = body["data"]
+    assert list(data) == ["elements", "new", "request", "list"]
+    assert data["elements"] == 23
+    assert data["new"] == 12
+    assert data["request"] == {"user_id": user_id, "skip": 0, "limit": 10}
+    assert [n["id"] for n in data["list"]] == ids[:10]
+    assert data["list"][0]["data"] == {"i": 22}
+    assert list(data["list"][0]) == ["id", "timestamp", "is_new", "user_id", "key", "target_id", "data"]
+
+
+def test_list_pages_with_skip_and_limit(client: FlaskClient, db: Any, user_id: str) -> None:
+    for i in range(7):
+        create(client, user_id=user_id, key="new_post", data={"i": i})
+    page = client.get(f"/list?user_id={user_id}&skip=2&limit=3").get_json()["data"]
+    assert [n["data"]["i"] for n in page["list"]] == [4, 3, 2]
+    assert page["request"] == {"user_id": user_id, "skip": 2, "limit": 3}
+    beyond = client.get(f"/list?user_id={user_id}&skip=50").get_json()["data"]
+    assert beyond["list"] == [] and beyond["elements"] == 7
+
+
+def test_list_limit_zero_gives_counts_only(client: FlaskClient, user_id: str) -> None:
+    create(client, user_id=user_id, key="new_post")
+    data = client.get(f"/list?user_id={user_id}&limit=0").get_json()["data"]
+    assert (data["elements"], data["new"], data["list"]) == (1, 1, [])
+
+
+def test_list_of_user_with_no_array_is_empty(client: FlaskClient, user_id: str) -> None:
+    data = client.get(f"/list?user_id={user_id}").get_json()["data"]
+    assert (data["elements"], data["new"], data["list"]) == (0, 0, [])
+
+
+def test_list_unknown_user_is_404(client: FlaskClient) -> None:
+    response = client.get(f"/list?user_id={ObjectId()}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "user_not_found"
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("skip=-1", "skip"),
+        ("skip=abc", "skip"),
+        ("limit=-1", "limit"),
+        ("limit=101", "limit"),
+        ("limit=1e3", "limit"),
+        ("limit=", "limit"),
+        ("limt=5", "limt"),
+        ("limit=1&limit=2", "limit"),
+    ],
+)
+def test_bad_list_query_is_422(client: FlaskClient, user_id: str, query: str, field: str) -> None:
+    response = client.get(f"/list?user_id={user_id}&{query}")
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_failed"
+    assert [d["field"] for d in error["details"]] == [field]
+
+
+@pytest.mark.parametrize("query", ["", "user_id=nothex", "user_id[$ne]=1"])
+def test_list_without_valid_user_id_is_422(client: FlaskClient, query: str) -> None:
+    response = client.get(f"/list?{query}")
+    assert response.status_code == 422
+
+
+def test_list_max_limit_is_configurable(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], user_id: str
+) -> None:
+    client = make_app(make_config(list_max_limit=5)).test_client()
+    assert client.get(f"/list?user_id={user_id}&limit=5").status_code == 200
+    assert client.get(f"/list?user_id={user_id}&limit=6").status_code == 422
+
+
+# --- /read ---------------------------------------------------------------------------
+
+
+def test_read_marks_one_notification_and_is_idempotent(client: FlaskClient, db: Any, user_id: str) -> None:
+    first = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
+    create(client, user_id=user_id, key="new_post")
+    for _ in range(2):
+        response = client.post(f"/read?user_id={user_id}&notification_id={first}")
+        assert response.status_code == 200
+        assert response.get_json() == {"success": True}
+    flags = {n["id"]: n["is_new"] for n in stored(db, user_id)}
+    assert flags[first] is False
+    assert sorted(flags.values()) == [False, True]
+
+
+def test_read_accepts_a_json_body(client: FlaskClient, db: Any, user_id: str) -> None:
+    nid = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
+    response = client.post("/read", json={"user_id": user_id, "notification_id": nid})
+    assert response.status_code == 200
+    assert stored(db, user_id)[0]["is_new"] is False
+
+
+def test_read_unknown_notification_or_user_is_404(client: FlaskClient, user_id: str) -> None:
+    response = client.post(f"/read?user_id={user_id}&notification_id={ObjectId()}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "notification_not_found"
+    response = client.post(f"/read?user_id={ObjectId()}&notification_id={ObjectId()}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "user_not_found"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"query_string": "user_id=x&notification_id=y"},
+        {"query_string": f"user_id={OTHER_ID}"},
+        {"json": {"user_id": OTHER_ID, "notification_id": {"$ne": None}}},
+        {"json": {"user_id": OTHER_ID, "notification_id": OTHER_ID, "extra": 1}},
+        {"query_string": f"user_id={OTHER_ID}&notification_id={OTHER_ID}", "json": {"user_id": "638f394d4b7243fc0399ea67"}},
+    ],
+)
+def test_bad_read_is_422(client: FlaskClient, kwargs: dict[str, Any]) -> None:
+    response = client.post("/read", **kwargs)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "validation_failed"
+
+
+# --- routes, methods, failures -------------------------------------------------------
+
+
+def test_unknown_route_is_404_json(client: FlaskClient) -> None:
+    response = client.get("/nope")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(("method", "path"), [("get", "/create"), ("post", "/list"), ("delete", "/read")])
+def test_wrong_method_is_405_json(client: FlaskClient, method: str, path: str) -> None:
+    response = getattr(client, method)(path)
+    assert response.status_code == 405
+    assert response.get_json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["Allow"]
+
+
+def test_bug_is_500_with_request_id_and_no_trace(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    app.add_url_rule("/boom", view_func=boom)
+    response = app.test_client().get("/boom", headers={"X-Request-ID": "req-123"})
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert error["code"] == "internal_error"
+    assert error["request_id"] == "req-123"
+    assert "secret" not in response.get_data(as_text=True)
+    assert any("req-123" in r.getMessage() for r in caplog.records)
+
+
+def test_every_response_carries_a_request_id(client: FlaskClient, user_id: str) -> None:
+    response = client.get(f"/list?user_id={user_id}")
+    assert len(response.headers["X-Request-ID"]) == 32
