@@ -28,7 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "start the embedded database or the local mail sink",
     )
     worker = commands.add_parser("worker", help="run outbox dispatchers only (for scale)")
-    worker.add_argument("--threads", type=int, default=None, help="default: DISPATCHER_THREADS or 1")
+    worker.add_argument(
+        "--threads", type=int, default=None, help="default: DISPATCHER_THREADS or 1"
+    )
     sink = commands.add_parser("sink", help="a local SMTP server that saves .eml files")
     sink.add_argument("--host", default="127.0.0.1")
     sink.add_argument("--port", type=int, required=True)
@@ -109,7 +111,10 @@ def serve(config: Config) -> int:
         else:
             db_child, env["DB_URI"] = embedded.start_database(data_dir / "db", run_dir)
             children.append(db_child)
-            print(f"database: embedded SecantusDB at {env['DB_URI']}, data in {data_dir / 'db'}", flush=True)
+            print(
+                f"database: embedded SecantusDB at {env['DB_URI']}, data in {data_dir / 'db'}",
+                flush=True,
+            )
         if config.smtp_host:
             print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
         else:
@@ -117,14 +122,21 @@ def serve(config: Config) -> int:
             sink_child, port = embedded.start_mail_sink(mail_dir, run_dir)
             children.append(sink_child)
             env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), SMTP_SECURITY="none")
-            print(f"mail: local sink on 127.0.0.1:{port}, each message saved as a .eml file in {mail_dir}", flush=True)
+            print(
+                f"mail: local sink on 127.0.0.1:{port}, saving .eml files in {mail_dir}",
+                flush=True,
+            )
         web = embedded.spawn("web", gunicorn_argv(config), run_dir, env)
         children.append(web)
-        print(f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True)
+        print(
+            f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True
+        )
         while not stop.is_set():
             for child in children:
                 if child.process.poll() is not None:
-                    log.error("%s exited with status %s; stopping", child.name, child.process.returncode)
+                    log.error(
+                        "%s exited with status %s; stopping", child.name, child.process.returncode
+                    )
                     return 1
             stop.wait(0.5)
         return 0

@@ -64,6 +64,7 @@ class Config:
     dispatcher_threads: int = 1  # inside each server process; 0 = run `worker` separately
     dispatch_poll_seconds: float = 0.5
     dispatch_lease_seconds: float = 60.0
+    dispatch_batch_size: int = 16
     dispatch_max_attempts: int = 10
     dispatch_max_age_seconds: float = 86400.0
     dispatch_backoff_base_seconds: float = 2.0
@@ -138,6 +139,7 @@ class Config:
             dispatch_lease_seconds=r.number(
                 "DISPATCH_LEASE_SECONDS", d.dispatch_lease_seconds, 1, 3600
             ),
+            dispatch_batch_size=r.integer("DISPATCH_BATCH_SIZE", d.dispatch_batch_size, 1, 1000),
             dispatch_max_attempts=r.integer(
                 "DISPATCH_MAX_ATTEMPTS", d.dispatch_max_attempts, 1, 1000
             ),
@@ -157,6 +159,12 @@ class Config:
         )
         if config.smtp_login is not None and config.smtp_password is None:
             raise ConfigError("SMTP_PASSWORD: must be set when SMTP_LOGIN is set")
+        if config.dispatch_lease_seconds < 2 * config.smtp_timeout:
+            # A send must finish inside its claim, or another dispatcher sends it again.
+            raise ConfigError(
+                "DISPATCH_LEASE_SECONDS: must be at least twice SMTP_TIMEOUT "
+                f"({config.dispatch_lease_seconds:g} < 2 x {config.smtp_timeout:g})"
+            )
         if config.smtp_host is None and (config.smtp_login or config.smtp_port):
             raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
         return config
@@ -205,9 +213,7 @@ class _Reader:
         raw = self._raw(name)
         return default if raw is None else self._convert(name, raw, _check_name)
 
-    def choice(
-        self, name: str, choices: tuple[T, ...], default: T, *, upper: bool = False
-    ) -> T:
+    def choice(self, name: str, choices: tuple[T, ...], default: T, *, upper: bool = False) -> T:
         raw = self._raw(name)
         if raw is None:
             return default

@@ -36,7 +36,7 @@ def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) 
 
     The jitter (a random half of the step) spreads retries of a burst that failed together.
     """
-    step = min(cap, base * 2 ** max(0, attempts - 1))
+    step: float = min(cap, base * 2.0 ** max(0, attempts - 1))
     return step * (0.5 + rng.random() / 2)
 
 
@@ -72,8 +72,11 @@ class Dispatcher:
     _smtp_was_down: bool = False
     _indexed: bool = False
 
-    def dispatch_once(self) -> bool:
-        """Claim and handle one due email; False when nothing was due.
+    def dispatch_once(self) -> int:
+        """Claim a batch of due emails and send them; return how many were attempted.
+
+        A transient failure gives the rest of the batch back at once (the server is
+        probably down for them too), as does a stop request or a lease running short.
 
         :raise Unavailable: the database did not answer (the caller waits and retries).
         """
@@ -81,11 +84,23 @@ class Dispatcher:
         if not self._indexed:
             svc.outbox.ensure_indexes()
             self._indexed = True
-        record = svc.outbox.claim(self.name, svc.clock(), cfg.dispatch_lease_seconds)
-        if record is None:
-            return False
-        self._deliver(record)
-        return True
+        token = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        claimed_at = time.monotonic()
+        batch = svc.outbox.claim_batch(
+            token, svc.clock(), cfg.dispatch_lease_seconds, cfg.dispatch_batch_size
+        )
+        # Starting a send needs enough lease left for it to finish under its timeouts.
+        last_start = claimed_at + cfg.dispatch_lease_seconds - 2 * cfg.smtp_timeout
+        attempted = 0
+        for record in batch:
+            if attempted and (self.stopping.is_set() or time.monotonic() > last_start):
+                break
+            attempted += 1
+            if not self._deliver(record):
+                break
+        if attempted < len(batch):
+            svc.outbox.release([r["_id"] for r in batch[attempted:]], token, svc.clock())
+        return attempted
 
     def run(self) -> None:
         """Dispatch until `stopping` is set; an in-flight send always finishes first."""
@@ -114,7 +129,8 @@ class Dispatcher:
             return poll
         return max(0.0, min(poll, (due - self.services.clock()).total_seconds()))
 
-    def _deliver(self, record: dict[str, Any]) -> None:
+    def _deliver(self, record: dict[str, Any]) -> bool:
+        """Send one claimed email and store the outcome; False on a transient failure."""
         svc, cfg = self.services, self.services.config
         try:
             message = build_message(
@@ -130,19 +146,18 @@ class Dispatcher:
             )
         except (ValueError, KeyError, TypeError) as exc:
             # A record that cannot become a message never will: fail it, don't retry.
-            self._finish(
-                svc.outbox.mark_failed,
-                record,
-                {"code": None, "message": f"cannot build message: {exc}", "permanent": True},
-                svc.clock(),
-            )
-            return
+            error: LastError = {
+                "code": None,
+                "message": f"cannot build message: {exc}",
+                "permanent": True,
+            }
+            self._finish(svc.outbox.mark_failed, record, error, svc.clock())
+            return True
         self.limiter.wait()
         try:
             self.sender.send(message)
         except SendError as exc:
-            self._failed(record, exc)
-            return
+            return self._failed(record, exc)
         self._finish(svc.outbox.mark_sent, record, None, svc.clock())
         if self._smtp_was_down:
             # The server is back: what waits on a backoff from the outage goes now.
@@ -150,30 +165,43 @@ class Dispatcher:
             released = svc.outbox.release_backoffs(svc.clock())
             if released:
                 log.info("dispatcher %s: SMTP is back, %d emails retried now", self.name, released)
+        return True
 
-    def _failed(self, record: dict[str, Any], exc: SendError) -> None:
+    def _failed(self, record: dict[str, Any], exc: SendError) -> bool:
         svc, cfg = self.services, self.services.config
         now = svc.clock()
-        error: LastError = {"code": exc.code, "message": exc.reply[:1000], "permanent": exc.permanent}
+        error: LastError = {
+            "code": exc.code,
+            "message": exc.reply[:1000],
+            "permanent": exc.permanent,
+        }
         attempts = int(record["attempts"])
         too_old = now - record["created_at"] > timedelta(seconds=cfg.dispatch_max_age_seconds)
         if exc.permanent or attempts >= cfg.dispatch_max_attempts or too_old:
-            log.warning("email %s failed for good after %d attempts: %s", record["_id"], attempts, exc)
+            log.warning(
+                "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
+            )
             self._finish(svc.outbox.mark_failed, record, error, now)
-            return
+            return exc.permanent
         self._smtp_was_down = True
         delay = backoff_seconds(
             attempts, cfg.dispatch_backoff_base_seconds, cfg.dispatch_backoff_max_seconds, self.rng
         )
-        log.info("email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay)
+        log.info(
+            "email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay
+        )
         self._finish(svc.outbox.mark_retry, record, error, now + timedelta(seconds=delay))
+        return False
 
-    def _finish(self, mark: Callable[..., bool], record: dict[str, Any], error: Any, at: datetime) -> None:
+    def _finish(
+        self, mark: Callable[..., bool], record: dict[str, Any], error: Any, at: datetime
+    ) -> None:
         # The outcome must be stored even if the database blinks right now: an email the
         # SMTP server accepted but whose record stays "sending" is sent again after the
         # lease. So keep trying for half the lease before giving up to that fate.
         deadline = time.monotonic() + self.services.config.dispatch_lease_seconds / 2
-        args = (record["_id"], self.name) + ((error,) if error is not None else ()) + (at,)
+        claim = record["claimed_by"]
+        args = (record["_id"], claim) + ((error,) if error is not None else ()) + (at,)
         while True:
             try:
                 if not mark(*args):
@@ -188,9 +216,15 @@ class Dispatcher:
 class DispatcherPool:
     """N dispatcher threads in this process, each with its own SMTP connection."""
 
-    def __init__(self, threads: list[threading.Thread], stopping: threading.Event) -> None:
+    def __init__(
+        self,
+        threads: list[threading.Thread],
+        stopping: threading.Event,
+        wakes: list[threading.Event],
+    ) -> None:
         self.threads = threads
         self.stopping = stopping
+        self.wakes = wakes
 
     @classmethod
     def start(
@@ -206,9 +240,10 @@ class DispatcherPool:
         stopping = threading.Event()
         limiter = RateLimiter(cfg.smtp_rate_limit)
         prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        threads = []
+        threads, wakes = [], []
         for i in range(count):
             wake = threading.Event()
+            wakes.append(wake)
             services.outbox.on_enqueue(wake.set)
             dispatcher = Dispatcher(
                 services=services,
@@ -223,11 +258,13 @@ class DispatcherPool:
             thread.start()
             threads.append(thread)
         log.info("started %d dispatcher thread(s) as %s", count, prefix)
-        return cls(threads, stopping)
+        return cls(threads, stopping, wakes)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask every thread to stop and wait for in-flight sends to finish."""
         self.stopping.set()
+        for wake in self.wakes:
+            wake.set()  # an idle thread stops now, not at the end of its poll
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -39,7 +39,9 @@ class EmailTemplates:
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory else PACKAGE_TEMPLATES
         loader = jinja2.FileSystemLoader(self.directory)
-        self._text_env = jinja2.Environment(loader=loader, autoescape=False, keep_trailing_newline=True)
+        self._text_env = jinja2.Environment(
+            loader=loader, autoescape=False, keep_trailing_newline=True
+        )
         self._html_env = jinja2.Environment(loader=loader, autoescape=True)
         self._templates: dict[tuple[str, str], jinja2.Template] = {}
         for key in EMAIL_KEYS:
@@ -49,7 +51,9 @@ class EmailTemplates:
                 try:
                     self._templates[key, part] = env.get_template(name)
                 except jinja2.TemplateNotFound:
-                    raise TemplateError(f"TEMPLATES_DIR: {self.directory / name} is missing") from None
+                    raise TemplateError(
+                        f"TEMPLATES_DIR: {self.directory / name} is missing"
+                    ) from None
                 except jinja2.TemplateSyntaxError as exc:
                     raise TemplateError(
                         f"TEMPLATES_DIR: {self.directory / name} line {exc.lineno}: {exc.message}"
@@ -91,4 +95,6 @@ class EmailTemplates:
             try:
                 self.render(sample, {"_id": "0" * 24, "email": "user@example.com"})
             except jinja2.TemplateError as exc:
-                raise TemplateError(f"TEMPLATES_DIR: {key} templates fail to render: {exc}") from None
+                raise TemplateError(
+                    f"TEMPLATES_DIR: {key} templates fail to render: {exc}"
+                ) from None

@@ -62,15 +62,15 @@ class Child:
             self.pidfile.unlink(missing_ok=True)
 
 
-def spawn(name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | None = None) -> Child:
+def spawn(
+    name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | None = None
+) -> Child:
     """Start `argv` in its own process group (Ctrl-C reaches only the supervisor, which
     then stops children in order) and record its pid under `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = run_dir / f"{name}.pid"
     kill_stale(pidfile)
-    process = subprocess.Popen(
-        list(argv), process_group=0, preexec_fn=_die_with_parent, env=env
-    )
+    process = subprocess.Popen(list(argv), process_group=0, preexec_fn=_die_with_parent, env=env)
     pidfile.write_text(f"{process.pid}\n{' '.join(argv)}\n")
     return Child(name, process, pidfile)
 

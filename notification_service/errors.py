@@ -60,6 +60,11 @@ class NotificationNotFound(NotFound):
     default_message = "The user has no notification with this notification_id."
 
 
+class EmailNotFound(NotFound):
+    default_code = "email_not_found"
+    default_message = "No queued email with this id."
+
+
 class Unavailable(ApiError):
     """A dependency (the database) did not answer in time; the client may retry."""
 
@@ -69,6 +74,4 @@ class Unavailable(ApiError):
     retry_after_seconds: ClassVar[int] = 2
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
-        super().__init__(
-            message, code=code, headers={"Retry-After": str(self.retry_after_seconds)}
-        )
+        super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})

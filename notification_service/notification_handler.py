@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from . import notifications
-from .schemas import CreateRequest, ListQuery, ReadRequest
+from .schemas import CreateRequest, EmailIdPath, EmailRequest, ListQuery, ReadRequest
 from .web import ok, parse_body, parse_query, parse_query_or_body, services
 
 bp = Blueprint("notifications", __name__)
@@ -31,3 +31,17 @@ def read() -> tuple[Response, int]:
     """Mark a notification read (query parameters, as the seed says, or a JSON body)."""
     notifications.mark_read(services(), parse_query_or_body(ReadRequest))
     return ok()
+
+
+@bp.post("/email")
+def email() -> tuple[Response, int]:
+    """Queue an email with the caller's own subject and text. 202 with its id."""
+    email_id = notifications.queue_email(services(), parse_body(EmailRequest))
+    return ok({"email_id": email_id}, 202)
+
+
+@bp.get("/email/<email_id>")
+def email_state(email_id: str) -> tuple[Response, int]:
+    """Where a queued email is: queued, sending, sent or failed, with its attempts."""
+    path = EmailIdPath.model_validate({"email_id": email_id})
+    return ok(notifications.email_state(services(), path.email_id))

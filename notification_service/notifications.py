@@ -13,11 +13,14 @@ from typing import Any
 
 from .config import Config
 from .email_templates import EmailTemplates
+from .errors import EmailNotFound
 from .mongo_connector import MongoConnector, UserHasNoEmail, new_id
 from .outbox import Outbox
 from .schemas import (
     CreateRequest,
     CreateResult,
+    EmailRequest,
+    EmailState,
     InboxPage,
     ListQuery,
     Notification,
@@ -72,6 +75,7 @@ def create_notification(svc: Services, request: CreateRequest) -> CreateResult:
         "target_id": request.target_id,
         "data": request.data,
     }
+    user = None
     if route.record:
         user = svc.store.append_capped(
             request.user_id,
@@ -79,10 +83,11 @@ def create_notification(svc: Services, request: CreateRequest) -> CreateResult:
             require_email=route.email,
             create_with_email=svc.config.email,
         )
-    else:
+    elif route.email:
         user = svc.store.find_user(request.user_id, create_with_email=svc.config.email)
     email_id = None
     if route.email:
+        assert user is not None  # returned by both calls above when the key sends email
         email_id = _queue_notification_email(svc, notification, user, now)
     return {
         "notification_id": notification["id"] if route.record else None,
@@ -112,6 +117,76 @@ def mark_read(svc: Services, request: ReadRequest) -> None:
     svc.store.mark_read(request.user_id, request.notification_id)
 
 
+def queue_email(svc: Services, request: EmailRequest) -> str:
+    """Queue an email with the caller's own subject and text; return its id.
+
+    :raise UserNotFound: / :raise UserHasNoEmail: when addressed by user_id.
+    """
+    to = request.to
+    if request.user_id is not None:
+        to = _address(svc.store.find_user(request.user_id, create_with_email=None))
+    assert to is not None  # the model requires exactly one of user_id and to
+    return svc.outbox.enqueue(
+        {
+            "kind": "custom",
+            "to": to,
+            "subject": request.subject,
+            "text": request.text,
+            "html": request.html,
+            "message_id": message_id(svc.config),
+            "user_id": request.user_id,
+            "notification_id": None,
+            "key": None,
+        },
+        svc.clock(),
+    )
+
+
+def email_state(svc: Services, email_id: str) -> EmailState:
+    """The delivery state of one queued email.
+
+    :raise EmailNotFound:
+    """
+    record = svc.outbox.get(email_id)
+    if record is None:
+        raise EmailNotFound()
+    status = record["status"]
+    return {
+        "id": str(record["_id"]),
+        "status": status,
+        "to": record["to"],
+        "subject": record["subject"],
+        "kind": record.get("kind", "notification"),
+        "user_id": record.get("user_id"),
+        "notification_id": record.get("notification_id"),
+        "key": record.get("key"),
+        "message_id": record["message_id"],
+        "attempts": record["attempts"],
+        "created_at": _iso(record["created_at"]) or "",
+        # For a claimed record this field holds the lease's end: not a time to show.
+        "next_attempt_at": _iso(record["next_attempt_at"]) if status == "queued" else None,
+        "sent_at": _iso(record.get("sent_at")),
+        "failed_at": _iso(record.get("failed_at")),
+        "last_error": record.get("last_error"),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _address(user: dict[str, Any]) -> str:
+    address = user.get("email")
+    # Same rule as the storage query that guards the record (a non-empty string), so a
+    # create is refused before anything is written. A malformed address is the SMTP
+    # server's to judge: it ends as a failed outbox record, visible at GET /email/<id>.
+    if not isinstance(address, str) or not address:
+        raise UserHasNoEmail()
+    return address
+
+
 def message_id(config: Config) -> str:
     """A globally unique Message-ID, fixed at enqueue so that every retry carries it."""
     domain = config.smtp_email.rpartition("@")[2] or "localhost"
@@ -121,12 +196,7 @@ def message_id(config: Config) -> str:
 def _queue_notification_email(
     svc: Services, notification: Notification, user: dict[str, Any], now: datetime
 ) -> str:
-    address = user.get("email")
-    # Same rule as the storage query that guards the record (a non-empty string), so a
-    # create is refused before anything is written. A malformed address is the SMTP
-    # server's to judge: it ends as a failed outbox record, visible at GET /email/<id>.
-    if not isinstance(address, str) or not address:
-        raise UserHasNoEmail()
+    address = _address(user)
     content = svc.templates.render(notification, user)
     return svc.outbox.enqueue(
         {

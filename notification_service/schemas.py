@@ -11,7 +11,15 @@ import math
 import re
 from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 NotificationKey = Literal["registration", "new_message", "new_post", "new_login"]
 
@@ -80,7 +88,22 @@ def _valid_text(value: str) -> str:
     return value
 
 
+def _email_address(value: str) -> str:
+    if len(value) > 254 or not is_email_address(value):
+        raise ValueError("must be one email address like name@example.com")
+    return value
+
+
+def _one_line(value: str) -> str:
+    # A line break in a header value would let a caller add headers of their own.
+    if "\r" in value or "\n" in value:
+        raise ValueError("must be a single line")
+    _check_text(value)
+    return value
+
+
 ObjectIdStr = Annotated[str, AfterValidator(_object_id)]
+EmailAddress = Annotated[str, AfterValidator(_email_address)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 Text = Annotated[str, AfterValidator(_valid_text)]
 
@@ -120,6 +143,57 @@ class ListQuery(_Query):
 class ReadRequest(_Query):
     user_id: ObjectIdStr
     notification_id: ObjectIdStr
+
+
+SUBJECT_MAX_CHARS = 998  # RFC 5322's line limit
+TEXT_MAX_CHARS = 256 * 1024
+HTML_MAX_CHARS = 512 * 1024
+
+
+class EmailRequest(_Body):
+    """An email with the caller's own subject and text, to a user or to an address."""
+
+    user_id: ObjectIdStr | None = None
+    to: EmailAddress | None = None
+    subject: Annotated[
+        str, Field(min_length=1, max_length=SUBJECT_MAX_CHARS), AfterValidator(_one_line)
+    ]
+    text: Annotated[
+        str, Field(min_length=1, max_length=TEXT_MAX_CHARS), AfterValidator(_valid_text)
+    ]
+    html: Annotated[str, Field(max_length=HTML_MAX_CHARS), AfterValidator(_valid_text)] | None = (
+        None
+    )
+
+    @model_validator(mode="after")
+    def _one_recipient(self) -> EmailRequest:
+        if (self.user_id is None) == (self.to is None):
+            raise ValueError("give exactly one of user_id and to")
+        return self
+
+
+class EmailIdPath(_Query):
+    email_id: ObjectIdStr
+
+
+class EmailState(TypedDict):
+    """What GET /email/<id> shows of an outbox record."""
+
+    id: str
+    status: str
+    to: str
+    subject: str
+    kind: str
+    user_id: str | None
+    notification_id: str | None
+    key: str | None
+    message_id: str
+    attempts: int
+    created_at: str
+    next_attempt_at: str | None
+    sent_at: str | None
+    failed_at: str | None
+    last_error: dict[str, Any] | None
 
 
 class Notification(TypedDict):

@@ -45,7 +45,9 @@ def json_body() -> dict[str, Any]:
         value = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         # RecursionError: "[[[[..." nested past Python's limit is bad input, not a bug.
-        raise BadRequest(f"The body is not valid JSON: {_short(exc)}", code="invalid_json") from None
+        raise BadRequest(
+            f"The body is not valid JSON: {_short(exc)}", code="invalid_json"
+        ) from None
     if not isinstance(value, dict):
         raise BadRequest("The body must be a JSON object.", code="invalid_json")
     return value

@@ -28,7 +28,7 @@ from pymongo import MongoClient
 from notification_service.config import Config
 from notification_service.server import Runtime, create_app
 
-# pytest_plugins = ("smtp_fixtures",)  # TEMP
+pytest_plugins = ("smtp_fixtures",)
 
 
 def free_port() -> int:
@@ -79,7 +79,21 @@ class MongoServer:
             client.admin.command("ping")
 
     def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread has really stopped (it is asynchronous)."""
         self.process.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not all(state == "T" for state in self._thread_states()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not stop")
+            time.sleep(0.01)
+
+    def _thread_states(self) -> list[str]:
+        states = []
+        for stat in Path(f"/proc/{self.process.pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):
+                # The state follows the parenthesised command name, which may hold spaces.
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        return states
 
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)

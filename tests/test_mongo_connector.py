@@ -49,8 +49,12 @@ def test_database_name_comes_from_the_uri_path() -> None:
     assert Config(db_uri="mongodb://h:1").database_name == "notifications"
 
 
-def test_append_capped_returns_the_user_without_the_array(store: MongoConnector, user_id: str) -> None:
-    user = store.append_capped(user_id, notification(user_id), require_email=True, create_with_email=None)
+def test_append_capped_returns_the_user_without_the_array(
+    store: MongoConnector, user_id: str
+) -> None:
+    user = store.append_capped(
+        user_id, notification(user_id), require_email=True, create_with_email=None
+    )
     assert user["email"] == "user@example.com"
     assert "notifications" not in user
 
@@ -63,7 +67,9 @@ def test_append_capped_keeps_newest_first_within_the_cap(
     try:
         store = MongoConnector(database(client, config), config)
         for n in range(6):
-            store.append_capped(user_id, notification(user_id, n), require_email=False, create_with_email=None)
+            store.append_capped(
+                user_id, notification(user_id, n), require_email=False, create_with_email=None
+            )
         page = store.inbox_page(user_id, 0, 10)
     finally:
         client.close()
@@ -76,17 +82,26 @@ def test_append_capped_refuses_missing_user_and_missing_email(
 ) -> None:
     missing = str(ObjectId())
     with pytest.raises(UserNotFound):
-        store.append_capped(missing, notification(missing), require_email=False, create_with_email=None)
+        store.append_capped(
+            missing, notification(missing), require_email=False, create_with_email=None
+        )
     no_email = make_user(email=None)
     with pytest.raises(UserHasNoEmail):
-        store.append_capped(no_email, notification(no_email), require_email=True, create_with_email="a@b.c")
+        store.append_capped(
+            no_email, notification(no_email), require_email=True, create_with_email="a@b.c"
+        )
     assert db.users.find_one({"_id": ObjectId(no_email)}) == {"_id": ObjectId(no_email)}
     assert db.users.count_documents({}) == 1
 
 
 def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
     for n in range(5):
-        store.append_capped(user_id, notification(user_id, n, is_new=n % 2 == 0), require_email=False, create_with_email=None)
+        store.append_capped(
+            user_id,
+            notification(user_id, n, is_new=n % 2 == 0),
+            require_email=False,
+            create_with_email=None,
+        )
     page = store.inbox_page(user_id, 1, 2)
     assert (page["elements"], page["new"]) == (5, 3)
     assert [item["data"]["n"] for item in page["list"]] == [3, 2]
@@ -148,7 +163,9 @@ def test_frozen_database_gives_503_within_the_timeout_then_recovers(
 
 
 def test_unreachable_database_gives_503_quickly(make_app: Callable[..., Flask]) -> None:
-    config = Config(db_uri=f"mongodb://127.0.0.1:{free_port()}/none", dispatcher_threads=0, db_timeout_ms=1000)
+    config = Config(
+        db_uri=f"mongodb://127.0.0.1:{free_port()}/none", dispatcher_threads=0, db_timeout_ms=1000
+    )
     started = time.monotonic()
     client = make_app(config).test_client()  # starts even though the database is down
     response = client.get(f"/list?user_id={ObjectId()}")

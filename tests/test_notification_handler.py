@@ -30,7 +30,9 @@ def stored(db: Any, user_id: str) -> list[dict[str, Any]]:
 # --- /create -----------------------------------------------------------------------
 
 
-def test_create_new_message_stores_the_seed_shape(client: FlaskClient, db: Any, user_id: str) -> None:
+def test_create_new_message_stores_the_seed_shape(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
     before = int(time.time())
     response = create(client, user_id=user_id, key="new_message", target_id=OTHER_ID, data={"a": 1})
     assert response.status_code == 201
@@ -71,7 +73,9 @@ def test_create_registration_queues_email_and_stores_no_record(
     assert "registration" in email["subject"] and "registration" in email["text"]
 
 
-def test_create_new_login_records_and_queues_email(client: FlaskClient, db: Any, user_id: str) -> None:
+def test_create_new_login_records_and_queues_email(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
     response = create(client, user_id=user_id, key="new_login", data={"ip": "10.0.0.1"})
     data = response.get_json()["data"]
     [notification] = stored(db, user_id)
@@ -83,12 +87,16 @@ def test_create_new_login_records_and_queues_email(client: FlaskClient, db: Any,
 
 
 @pytest.mark.parametrize("key", ["new_message", "new_post"])
-def test_record_only_keys_queue_no_email(client: FlaskClient, db: Any, user_id: str, key: str) -> None:
+def test_record_only_keys_queue_no_email(
+    client: FlaskClient, db: Any, user_id: str, key: str
+) -> None:
     assert create(client, user_id=user_id, key=key).status_code == 201
     assert db.email_outbox.count_documents({}) == 0
 
 
-def test_cap_drops_oldest(make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str) -> None:
+def test_cap_drops_oldest(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str
+) -> None:
     client = make_app(make_config(notifications_limit=3)).test_client()
     for i in range(5):
         create(client, user_id=user_id, key="new_post", data={"n": i})
@@ -105,7 +113,9 @@ def test_concurrent_creates_lose_nothing_and_cap_holds(
     def worker(t: int) -> None:
         client = app.test_client()
         for i in range(8):
-            status = create(client, user_id=user_id, key="new_post", data={"t": t, "i": i}).status_code
+            status = create(
+                client, user_id=user_id, key="new_post", data={"t": t, "i": i}
+            ).status_code
             with lock:
                 statuses.append(status)
 
@@ -224,17 +234,35 @@ BAD_BODIES: list[tuple[str, Any, int, str, str]] = [
     ("user_id operator", {"user_id": {"$ne": None}, **VALID}, 422, "validation_failed", "user_id"),
     ("user_id number", {"user_id": 12345, **VALID}, 422, "validation_failed", "user_id"),
     ("user_id short", {"user_id": "abc", **VALID}, 422, "validation_failed", "user_id"),
-    ("user_id newline", {"user_id": "638f394d4b7243fc0399ea67\n", **VALID}, 422, "validation_failed", "user_id"),
+    (
+        "user_id newline",
+        {"user_id": "638f394d4b7243fc0399ea67\n", **VALID},
+        422,
+        "validation_failed",
+        "user_id",
+    ),
     ("user_id missing", {**VALID}, 422, "validation_failed", "user_id"),
     ("key unknown", {"key": "new_comment"}, 422, "validation_failed", "key"),
     ("key missing", {}, 422, "validation_failed", "key"),
     ("key list", {"key": ["new_post"]}, 422, "validation_failed", "key"),
     ("target_id bad", {**VALID, "target_id": "zz"}, 422, "validation_failed", "target_id"),
-    ("target_id operator", {**VALID, "target_id": {"$gt": ""}}, 422, "validation_failed", "target_id"),
+    (
+        "target_id operator",
+        {**VALID, "target_id": {"$gt": ""}},
+        422,
+        "validation_failed",
+        "target_id",
+    ),
     ("data list", {**VALID, "data": [1, 2]}, 422, "validation_failed", "data"),
     ("data string", {**VALID, "data": "x"}, 422, "validation_failed", "data"),
     ("data dollar key", {**VALID, "data": {"$set": 1}}, 422, "validation_failed", "data"),
-    ("data nested dollar", {**VALID, "data": {"a": [{"$where": "1"}]}}, 422, "validation_failed", "data"),
+    (
+        "data nested dollar",
+        {**VALID, "data": {"a": [{"$where": "1"}]}},
+        422,
+        "validation_failed",
+        "data",
+    ),
     ("data dotted key", {**VALID, "data": {"a.b": 1}}, 422, "validation_failed", "data"),
     ("data too large", {**VALID, "data": {"x": "y" * 17000}}, 422, "validation_failed", "data"),
     ("data huge int", {**VALID, "data": {"x": 2**70}}, 422, "validation_failed", "data"),
@@ -244,9 +272,18 @@ BAD_BODIES: list[tuple[str, Any, int, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("name", "body", "status", "code", "field"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("name", "body", "status", "code", "field"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES]
+)
 def test_bad_create_body_is_rejected_and_changes_nothing(
-    client: FlaskClient, db: Any, user_id: str, name: str, body: dict[str, Any], status: int, code: str, field: str
+    client: FlaskClient,
+    db: Any,
+    user_id: str,
+    name: str,
+    body: dict[str, Any],
+    status: int,
+    code: str,
+    field: str,
 ) -> None:
     if "user_id" not in body and name != "user_id missing":
         body = {"user_id": user_id, **body}
@@ -270,12 +307,20 @@ RAW_BODIES: list[tuple[str, bytes, str, int, str]] = [
     ("NaN", b'{"key": NaN}', "application/json", 400, "invalid_json"),
     ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "invalid_json"),
     ("bad utf-8", b'{"key": "\xff\xfe"}', "application/json", 400, "invalid_json"),
-    ("form", b"user_id=1&key=new_post", "application/x-www-form-urlencoded", 400, "unsupported_content_type"),
+    (
+        "form",
+        b"user_id=1&key=new_post",
+        "application/x-www-form-urlencoded",
+        400,
+        "unsupported_content_type",
+    ),
     ("text", b'{"key": "new_post"}', "text/plain", 400, "unsupported_content_type"),
 ]
 
 
-@pytest.mark.parametrize(("name", "raw", "ctype", "status", "code"), RAW_BODIES, ids=[b[0] for b in RAW_BODIES])
+@pytest.mark.parametrize(
+    ("name", "raw", "ctype", "status", "code"), RAW_BODIES, ids=[b[0] for b in RAW_BODIES]
+)
 def test_malformed_create_body_is_400_json(
     client: FlaskClient, db: Any, name: str, raw: bytes, ctype: str, status: int, code: str
 ) -> None:
@@ -285,9 +330,13 @@ def test_malformed_create_body_is_400_json(
     assert db.users.count_documents({}) == 0
 
 
-def test_oversized_body_is_413_json(make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str) -> None:
+def test_oversized_body_is_413_json(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], db: Any, user_id: str
+) -> None:
     client = make_app(make_config(max_body_bytes=4096)).test_client()
-    response = client.post("/create", json={"user_id": user_id, "key": "new_post", "data": {"x": "y" * 5000}})
+    response = client.post(
+        "/create", json={"user_id": user_id, "key": "new_post", "data": {"x": "y" * 5000}}
+    )
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "payload_too_large"
     assert stored(db, user_id) == []
@@ -314,7 +363,15 @@ def test_list_answers_the_seed_shape(client: FlaskClient, db: Any, user_id: str)
     assert data["request"] == {"user_id": user_id, "skip": 0, "limit": 10}
     assert [n["id"] for n in data["list"]] == ids[:10]
     assert data["list"][0]["data"] == {"i": 22}
-    assert list(data["list"][0]) == ["id", "timestamp", "is_new", "user_id", "key", "target_id", "data"]
+    assert list(data["list"][0]) == [
+        "id",
+        "timestamp",
+        "is_new",
+        "user_id",
+        "key",
+        "target_id",
+        "data",
+    ]
 
 
 def test_list_pages_with_skip_and_limit(client: FlaskClient, db: Any, user_id: str) -> None:
@@ -382,7 +439,9 @@ def test_list_max_limit_is_configurable(
 # --- /read ---------------------------------------------------------------------------
 
 
-def test_read_marks_one_notification_and_is_idempotent(client: FlaskClient, db: Any, user_id: str) -> None:
+def test_read_marks_one_notification_and_is_idempotent(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
     first = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
     create(client, user_id=user_id, key="new_post")
     for _ in range(2):
@@ -417,7 +476,10 @@ def test_read_unknown_notification_or_user_is_404(client: FlaskClient, user_id: 
         {"query_string": f"user_id={OTHER_ID}"},
         {"json": {"user_id": OTHER_ID, "notification_id": {"$ne": None}}},
         {"json": {"user_id": OTHER_ID, "notification_id": OTHER_ID, "extra": 1}},
-        {"query_string": f"user_id={OTHER_ID}&notification_id={OTHER_ID}", "json": {"user_id": "638f394d4b7243fc0399ea67"}},
+        {
+            "query_string": f"user_id={OTHER_ID}&notification_id={OTHER_ID}",
+            "json": {"user_id": "638f394d4b7243fc0399ea67"},
+        },
     ],
 )
 def test_bad_read_is_422(client: FlaskClient, kwargs: dict[str, Any]) -> None:
@@ -435,7 +497,9 @@ def test_unknown_route_is_404_json(client: FlaskClient) -> None:
     assert response.get_json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize(("method", "path"), [("get", "/create"), ("post", "/list"), ("delete", "/read")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("get", "/create"), ("post", "/list"), ("delete", "/read")]
+)
 def test_wrong_method_is_405_json(client: FlaskClient, method: str, path: str) -> None:
     response = getattr(client, method)(path)
     assert response.status_code == 405
@@ -443,7 +507,9 @@ def test_wrong_method_is_405_json(client: FlaskClient, method: str, path: str) -
     assert response.headers["Allow"]
 
 
-def test_bug_is_500_with_request_id_and_no_trace(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+def test_bug_is_500_with_request_id_and_no_trace(
+    app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
     def boom() -> None:
         raise RuntimeError("secret internals")
 

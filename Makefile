@@ -1,0 +1,42 @@
+# One block of commands for a newcomer: make run, make test, make lint, make bench.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The stamp is rebuilt when the dependencies change, so `make run` after a pull installs.
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint fmt bench check-config clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml requirements.txt
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Serve on $$PORT (default 5000); embedded database and mail sink when DB_URI / SMTP_HOST are unset.
+run: $(STAMP)
+	$(BIN)/python -m notification_service serve
+
+## The whole suite against real SecantusDB and SMTP servers the fixtures start.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+check-config: $(STAMP)
+	$(BIN)/python -m notification_service check-config
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

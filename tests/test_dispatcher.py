@@ -1,0 +1,393 @@
+"""The outbox dispatcher against a real database and real SMTP servers."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from conftest import runtime
+from flask import Flask
+from smtp_fixtures import SmtpServer
+
+from notification_service.config import Config
+from notification_service.dispatcher import Dispatcher, RateLimiter, backoff_seconds
+from notification_service.email_sender import SmtpSender, SmtpSettings
+from notification_service.notifications import Services
+
+FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
+
+
+def make_dispatcher(services: Services, name: str = "test") -> Dispatcher:
+    return Dispatcher(
+        services=services,
+        sender=SmtpSender(SmtpSettings.from_config(services.config)),
+        name=name,
+        limiter=RateLimiter(0),
+        wake=threading.Event(),
+        stopping=threading.Event(),
+        rng=random.Random(7),
+    )
+
+
+@pytest.fixture
+def mail_app(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_server: SmtpServer
+) -> Flask:
+    """The app wired to the plain SMTP server, dispatchers off: tests drive them."""
+    return make_app(make_config(**smtp_server.config_kwargs(), smtp_name="Notifier", **FAST_RETRY))
+
+
+@pytest.fixture
+def dispatcher(mail_app: Flask) -> Iterator[Dispatcher]:
+    d = make_dispatcher(runtime(mail_app).services)
+    yield d
+    d.sender.close()
+
+
+def drain(dispatcher: Dispatcher, limit: int = 50) -> int:
+    """Dispatch until nothing is due; return how many sends were attempted."""
+    handled = 0
+    while handled < limit and (n := dispatcher.dispatch_once()):
+        handled += n
+    return handled
+
+
+def outbox(db: Any) -> list[dict[str, Any]]:
+    return list(db.email_outbox.find().sort("created_at", 1))
+
+
+# --- what gets sent ----------------------------------------------------------------
+
+
+def test_each_key_sends_its_email_or_none(
+    mail_app: Flask, dispatcher: Dispatcher, smtp_server: SmtpServer, user_id: str
+) -> None:
+    client = mail_app.test_client()
+    for key in ("registration", "new_message", "new_post", "new_login"):
+        assert client.post("/create", json={"user_id": user_id, "key": key}).status_code == 201
+    assert drain(dispatcher) == 2
+    subjects = [m.message["Subject"] for m in smtp_server.wait_for_messages(2)]
+    assert len(subjects) == 2
+    assert "registration" in subjects[0] and "new_login" in subjects[1]
+    for received in smtp_server.messages:
+        assert received.message.get_body(("plain",)) is not None
+        assert received.message.get_body(("html",)) is not None
+
+
+def test_headers_carry_from_to_subject_and_the_stored_message_id(
+    mail_app: Flask, dispatcher: Dispatcher, smtp_server: SmtpServer, db: Any, user_id: str
+) -> None:
+    mail_app.test_client().post("/create", json={"user_id": user_id, "key": "new_login"})
+    drain(dispatcher)
+    [received] = smtp_server.wait_for_messages(1)
+    [record] = outbox(db)
+    assert received.mail_from == "notifications@localhost"
+    assert received.rcpt_tos == ["user@example.com"]
+    assert received.message["From"] == "Notifier <notifications@localhost>"
+    assert received.message["To"] == "user@example.com"
+    assert received.message["Message-ID"] == record["message_id"]
+    assert record["status"] == "sent"
+    assert record["attempts"] == 1
+    assert record["sent_at"] is not None
+
+
+def test_non_ascii_name_and_data_survive(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    make_user: Callable[..., str],
+) -> None:
+    app = make_app(make_config(**smtp_server.config_kwargs(), smtp_name="Служба уведомлений"))
+    user_id = make_user(name="Zoë")
+    body = {"user_id": user_id, "key": "new_login", "data": {"город": "Москва <b>"}}
+    assert app.test_client().post("/create", json=body).status_code == 201
+    d = make_dispatcher(runtime(app).services)
+    try:
+        drain(d)
+    finally:
+        d.sender.close()
+    [received] = smtp_server.wait_for_messages(1)
+    assert b"=?utf-8?" in received.data.split(b"\r\n\r\n", 1)[0]
+    assert received.message["From"].addresses[0].display_name == "Служба уведомлений"
+    text = received.message.get_body(("plain",)).get_content()
+    html = received.message.get_body(("html",)).get_content()
+    assert "Zoë" in text and "город: Москва <b>" in text
+    assert "Москва &lt;b&gt;" in html  # HTML is autoescaped
+
+
+# --- failures and retries --------------------------------------------------------------
+
+
+def test_transient_4xx_is_retried_then_delivered_once(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+) -> None:
+    server = smtp_factory(fail_first=1, fail_code=451)
+    app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
+    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
+    d = make_dispatcher(runtime(app).services)
+    try:
+        assert d.dispatch_once()
+        [record] = outbox(db)
+        assert record["status"] == "queued"
+        assert record["last_error"]["code"] == 451
+        assert record["last_error"]["permanent"] is False
+        assert record["next_attempt_at"] > record["created_at"]
+        time.sleep(0.1)
+        assert drain(d) == 1
+    finally:
+        d.sender.close()
+    assert len(server.wait_for_messages(1)) == 1
+    [record] = outbox(db)
+    assert (record["status"], record["attempts"]) == ("sent", 2)
+
+
+def test_permanent_5xx_stops_at_once_with_the_reply_stored(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+) -> None:
+    server = smtp_factory(permanent_code=550)
+    app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
+    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
+    d = make_dispatcher(runtime(app).services)
+    try:
+        assert drain(d) == 1
+        time.sleep(0.1)
+        assert not d.dispatch_once()
+    finally:
+        d.sender.close()
+    [record] = outbox(db)
+    assert record["status"] == "failed"
+    assert record["attempts"] == 1
+    assert record["last_error"]["code"] == 550
+    assert record["last_error"]["permanent"] is True
+    assert record["last_error"]["message"]
+
+
+def test_transient_failures_stop_after_max_attempts(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+) -> None:
+    server = smtp_factory(fail_first=100, fail_code=421)
+    app = make_app(make_config(**server.config_kwargs(), dispatch_max_attempts=3, **FAST_RETRY))
+    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
+    d = make_dispatcher(runtime(app).services)
+    try:
+        deadline = time.monotonic() + 10
+        while outbox(db)[0]["status"] != "failed" and time.monotonic() < deadline:
+            d.dispatch_once() or time.sleep(0.02)
+    finally:
+        d.sender.close()
+    [record] = outbox(db)
+    assert (record["status"], record["attempts"]) == ("failed", 3)
+    assert record["last_error"] == {"code": 421, "message": record["last_error"]["message"], "permanent": False}
+
+
+def test_smtp_down_then_up_delivers_each_email_once(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    db: Any,
+    user_id: str,
+) -> None:
+    # A long backoff: only the "server is back" release can send them promptly.
+    app = make_app(
+        make_config(
+            **smtp_server.config_kwargs(),
+            dispatch_backoff_base_seconds=60,
+            dispatch_backoff_max_seconds=60,
+        )
+    )
+    smtp_server.stop()
+    client = app.test_client()
+    for _ in range(3):
+        client.post("/create", json={"user_id": user_id, "key": "registration"})
+    d = make_dispatcher(runtime(app).services)
+    try:
+        assert drain(d) == 3
+        assert {r["status"] for r in outbox(db)} == {"queued"}
+        assert all(r["last_error"]["permanent"] is False for r in outbox(db))
+        smtp_server.start()
+        client.post("/create", json={"user_id": user_id, "key": "registration"})
+        assert drain(d) == 4  # the new one, then the three released from their backoff
+    finally:
+        d.sender.close()
+    received = smtp_server.wait_for_messages(4)
+    assert len({m.message["Message-ID"] for m in received}) == 4
+    assert {r["status"] for r in outbox(db)} == {"sent"}
+    time.sleep(0.3)
+    assert len(smtp_server.messages) == 4
+
+
+def test_unbuildable_record_fails_permanently(dispatcher: Dispatcher, db: Any) -> None:
+    now = datetime.now(UTC)
+    dispatcher.services.outbox.enqueue(
+        {"kind": "custom", "to": "a@b.c\r\nBcc: x@evil.test", "subject": "s", "text": "t",
+         "html": None, "message_id": "<x@y>"},
+        now,
+    )  # fmt: skip
+    assert dispatcher.dispatch_once()
+    [record] = outbox(db)
+    assert record["status"] == "failed"
+    assert record["last_error"]["permanent"] is True
+
+
+def test_consecutive_sends_reuse_one_connection(
+    mail_app: Flask, dispatcher: Dispatcher, smtp_server: SmtpServer, user_id: str
+) -> None:
+    client = mail_app.test_client()
+    for _ in range(5):
+        client.post("/create", json={"user_id": user_id, "key": "new_login"})
+    assert drain(dispatcher) == 5
+    smtp_server.wait_for_messages(5)
+    assert smtp_server.connections == 1
+
+
+# --- leases, crashes, many dispatchers ------------------------------------------------
+
+
+def worker_env(config: Config, server: SmtpServer, **extra: str) -> dict[str, str]:
+    assert config.db_uri is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "DISPATCH"))}
+    env.update(server.env(), DB_URI=config.db_uri, LOG_LEVEL="WARNING", **extra)
+    return env
+
+
+def start_worker(env: dict[str, str], threads: int = 1) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "worker", "--threads", str(threads)],
+        env=env,
+        cwd="/",  # no stray .env from the checkout
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def silent_smtp() -> Iterator[int]:
+    """A port that accepts connections and never says a word: a send hangs there."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
+    mail_app: Flask, smtp_server: SmtpServer, silent_smtp: int, db: Any, user_id: str
+) -> None:
+    services = runtime(mail_app).services
+    mail_app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
+    env = worker_env(
+        services.config, smtp_server, SMTP_PORT=str(silent_smtp), SMTP_TIMEOUT="2",
+        DISPATCH_LEASE_SECONDS="4",
+    )  # fmt: skip
+    worker = start_worker(env)
+    try:
+        wait_until(lambda: outbox(db)[0]["status"] == "sending", 20, "the worker's claim")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    [claimed] = outbox(db)
+    assert claimed["attempts"] == 1
+
+    d = make_dispatcher(replace(services, config=replace(services.config, dispatch_lease_seconds=4)), "rescuer")
+    try:
+        assert not d.dispatch_once()  # the lease still holds
+        wait_until(d.dispatch_once, 10, "the lease to run out")
+    finally:
+        d.sender.close()
+    [record] = outbox(db)
+    assert (record["status"], record["attempts"]) == ("sent", 2)
+    assert len(smtp_server.wait_for_messages(1)) == 1
+
+
+def test_three_worker_processes_deliver_every_email_exactly_once(
+    mail_app: Flask, smtp_server: SmtpServer, db: Any
+) -> None:
+    services = runtime(mail_app).services
+    now = datetime.now(UTC)
+    total = 300
+    db.email_outbox.insert_many(
+        [
+            {"_id": ObjectId(), "kind": "custom", "to": f"u{i}@example.com", "subject": f"n{i}",
+             "text": "hello", "html": None, "message_id": f"<{i}.bulk@test>", "status": "queued",
+             "attempts": 0, "created_at": now, "next_attempt_at": now - timedelta(seconds=1),
+             "last_error": None, "sent_at": None, "claimed_by": None}
+            for i in range(total)
+        ]
+    )  # fmt: skip
+    env = worker_env(services.config, smtp_server)
+    workers = [start_worker(env, threads=2) for _ in range(3)]
+    try:
+        wait_until(lambda: db.email_outbox.count_documents({"status": "sent"}) == total, 120, "delivery")
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        codes = [w.wait(30) for w in workers]
+    assert codes == [0, 0, 0]  # SIGTERM is a clean stop
+    received = smtp_server.wait_for_messages(total, timeout=10)
+    ids = [m.message["Message-ID"] for m in received]
+    assert len(ids) == total and len(set(ids)) == total
+    assert {r["attempts"] for r in db.email_outbox.find()} == {1}
+    assert {r["claimed_by"] for r in db.email_outbox.find()} == {None}  # cleared on finish
+
+
+def test_in_server_dispatcher_sends_a_new_email_promptly(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_server: SmtpServer, user_id: str
+) -> None:
+    app = make_app(make_config(**smtp_server.config_kwargs(), dispatcher_threads=2, dispatch_poll_seconds=5))
+    client = app.test_client()
+    time.sleep(0.3)  # let the threads go idle on their (long) poll
+    assert client.post("/create", json={"user_id": user_id, "key": "registration"}).status_code == 201
+    # The enqueue wakes an idle thread: no waiting for the 5 s poll.
+    assert len(smtp_server.wait_for_messages(1, timeout=2)) == 1
+
+
+def test_stopping_the_pool_finishes_and_closes(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_server: SmtpServer
+) -> None:
+    app = make_app(make_config(**smtp_server.config_kwargs(), dispatcher_threads=2))
+    pool = runtime(app).dispatchers
+    assert pool is not None and all(t.is_alive() for t in pool.threads)
+    runtime(app).close()
+    assert not any(t.is_alive() for t in pool.threads)
+
+
+# --- pure pieces -----------------------------------------------------------------------
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    rng = random.Random(1)
+    delays = [backoff_seconds(n, 2.0, 60.0, rng) for n in range(1, 9)]
+    assert 1.0 <= delays[0] <= 2.0  # the first retry comes within seconds
+    assert 4.0 <= delays[2] <= 8.0
+    assert all(30.0 <= d <= 60.0 for d in delays[5:])
+    assert len({round(backoff_seconds(1, 2.0, 60.0, rng), 6) for _ in range(20)}) > 1
+
+
+def test_rate_limiter_spaces_sends() -> None:
+    slept: list[float] = []
+    limiter = RateLimiter(10, sleep=slept.append)
+    for _ in range(4):
+        limiter.wait()
+    # The sleep is fake, so each wait queues behind the previous ones.
+    assert slept == pytest.approx([0.1, 0.2, 0.3], abs=0.05)
+    unlimited: list[float] = []
+    RateLimiter(0, sleep=unlimited.append).wait()
+    assert unlimited == []

@@ -1,0 +1,603 @@
+"""email_sender: building messages (pure) and sending them to real SMTP servers."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from smtp_fixtures import SMTP_USER, SmtpServer
+
+from notification_service.config import Config
+from notification_service.email_sender import (
+    OutgoingEmail,
+    SendError,
+    SmtpSender,
+    SmtpSettings,
+    build_message,
+    classify,
+    tls_mode,
+)
+from notification_service.smtp_sink import free_port
+
+FROM = "notifications@example.com"
+SECURITY = {"none": "none", "starttls": "starttls", "implicit": "ssl"}
+
+
+def outgoing(**overrides: Any) -> OutgoingEmail:
+    fields: dict[str, Any] = {
+        "to": "user@example.com",
+        "subject": "New notification: welcome",
+        "text": "Hello,\nyou have a new notification.\n",
+        "html": None,
+        "message_id": "<n1.abc@example.com>",
+    }
+    fields.update(overrides)
+    return OutgoingEmail(**fields)
+
+
+def message(**overrides: Any) -> EmailMessage:
+    return build_message(outgoing(**overrides), from_email=FROM, from_name="Notifier")
+
+
+def parse(msg: EmailMessage) -> EmailMessage:
+    """What a mail client would read from the bytes on the wire."""
+    return message_from_bytes(msg.as_bytes(), policy=policy.default)
+
+
+def content(part: Any) -> str:
+    # Encoded text bodies are in canonical form (CRLF line ends, RFC 2045); readers
+    # show them with local line ends.
+    text: str = part.get_content()
+    return text.replace("\r\n", "\n")
+
+
+def settings(server: SmtpServer | None = None, **overrides: Any) -> SmtpSettings:
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port if server else free_port(),
+        "login": None,
+        "password": None,
+        "security": SECURITY[server.tls] if server else "none",
+        "verify": True,
+        "ca_file": str(server.ca_file) if server and server.tls != "none" else None,
+        "timeout": 5.0,
+        "max_per_connection": 100,
+        "from_email": FROM,
+        "from_name": None,
+    }
+    if server is not None and server.auth:
+        fields.update(login=SMTP_USER, password=server.password)
+    fields.update(overrides)
+    return SmtpSettings(**fields)
+
+
+@pytest.fixture
+def make_sender() -> Iterator[Callable[..., SmtpSender]]:
+    senders: list[SmtpSender] = []
+
+    def make(server: SmtpServer | None = None, **overrides: Any) -> SmtpSender:
+        sender = SmtpSender(settings(server, **overrides))
+        senders.append(sender)
+        return sender
+
+    yield make
+    for sender in senders:
+        sender.close()
+
+
+def send_error(sender: SmtpSender, msg: EmailMessage | None = None) -> SendError:
+    with pytest.raises(SendError) as caught:
+        sender.send(msg or message())
+    return caught.value
+
+
+# -- build_message ------------------------------------------------------------
+
+
+def test_non_ascii_from_name_and_subject_are_rfc2047_encoded() -> None:
+    msg = build_message(
+        outgoing(subject="Grüße, Ihre Benachrichtigung — 日本"),
+        from_email=FROM,
+        from_name="Zoë Åström",
+    )
+    raw = msg.as_bytes()
+    assert raw.isascii()
+    headers = raw.split(b"\r\n\r\n", 1)[0]
+    assert headers.count(b"=?utf-8?") >= 2
+    parsed = parse(msg)
+    assert parsed["Subject"] == "Grüße, Ihre Benachrichtigung — 日本"
+    (sender,) = parsed["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == ("Zoë Åström", FROM)
+
+
+def test_from_name_with_specials_is_quoted_not_parsed_as_addresses() -> None:
+    parsed = parse(
+        build_message(outgoing(), from_email=FROM, from_name='ACME, Inc. "Alerts" <x@evil>')
+    )
+    (sender,) = parsed["From"].addresses
+    assert sender.display_name == 'ACME, Inc. "Alerts" <x@evil>'
+    assert sender.addr_spec == FROM
+
+
+def test_from_without_name_is_the_bare_address() -> None:
+    msg = build_message(outgoing(), from_email=FROM, from_name=None)
+    assert msg["From"] == FROM
+
+
+def test_headers_carry_to_message_id_date_and_mime_version() -> None:
+    date = datetime(2026, 11, 28, 5, 13, tzinfo=timezone(timedelta(hours=1)))
+    msg = build_message(
+        outgoing(message_id="<stable.42@notifications.example.com>"),
+        from_email=FROM,
+        from_name=None,
+        date=date,
+    )
+    parsed = parse(msg)
+    assert parsed["To"] == "user@example.com"
+    assert parsed["Message-ID"] == "<stable.42@notifications.example.com>"
+    assert parsed["Date"] == "Sat, 28 Nov 2026 05:13:00 +0100"
+    assert parsed["Date"].datetime == date
+    assert parsed["MIME-Version"] == "1.0"
+
+
+def test_date_defaults_to_now() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    parsed = parse(message())
+    assert before <= parsed["Date"].datetime <= datetime.now(UTC)
+
+
+def test_text_only_message_is_a_single_utf8_text_part() -> None:
+    parsed = parse(message(text="Grüße aus Köln — 日本語\n"))
+    assert parsed.get_content_type() == "text/plain"
+    assert parsed.get_content_charset() == "utf-8"
+    assert content(parsed) == "Grüße aus Köln — 日本語\n"
+    assert not parsed.is_multipart()
+
+
+def test_html_is_an_alternative_after_the_text() -> None:
+    parsed = parse(message(text="Plain ✓\n", html="<p>Rich ✓</p>\n"))
+    assert parsed.get_content_type() == "multipart/alternative"
+    parts = list(parsed.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert [content(p) for p in parts] == ["Plain ✓\n", "<p>Rich ✓</p>\n"]
+
+
+def test_long_and_non_ascii_lines_go_on_the_wire_7bit_clean() -> None:
+    text = "x" * 2000 + "\nÄ\n"
+    raw = message(text=text).as_bytes()
+    assert raw.isascii()
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    assert content(parse(message(text=text))) == text
+
+
+@pytest.mark.parametrize("field", ["to", "subject", "message_id", "from_name"])
+@pytest.mark.parametrize("brk", ["\r\n", "\n", "\r", "\u2028"])
+def test_line_breaks_in_header_values_are_refused(field: str, brk: str) -> None:
+    injected = {
+        "to": f"user@example.com{brk}Bcc: victim@example.com",
+        "subject": f"Hi{brk}Bcc: victim@example.com",
+        "message_id": f"<a@b>{brk}Bcc: victim@example.com",
+        "from_name": f"Notifier{brk}Bcc: victim@example.com",
+    }[field]
+    with pytest.raises(ValueError, match="one line"):
+        if field == "from_name":
+            build_message(outgoing(), from_email=FROM, from_name=injected)
+        else:
+            build_message(outgoing(**{field: injected}), from_email=FROM, from_name=None)
+
+
+@pytest.mark.parametrize(
+    "to", ["not-an-address", "a@b.example, c@d.example", "Bob <bob@example.com>", "jörg@example.de"]
+)
+def test_anything_but_one_bare_ascii_address_is_refused(to: str) -> None:
+    with pytest.raises(ValueError):
+        message(to=to)
+
+
+def test_international_domain_is_sent_in_punycode() -> None:
+    assert message(to="anna@münchen.de")["To"] == "anna@xn--mnchen-3ya.de"
+
+
+@pytest.mark.parametrize("message_id", ["abc@example.com", "<abc>", "<a b@example.com>", "<>"])
+def test_message_id_must_be_one_bracketed_id(message_id: str) -> None:
+    with pytest.raises(ValueError, match="message_id"):
+        message(message_id=message_id)
+
+
+def test_naive_date_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        build_message(outgoing(), from_email=FROM, from_name=None, date=datetime(2026, 1, 1))
+
+
+# -- settings and the security table --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("security", "port", "mode"),
+    [
+        ("auto", 465, "implicit"),
+        ("auto", 587, "starttls"),
+        ("auto", 25, "starttls-if-offered"),
+        ("auto", 2525, "starttls-if-offered"),
+        ("ssl", 2525, "implicit"),
+        ("starttls", 465, "starttls"),
+        ("none", 587, "plain"),
+        ("none", 465, "plain"),
+    ],
+)
+def test_tls_mode_table(security: Any, port: int, mode: str) -> None:
+    assert tls_mode(security, port) == mode
+
+
+def test_settings_from_config_use_the_resolved_port() -> None:
+    s = SmtpSettings.from_config(
+        Config(smtp_host="mail.example.com", smtp_security="ssl", smtp_name="Ops")
+    )
+    assert (s.host, s.port, s.security, s.from_name) == ("mail.example.com", 465, "ssl", "Ops")
+    assert (s.verify, s.timeout, s.max_per_connection) == (True, 10.0, 100)
+
+
+def test_settings_from_config_without_host_is_refused() -> None:
+    with pytest.raises(ValueError, match="SMTP_HOST"):
+        SmtpSettings.from_config(Config())
+
+
+def test_password_is_not_in_the_settings_repr() -> None:
+    assert "hunter2" not in repr(settings(login="u", password="hunter2"))
+
+
+# -- classify --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "permanent", "code"),
+    [
+        (smtplib.SMTPDataError(554, b"5.6.0 rejected"), True, 554),
+        (smtplib.SMTPDataError(451, b"4.3.0 later"), False, 451),
+        (smtplib.SMTPSenderRefused(553, b"5.7.1 not yours", FROM), True, 553),
+        (smtplib.SMTPSenderRefused(530, b"5.7.0 Authentication required", FROM), False, 530),
+        (smtplib.SMTPRecipientsRefused({"a@x": (550, b"no"), "b@x": (551, b"no")}), True, 550),
+        (smtplib.SMTPRecipientsRefused({"a@x": (550, b"no"), "b@x": (452, b"full")}), False, 550),
+        (smtplib.SMTPAuthenticationError(535, b"5.7.8 bad credentials"), False, 535),
+        (smtplib.SMTPConnectError(554, b"no service"), False, 554),
+        (smtplib.SMTPServerDisconnected("gone"), False, None),
+        (smtplib.SMTPNotSupportedError("STARTTLS extension not supported"), False, None),
+        (ssl.SSLCertVerificationError("certificate verify failed"), False, None),
+        (ConnectionRefusedError(111, "Connection refused"), False, None),
+        (TimeoutError("timed out"), False, None),
+        (OSError(101, "Network is unreachable"), False, None),
+    ],
+)
+def test_classify_says_whether_a_retry_can_help(
+    exc: BaseException, permanent: bool, code: int | None
+) -> None:
+    error = classify(exc)
+    assert (error.permanent, error.code) == (permanent, code)
+
+
+def test_send_error_keeps_the_server_reply() -> None:
+    error = classify(smtplib.SMTPDataError(550, b"5.1.1 <x@example.com>: no such user"))
+    assert error.reply == "5.1.1 <x@example.com>: no such user"
+    assert str(error) == "permanent SMTP failure 550: 5.1.1 <x@example.com>: no such user"
+
+
+# -- sending to real servers -------------------------------------------------------
+
+
+def test_plain_send_delivers_the_exact_bytes(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    # A leading dot must survive SMTP's dot-stuffing; non-ASCII must survive encoding.
+    msg = message(text=".leading dot\nGrüße\n", html="<p>Grüße</p>")
+    make_sender(smtp_server).send(msg)
+
+    (got,) = smtp_server.messages
+    assert got.mail_from == FROM
+    assert got.rcpt_tos == ["user@example.com"]
+    assert got.data == msg.as_bytes(policy=policy.SMTP)
+    assert got.message["Message-ID"] == "<n1.abc@example.com>"
+    assert content(got.message.get_body(("plain",))) == ".leading dot\nGrüße\n"
+    assert not got.tls
+
+
+def test_auth_logs_in_when_login_is_set(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(auth=True)
+    make_sender(server).send(message())
+    assert [m.login for m in server.messages] == [SMTP_USER]
+
+
+def test_non_ascii_password_is_sent_as_utf8(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(auth=True, password="pässwörd-€")
+    make_sender(server).send(message())
+    assert [m.login for m in server.messages] == [SMTP_USER]
+
+
+@pytest.mark.parametrize("password", ["wrong", "wröng"])
+def test_wrong_password_is_a_transient_error(
+    password: str, smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(auth=True)
+    error = send_error(make_sender(server, password=password))
+    assert (error.permanent, error.code) == (False, 535)
+    assert server.messages == []
+
+
+def test_missing_login_on_a_server_requiring_auth_is_transient(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(auth=True)
+    error = send_error(make_sender(server, login=None, password=None))
+    assert (error.permanent, error.code) == (False, 530)
+
+
+def test_auto_mode_upgrades_with_starttls_when_offered(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls="starttls", auth=True)  # AUTH is offered only after TLS
+    make_sender(server, security="auto").send(message())
+    (got,) = server.messages
+    assert got.tls
+    assert got.login == SMTP_USER
+
+
+def test_auto_mode_stays_plain_when_starttls_is_not_offered(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    make_sender(smtp_server, security="auto").send(message())
+    assert [m.tls for m in smtp_server.messages] == [False]
+
+
+def test_implicit_tls_with_auth(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls="implicit", auth=True)
+    make_sender(server, security="ssl").send(message())
+    (got,) = server.messages
+    assert got.tls
+    assert got.login == SMTP_USER
+
+
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_untrusted_certificate_is_a_transient_error(
+    tls: str, smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls=tls)
+    error = send_error(make_sender(server, ca_file=None))  # system CAs don't know the test CA
+    assert not error.permanent
+    assert "CERTIFICATE_VERIFY_FAILED" in error.reply
+    assert server.messages == []
+
+
+def test_certificate_for_another_host_name_is_refused(
+    smtp_factory: Callable[..., SmtpServer],
+    make_sender: Callable[..., SmtpSender],
+    smtp_trustme_ca: trustme.CA,
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    smtp_trustme_ca.issue_cert("mail.example.com").configure_cert(context)
+    server = smtp_factory(tls="implicit", server_context=context)
+    error = send_error(make_sender(server))  # trusts the CA, but connects to 127.0.0.1
+    assert not error.permanent
+    assert "IP address mismatch" in error.reply
+    assert server.messages == []
+
+
+def test_verify_off_accepts_an_untrusted_certificate(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls="starttls")
+    make_sender(server, ca_file=None, verify=False).send(message())
+    assert [m.tls for m in server.messages] == [True]
+
+
+def test_required_starttls_not_offered_is_a_transient_error(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    error = send_error(make_sender(smtp_server, security="starttls"))
+    assert not error.permanent
+    assert "STARTTLS" in error.reply
+    assert smtp_server.messages == []
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_4xx_reply_is_transient_and_the_next_send_goes_through(
+    stage: str, smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(fail_first=1, fail_code=451, fail_at=stage)
+    sender = make_sender(server)
+    error = send_error(sender)
+    assert (error.permanent, error.code) == (False, 451)
+    assert "Try again later" in error.reply
+    sender.send(message())
+    assert len(server.messages) == 1
+    assert server.connections == 2  # a failure ends the connection
+
+
+@pytest.mark.parametrize(("stage", "code"), [("RCPT", 550), ("DATA", 554)])
+def test_5xx_reply_is_permanent_with_the_reply_stored(
+    stage: str,
+    code: int,
+    smtp_factory: Callable[..., SmtpServer],
+    make_sender: Callable[..., SmtpSender],
+) -> None:
+    server = smtp_factory(permanent_code=code, fail_at=stage)
+    error = send_error(make_sender(server))
+    assert (error.permanent, error.code) == (True, code)
+    assert "Mailbox unavailable (scripted)" in error.reply
+    assert server.messages == []
+
+
+def test_connection_refused_is_transient(make_sender: Callable[..., SmtpSender]) -> None:
+    error = send_error(make_sender(port=free_port()))  # nothing listens there
+    assert (error.permanent, error.code) == (False, None)
+    assert "ConnectionRefusedError" in error.reply
+
+
+def test_silent_server_times_out_as_a_transient_error(
+    make_sender: Callable[..., SmtpSender],
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel accepts; nobody ever says 220
+        sender = make_sender(port=listener.getsockname()[1], timeout=0.3)
+        started = time.monotonic()
+        error = send_error(sender)
+    assert time.monotonic() - started < 3
+    assert not error.permanent
+    assert "timed out" in error.reply
+
+
+def test_consecutive_sends_reuse_one_connection(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server)
+    for i in range(3):
+        sender.send(message(message_id=f"<m{i}@example.com>"))
+    assert smtp_server.connections == 1
+    assert [m.connection for m in smtp_server.messages] == [1, 1, 1]
+    assert smtp_server.quits == 0
+
+
+def test_max_per_connection_starts_a_new_connection(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server, max_per_connection=2)
+    for i in range(5):
+        sender.send(message(message_id=f"<m{i}@example.com>"))
+    assert [m.connection for m in smtp_server.messages] == [1, 1, 2, 2, 3]
+    assert smtp_server.quits == 2  # the full connections were closed politely
+    sender.close()
+    assert smtp_server.quits == 3
+
+
+def test_dropped_idle_connection_is_replaced_and_the_send_retried(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server)
+    sender.send(message(message_id="<first@example.com>"))
+    smtp_server.drop_connections()
+    sender.send(message(message_id="<second@example.com>"))
+    assert [m.message["Message-ID"] for m in smtp_server.messages] == [
+        "<first@example.com>",
+        "<second@example.com>",
+    ]
+    assert [m.connection for m in smtp_server.messages] == [1, 2]
+
+
+@pytest.mark.parametrize("tls", ["none", "starttls"])
+def test_idle_connection_closed_with_421_is_replaced_and_the_send_retried(
+    tls: str, smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls=tls)
+    sender = make_sender(server)
+    sender.send(message())
+    server.drop_connections(reply="421 4.4.2 smtp.test Error: timeout exceeded")
+    sender.send(message())
+    assert [m.connection for m in server.messages] == [1, 2]
+
+
+def test_421_on_a_new_connection_is_not_retried(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(fail_first=1, fail_code=421, fail_at="RCPT")
+    error = send_error(make_sender(server))
+    assert (error.permanent, error.code) == (False, 421)
+    assert server.connections == 1
+
+
+def test_dropped_tls_connection_is_replaced_too(
+    smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    server = smtp_factory(tls="starttls", auth=True)
+    sender = make_sender(server)
+    sender.send(message())
+    server.drop_connections()
+    sender.send(message())
+    assert [(m.connection, m.tls) for m in server.messages] == [(1, True), (2, True)]
+
+
+def test_server_down_is_transient_and_sending_resumes_when_it_is_back(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server)
+    sender.send(message())
+    smtp_server.stop()
+    # The reused connection is dead and the one retry finds nobody listening.
+    error = send_error(sender)
+    assert not error.permanent
+    smtp_server.start()
+    sender.send(message())
+    assert len(smtp_server.messages) == 2
+
+
+def test_close_says_quit_and_leaves_the_sender_usable(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server)
+    sender.close()  # nothing to close yet
+    sender.send(message())
+    sender.close()
+    assert smtp_server.quits == 1
+    sender.send(message())
+    assert smtp_server.connections == 2
+
+
+def test_close_never_raises_when_the_server_is_gone(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    sender = make_sender(smtp_server)
+    sender.send(message())
+    smtp_server.stop()
+    sender.close()
+    sender.close()
+
+
+def test_context_manager_closes_the_connection(smtp_server: SmtpServer) -> None:
+    with SmtpSender(settings(smtp_server)) as sender:
+        sender.send(message())
+    assert smtp_server.quits == 1
+
+
+def test_message_without_a_to_address_is_a_permanent_error(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    msg = message()
+    del msg["To"]
+    error = send_error(make_sender(smtp_server), msg)
+    assert error.permanent
+    assert smtp_server.connections == 0
+
+
+def test_bad_ca_file_fails_when_the_sender_is_made(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        SmtpSender(settings(security="starttls", ca_file=str(tmp_path / "missing.pem")))
+
+
+@pytest.mark.parametrize(
+    ("tls", "auth"), [("none", False), ("none", True), ("starttls", True), ("implicit", True)]
+)
+def test_sender_from_config_reaches_the_fixture_server(
+    tls: str, auth: bool, smtp_factory: Callable[..., SmtpServer]
+) -> None:
+    server = smtp_factory(tls=tls, auth=auth)
+    from_env = Config.from_env(server.env(), dotenv=False)
+    assert from_env == Config(**server.config_kwargs())
+    with SmtpSender(SmtpSettings.from_config(from_env)) as sender:
+        sender.send(message())
+    (got,) = server.wait_for_messages(1)
+    assert got.tls == (tls != "none")
+    assert got.login == (SMTP_USER if auth else None)
