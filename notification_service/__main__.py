@@ -76,6 +76,7 @@ def gunicorn_argv(config: Config) -> list[str]:
         "--threads", str(config.web_threads),
         "--worker-class", "gthread",
         "--graceful-timeout", "30",
+        "--no-control-socket",  # one per user by default: two instances would collide
         "notification_service.server:create_app()",
     ]  # fmt: skip
 

@@ -93,6 +93,8 @@ def start_sink(host: str, port: int, directory: Path) -> Controller:
 def serve_sink(host: str, port: int, directory: Path) -> None:
     """Run the sink until SIGINT or SIGTERM. Call from the main thread (signal handlers)."""
     stop = threading.Event()
+    # aiosmtpd logs every connection at INFO; the sink's own line per message is enough.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()

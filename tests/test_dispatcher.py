@@ -131,7 +131,11 @@ def test_non_ascii_name_and_data_survive(
 
 
 def test_transient_4xx_is_retried_then_delivered_once(
-    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_factory: Any,
+    db: Any,
+    user_id: str,
 ) -> None:
     server = smtp_factory(fail_first=1, fail_code=451)
     app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
@@ -154,7 +158,11 @@ def test_transient_4xx_is_retried_then_delivered_once(
 
 
 def test_permanent_5xx_stops_at_once_with_the_reply_stored(
-    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_factory: Any,
+    db: Any,
+    user_id: str,
 ) -> None:
     server = smtp_factory(permanent_code=550)
     app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
@@ -175,7 +183,11 @@ def test_permanent_5xx_stops_at_once_with_the_reply_stored(
 
 
 def test_transient_failures_stop_after_max_attempts(
-    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_factory: Any, db: Any, user_id: str
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_factory: Any,
+    db: Any,
+    user_id: str,
 ) -> None:
     server = smtp_factory(fail_first=100, fail_code=421)
     app = make_app(make_config(**server.config_kwargs(), dispatch_max_attempts=3, **FAST_RETRY))
@@ -189,7 +201,11 @@ def test_transient_failures_stop_after_max_attempts(
         d.sender.close()
     [record] = outbox(db)
     assert (record["status"], record["attempts"]) == ("failed", 3)
-    assert record["last_error"] == {"code": 421, "message": record["last_error"]["message"], "permanent": False}
+    assert record["last_error"] == {
+        "code": 421,
+        "message": record["last_error"]["message"],
+        "permanent": False,
+    }
 
 
 def test_smtp_down_then_up_delivers_each_email_once(
@@ -306,7 +322,9 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
     [claimed] = outbox(db)
     assert claimed["attempts"] == 1
 
-    d = make_dispatcher(replace(services, config=replace(services.config, dispatch_lease_seconds=4)), "rescuer")
+    d = make_dispatcher(
+        replace(services, config=replace(services.config, dispatch_lease_seconds=4)), "rescuer"
+    )
     try:
         assert not d.dispatch_once()  # the lease still holds
         wait_until(d.dispatch_once, 10, "the lease to run out")
@@ -335,7 +353,9 @@ def test_three_worker_processes_deliver_every_email_exactly_once(
     env = worker_env(services.config, smtp_server)
     workers = [start_worker(env, threads=2) for _ in range(3)]
     try:
-        wait_until(lambda: db.email_outbox.count_documents({"status": "sent"}) == total, 120, "delivery")
+        wait_until(
+            lambda: db.email_outbox.count_documents({"status": "sent"}) == total, 120, "delivery"
+        )
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -349,12 +369,19 @@ def test_three_worker_processes_deliver_every_email_exactly_once(
 
 
 def test_in_server_dispatcher_sends_a_new_email_promptly(
-    make_app: Callable[..., Flask], make_config: Callable[..., Config], smtp_server: SmtpServer, user_id: str
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    user_id: str,
 ) -> None:
-    app = make_app(make_config(**smtp_server.config_kwargs(), dispatcher_threads=2, dispatch_poll_seconds=5))
+    app = make_app(
+        make_config(**smtp_server.config_kwargs(), dispatcher_threads=2, dispatch_poll_seconds=5)
+    )
     client = app.test_client()
     time.sleep(0.3)  # let the threads go idle on their (long) poll
-    assert client.post("/create", json={"user_id": user_id, "key": "registration"}).status_code == 201
+    assert (
+        client.post("/create", json={"user_id": user_id, "key": "registration"}).status_code == 201
+    )
     # The enqueue wakes an idle thread: no waiting for the 5 s poll.
     assert len(smtp_server.wait_for_messages(1, timeout=2)) == 1
 
@@ -391,3 +418,18 @@ def test_rate_limiter_spaces_sends() -> None:
     unlimited: list[float] = []
     RateLimiter(0, sleep=unlimited.append).wait()
     assert unlimited == []
+
+
+def test_any_text_email_is_delivered_and_its_state_says_sent(
+    mail_app: Flask, dispatcher: Dispatcher, smtp_server: SmtpServer
+) -> None:
+    client = mail_app.test_client()
+    body = {"to": "x@example.com", "subject": "Привет", "text": "Любой текст", "html": "<b>hi</b>"}
+    email_id = client.post("/email", json=body).get_json()["data"]["email_id"]
+    assert drain(dispatcher) == 1
+    [received] = smtp_server.wait_for_messages(1)
+    assert received.message["Subject"] == "Привет"
+    assert received.message.get_body(("plain",)).get_content().strip() == "Любой текст"
+    state = client.get(f"/email/{email_id}").get_json()["data"]
+    assert (state["status"], state["attempts"], state["last_error"]) == ("sent", 1, None)
+    assert state["sent_at"] is not None and state["next_attempt_at"] is None

@@ -526,3 +526,77 @@ def test_bug_is_500_with_request_id_and_no_trace(
 def test_every_response_carries_a_request_id(client: FlaskClient, user_id: str) -> None:
     response = client.get(f"/list?user_id={user_id}")
     assert len(response.headers["X-Request-ID"]) == 32
+
+
+# --- /email and /email/<id> ------------------------------------------------------------
+
+
+def test_email_to_an_address_is_queued_and_its_state_shown(client: FlaskClient, db: Any) -> None:
+    body = {
+        "to": "someone@example.com",
+        "subject": "Hello",
+        "text": "Any text.",
+        "html": "<p>x</p>",
+    }
+    response = client.post("/email", json=body)
+    assert response.status_code == 202
+    email_id = response.get_json()["data"]["email_id"]
+    record = db.email_outbox.find_one({"_id": ObjectId(email_id)})
+    assert (record["to"], record["subject"], record["text"], record["html"]) == (
+        "someone@example.com",
+        "Hello",
+        "Any text.",
+        "<p>x</p>",
+    )
+    state = client.get(f"/email/{email_id}").get_json()["data"]
+    assert state["id"] == email_id
+    assert state["status"] == "queued"
+    assert state["kind"] == "custom"
+    assert state["attempts"] == 0
+    assert state["created_at"].endswith("Z")
+    assert state["message_id"] == record["message_id"]
+
+
+def test_email_to_a_user_uses_their_address(
+    client: FlaskClient, db: Any, make_user: Callable[..., str]
+) -> None:
+    user_id = make_user(email="reader@example.com")
+    body = {"user_id": user_id, "subject": "Hi", "text": "t"}
+    email_id = client.post("/email", json=body).get_json()["data"]["email_id"]
+    assert db.email_outbox.find_one({"_id": ObjectId(email_id)})["to"] == "reader@example.com"
+    missing = client.post("/email", json={**body, "user_id": str(ObjectId())})
+    assert missing.status_code == 404
+    no_email = client.post("/email", json={**body, "user_id": make_user(email=None)})
+    assert no_email.get_json()["error"]["code"] == "user_has_no_email"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"subject": "s", "text": "t"},
+        {"to": "a@example.com", "user_id": OTHER_ID, "subject": "s", "text": "t"},
+        {"to": "not an address", "subject": "s", "text": "t"},
+        {"to": "a@example.com\r\nBcc: victim@example.com", "subject": "s", "text": "t"},
+        {"to": "a@example.com", "subject": "s\r\nBcc: victim@example.com", "text": "t"},
+        {"to": "a@example.com", "subject": "", "text": "t"},
+        {"to": "a@example.com", "subject": "s", "text": ""},
+        {"to": "a@example.com", "subject": "s" * 999, "text": "t"},
+        {"to": "a@example.com", "subject": "s", "text": "t", "html": "x" * (512 * 1024 + 1)},
+        {"to": "a@example.com", "subject": "s", "text": "t", "cc": "b@example.com"},
+        {"to": ["a@example.com"], "subject": "s", "text": "t"},
+    ],
+)
+def test_bad_email_request_is_422_and_queues_nothing(
+    client: FlaskClient, db: Any, body: dict[str, Any]
+) -> None:
+    response = client.post("/email", json=body)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "validation_failed"
+    assert db.email_outbox.count_documents({}) == 0
+
+
+def test_email_state_of_a_bad_or_unknown_id(client: FlaskClient) -> None:
+    assert client.get("/email/nope").status_code == 422
+    response = client.get(f"/email/{ObjectId()}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "email_not_found"

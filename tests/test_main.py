@@ -1,0 +1,128 @@
+"""`serve` as `make run` uses it: embedded database and mail sink, clean stops, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from notification_service.__main__ import main
+
+USER = "638f394d4b7243fc0399ea67"
+
+
+def start_serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
+    env.update(PORT=str(port), DATA_DIR=str(data_dir), EMAIL="test@example.com", WEB_WORKERS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=data_dir
+    )
+
+
+def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "serve exited"
+        try:
+            call(port, "GET", f"/list?user_id={USER}")
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("serve did not answer in time")
+
+
+def child_pids(data_dir: Path) -> list[int]:
+    return [int(p.read_text().split()[0]) for p in (data_dir / "run").glob("*.pid")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
+        time.sleep(0.1)
+
+
+def test_serve_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
+    port = free_port()
+    process = start_serve(tmp_path, port)
+    try:
+        wait_serving(port, process)
+        pids = child_pids(tmp_path)
+        assert len(pids) == 3  # database, mail sink, web server
+        status, body = call(port, "POST", "/create", {"user_id": USER, "key": "registration"})
+        assert status == 201 and body["success"] is True
+        deadline = time.monotonic() + 15
+        while not list((tmp_path / "mail").glob("*.eml")):
+            assert time.monotonic() < deadline, "no .eml file appeared"
+            time.sleep(0.1)
+        [eml] = (tmp_path / "mail").glob("*.eml")
+        assert b"registration" in eml.read_bytes()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        wait_gone(pids)
+        assert child_pids(tmp_path) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_serve_starts_again_after_a_crash_and_keeps_data(tmp_path: Path) -> None:
+    port = free_port()
+    process = start_serve(tmp_path, port)
+    try:
+        wait_serving(port, process)
+        assert call(port, "POST", "/create", {"user_id": USER, "key": "new_post"})[0] == 201
+        pids = child_pids(tmp_path)
+        process.kill()  # no chance to clean up: the children must not outlive it
+        process.wait()
+        wait_gone(pids)
+        process = start_serve(tmp_path, port)
+        wait_serving(port, process)
+        status, body = call(port, "GET", f"/list?user_id={USER}")
+        assert status == 200 and body["data"]["elements"] == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_invalid_configuration_stops_the_start_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PORT", "eighty")
+    assert main(["check-config"]) == 2
+    assert "PORT" in capsys.readouterr().err
