@@ -28,7 +28,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Return a TCP port that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
@@ -115,6 +116,22 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"did not listen on {host}:{port} within {timeout:.0f}s")
 
 
+def _start_listening(
+    label: str, name: str, argv: Sequence[str], run_dir: Path, port: int, timeout: float
+) -> Child:
+    """Spawn `argv` and wait until it listens on `port`.
+
+    :raise RuntimeError: naming `label`, after stopping what was started.
+    """
+    child = spawn(name, argv, run_dir)
+    try:
+        wait_for_port("127.0.0.1", port, child.process, timeout)
+    except RuntimeError as exc:
+        child.stop()
+        raise RuntimeError(f"{label} {exc}") from None
+    return child
+
+
 def secantusd_command() -> str:
     """The `secantusd-py` program beside this interpreter, or on PATH."""
     beside = Path(sys.executable).with_name("secantusd-py")
@@ -140,12 +157,9 @@ def start_database(data_dir: Path, run_dir: Path) -> tuple[Child, str]:
         "--storage-path", str(data_dir),
         "--log-level", "WARNING",
     ]  # fmt: skip
-    child = spawn("database", argv, run_dir)
-    try:
-        wait_for_port("127.0.0.1", port, child.process, timeout=60)
-    except RuntimeError as exc:
-        child.stop()
-        raise RuntimeError(f"the embedded database (secantusd-py) {exc}") from None
+    child = _start_listening(
+        "the embedded database (secantusd-py)", "database", argv, run_dir, port, 60
+    )
     return child, f"mongodb://127.0.0.1:{port}/notifications"
 
 
@@ -154,10 +168,5 @@ def start_mail_sink(mail_dir: Path, run_dir: Path) -> tuple[Child, int]:
     port = free_port()
     argv = [sys.executable, "-m", "notification_service", "sink",
             "--port", str(port), "--dir", str(mail_dir)]  # fmt: skip
-    child = spawn("mail-sink", argv, run_dir)
-    try:
-        wait_for_port("127.0.0.1", port, child.process, timeout=30)
-    except RuntimeError as exc:
-        child.stop()
-        raise RuntimeError(f"the mail sink {exc}") from None
+    child = _start_listening("the mail sink", "mail-sink", argv, run_dir, port, 30)
     return child, port

@@ -172,7 +172,10 @@ class MongoConnector:
         """
         items = {"$ifNull": [f"${self.field}", []]}
         # $slice's count must be positive, so a zero limit asks for the counts alone.
-        page: Any = {"$slice": [items, skip, limit]} if limit > 0 else {"$literal": []}
+        # $slice takes 32-bit arguments; no array is anywhere near that long, so a
+        # larger skip gives the same (empty) page instead of a server error.
+        position = min(skip, 2**31 - 1)
+        page: Any = {"$slice": [items, position, limit]} if limit > 0 else {"$literal": []}
         pipeline = [
             {"$match": {"_id": ObjectId(user_id)}},
             {

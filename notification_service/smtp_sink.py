@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,11 +109,3 @@ def serve_sink(host: str, port: int, directory: Path) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port

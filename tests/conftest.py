@@ -7,11 +7,9 @@ A test that needs other settings builds its own with `make_config(...)`.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,21 +24,10 @@ from flask.testing import FlaskClient
 from pymongo import MongoClient
 
 from notification_service.config import Config
+from notification_service.embedded import free_port, secantusd_command
 from notification_service.server import Runtime, create_app
 
 pytest_plugins = ("smtp_fixtures",)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def secantusd() -> str:
-    beside = Path(sys.executable).with_name("secantusd-py")
-    return str(beside) if beside.exists() else shutil.which("secantusd-py") or "secantusd-py"
 
 
 @dataclass
@@ -54,7 +41,7 @@ class MongoServer:
     def start(cls, *extra: str) -> MongoServer:
         port = free_port()
         process = subprocess.Popen(
-            [secantusd(), "--host", "127.0.0.1", "--port", str(port),
+            [secantusd_command(), "--host", "127.0.0.1", "--port", str(port),
              "--storage-path", ":memory:", "--log-level", "WARNING", *extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -76,7 +76,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from notification_service.smtp_sink import free_port
+from notification_service.embedded import free_port
 
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "s3cret-password"

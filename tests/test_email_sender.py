@@ -27,7 +27,7 @@ from notification_service.email_sender import (
     classify,
     tls_mode,
 )
-from notification_service.smtp_sink import free_port
+from notification_service.embedded import free_port
 
 FROM = "notifications@example.com"
 SECURITY = {"none": "none", "starttls": "starttls", "implicit": "ssl"}

@@ -382,6 +382,10 @@ def test_list_pages_with_skip_and_limit(client: FlaskClient, db: Any, user_id: s
     assert page["request"] == {"user_id": user_id, "skip": 2, "limit": 3}
     beyond = client.get(f"/list?user_id={user_id}&skip=50").get_json()["data"]
     assert beyond["list"] == [] and beyond["elements"] == 7
+    huge = client.get(f"/list?user_id={user_id}&skip={2**40}")
+    assert huge.status_code == 200
+    assert huge.get_json()["data"]["request"]["skip"] == 2**40
+    assert huge.get_json()["data"]["list"] == []
 
 
 def test_list_limit_zero_gives_counts_only(client: FlaskClient, user_id: str) -> None:
@@ -451,6 +455,19 @@ def test_read_marks_one_notification_and_is_idempotent(
     flags = {n["id"]: n["is_new"] for n in stored(db, user_id)}
     assert flags[first] is False
     assert sorted(flags.values()) == [False, True]
+
+
+def test_read_with_query_and_an_empty_json_body_works(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    nid = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
+    response = client.post(
+        f"/read?user_id={user_id}&notification_id={nid}",
+        data=b"",
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert stored(db, user_id)[0]["is_new"] is False
 
 
 def test_read_accepts_a_json_body(client: FlaskClient, db: Any, user_id: str) -> None:

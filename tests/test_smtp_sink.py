@@ -23,7 +23,8 @@ from notification_service.email_sender import (
     SmtpSettings,
     build_message,
 )
-from notification_service.smtp_sink import free_port, start_sink, write_eml
+from notification_service.embedded import free_port
+from notification_service.smtp_sink import start_sink, write_eml
 
 NAME_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}\.eml")
 
