@@ -701,6 +701,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         cpu_line(report, ceilings[-len(order) + index])
         for n in args.threads:
             cpu_line(report, results[n][-1])
+        report(f"(load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)")
         if args.eml_sink:
             report()
             eml = Sink.eml_sink(Path(tmp.name))

@@ -12,11 +12,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config, ConfigError
+from .errors import Unavailable
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
 
 log = logging.getLogger("notification_service")
+PROGRESS_SECONDS = 10
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,16 +173,33 @@ def run_worker(config: Config, threads: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     pool = DispatcherPool.start(runtime.services, threads)
     log.info("worker dispatching with %d thread(s)", threads)
+    last: dict[str, int] | None = None
+    next_report = time.monotonic()
     try:
         while not stop.wait(1.0):
             if not all(t.is_alive() for t in pool.threads):
                 return 1
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_SECONDS
+                last = _log_progress(runtime.services.outbox, last)
     finally:
         started = time.monotonic()
         runtime.dispatchers = pool
         runtime.close()
         log.info("worker stopped in %.1fs", time.monotonic() - started)
     return 0
+
+
+def _log_progress(outbox: Outbox, last: dict[str, int] | None) -> dict[str, int] | None:
+    """Log the outbox backlog when it changed, so a long drain shows its progress."""
+    try:
+        backlog = outbox.backlog()
+    except Unavailable:
+        log.warning("outbox backlog unknown: the database is not answering")
+        return last
+    if backlog != last and (last is not None or any(backlog.values())):
+        log.info("outbox backlog: %d queued, %d sending", backlog["queued"], backlog["sending"])
+    return backlog
 
 
 def _redact(uri: str) -> str:

@@ -274,7 +274,8 @@ def test_consecutive_sends_reuse_one_connection(
 def worker_env(config: Config, server: SmtpServer, **extra: str) -> dict[str, str]:
     assert config.db_uri is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "DISPATCH"))}
-    env.update(server.env(), DB_URI=config.db_uri, LOG_LEVEL="WARNING", **extra)
+    env.update(server.env(), DB_URI=config.db_uri, LOG_LEVEL="WARNING")
+    env.update(extra)
     return env
 
 
@@ -433,3 +434,37 @@ def test_any_text_email_is_delivered_and_its_state_says_sent(
     state = client.get(f"/email/{email_id}").get_json()["data"]
     assert (state["status"], state["attempts"], state["last_error"]) == ("sent", 1, None)
     assert state["sent_at"] is not None and state["next_attempt_at"] is None
+
+
+def test_worker_logs_the_backlog_and_stops_cleanly(
+    mail_app: Flask, smtp_server: SmtpServer
+) -> None:
+    services = runtime(mail_app).services
+    now = datetime.now(UTC)
+    for i in range(5):
+        services.outbox.enqueue(
+            {"kind": "custom", "to": f"u{i}@example.com", "subject": "s", "text": "t",
+             "html": None, "message_id": f"<{i}.progress@test>"},
+            now,
+        )  # fmt: skip
+    smtp_server.stop()  # nothing can leave: the backlog stays
+    env = worker_env(services.config, smtp_server, LOG_LEVEL="INFO")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "worker"],
+        env=env,
+        cwd="/",
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stderr is not None
+        lines = []
+        for line in worker.stderr:
+            lines.append(line)
+            if "outbox backlog:" in line:
+                break
+        assert "outbox backlog: 5 queued" in lines[-1]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, rest = worker.communicate(timeout=30)  # drains and closes the pipe
+    assert worker.returncode == 0, rest

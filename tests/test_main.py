@@ -126,3 +126,27 @@ def test_invalid_configuration_stops_the_start_naming_the_variable(
     monkeypatch.setenv("PORT", "eighty")
     assert main(["check-config"]) == 2
     assert "PORT" in capsys.readouterr().err
+
+
+def test_serve_with_database_and_smtp_settings_delivers_there(
+    tmp_path: Path, db_uri: str, smtp_server: Any
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
+    env.update(
+        smtp_server.env(), PORT=str(port), DB_URI=db_uri, EMAIL="test@example.com", WEB_WORKERS="1"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=tmp_path
+    )
+    try:
+        wait_serving(port, process)
+        assert not (tmp_path / "var").exists()  # nothing embedded was started
+        assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+        [received] = smtp_server.wait_for_messages(1, timeout=15)
+        assert "registration" in received.message["Subject"]
+        process.send_signal(signal.SIGTERM)  # gunicorn itself: serve replaced itself with it
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
