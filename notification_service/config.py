@@ -64,7 +64,7 @@ class Config:
     dispatcher_threads: int = 1  # inside each server process; 0 = run `worker` separately
     dispatch_poll_seconds: float = 0.5
     dispatch_lease_seconds: float = 60.0
-    dispatch_batch_size: int = 16
+    dispatch_batch_size: int = 32
     dispatch_max_attempts: int = 10
     dispatch_max_age_seconds: float = 86400.0
     dispatch_backoff_base_seconds: float = 2.0

@@ -29,6 +29,10 @@ from .outbox import LastError
 log = logging.getLogger(__name__)
 
 SenderFactory = Callable[[], SmtpSender]
+# Successful sends are recorded with one update per this many emails (or per batch,
+# if smaller): a few database operations per batch instead of one per email. The cost
+# is the duplicate window: a crash re-sends at most this many accepted emails.
+SENT_FLUSH = 16
 
 
 def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) -> float:
@@ -92,15 +96,31 @@ class Dispatcher:
         # Starting a send needs enough lease left for it to finish under its timeouts.
         last_start = claimed_at + cfg.dispatch_lease_seconds - 2 * cfg.smtp_timeout
         attempted = 0
-        for record in batch:
-            if attempted and (self.stopping.is_set() or time.monotonic() > last_start):
-                break
-            attempted += 1
-            if not self._deliver(record):
-                break
+        sent: list[Any] = []
+        try:
+            for record in batch:
+                if attempted and (self.stopping.is_set() or time.monotonic() > last_start):
+                    break
+                attempted += 1
+                if not self._deliver(record, sent):
+                    break
+                if len(sent) >= SENT_FLUSH:
+                    self._flush_sent(sent, token)
+        finally:
+            self._flush_sent(sent, token)
         if attempted < len(batch):
             svc.outbox.release([r["_id"] for r in batch[attempted:]], token, svc.clock())
         return attempted
+
+    def _flush_sent(self, sent: list[Any], token: str) -> None:
+        if not sent:
+            return
+        ids, now = list(sent), self.services.clock()
+        sent.clear()
+        self._store(
+            f"{len(ids)} sent email(s)",
+            lambda: self.services.outbox.mark_sent(ids, token, now) == len(ids),
+        )
 
     def run(self) -> None:
         """Dispatch until `stopping` is set; an in-flight send always finishes first."""
@@ -129,8 +149,12 @@ class Dispatcher:
             return poll
         return max(0.0, min(poll, (due - self.services.clock()).total_seconds()))
 
-    def _deliver(self, record: dict[str, Any]) -> bool:
-        """Send one claimed email and store the outcome; False on a transient failure."""
+    def _deliver(self, record: dict[str, Any], sent: list[Any]) -> bool:
+        """Send one claimed email; False on a transient failure.
+
+        A failure is stored at once; a success is added to `sent`, which the caller
+        stores with one update for several emails (see SENT_FLUSH).
+        """
         svc, cfg = self.services, self.services.config
         try:
             message = build_message(
@@ -151,14 +175,14 @@ class Dispatcher:
                 "message": f"cannot build message: {exc}",
                 "permanent": True,
             }
-            self._finish(svc.outbox.mark_failed, record, error, svc.clock())
+            self._fail(record, error, svc.clock())
             return True
         self.limiter.wait()
         try:
             self.sender.send(message)
         except SendError as exc:
             return self._failed(record, exc)
-        self._finish(svc.outbox.mark_sent, record, None, svc.clock())
+        sent.append(record["_id"])
         if self._smtp_was_down:
             # The server is back: what waits on a backoff from the outage goes now.
             self._smtp_was_down = False
@@ -181,7 +205,7 @@ class Dispatcher:
             log.warning(
                 "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
             )
-            self._finish(svc.outbox.mark_failed, record, error, now)
+            self._fail(record, error, now)
             return exc.permanent
         self._smtp_was_down = True
         delay = backoff_seconds(
@@ -190,22 +214,33 @@ class Dispatcher:
         log.info(
             "email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay
         )
-        self._finish(svc.outbox.mark_retry, record, error, now + timedelta(seconds=delay))
+        at = now + timedelta(seconds=delay)
+        self._store(
+            f"email {record['_id']}",
+            lambda: svc.outbox.mark_retry(record["_id"], record["claimed_by"], error, at),
+        )
         return False
 
-    def _finish(
-        self, mark: Callable[..., bool], record: dict[str, Any], error: Any, at: datetime
-    ) -> None:
-        # The outcome must be stored even if the database blinks right now: an email the
-        # SMTP server accepted but whose record stays "sending" is sent again after the
-        # lease. So keep trying for half the lease before giving up to that fate.
+    def _fail(self, record: dict[str, Any], error: LastError, now: datetime) -> None:
+        self._store(
+            f"email {record['_id']}",
+            lambda: self.services.outbox.mark_failed(
+                record["_id"], record["claimed_by"], error, now
+            ),
+        )
+
+    def _store(self, what: str, write: Callable[[], bool]) -> None:
+        """Run an outcome write that is conditional on holding the claim.
+
+        The outcome must be stored even if the database blinks right now: an email the
+        SMTP server accepted but whose record stays "sending" is sent again after the
+        lease. So keep trying for half the lease before giving up to that fate.
+        """
         deadline = time.monotonic() + self.services.config.dispatch_lease_seconds / 2
-        claim = record["claimed_by"]
-        args = (record["_id"], claim) + ((error,) if error is not None else ()) + (at,)
         while True:
             try:
-                if not mark(*args):
-                    log.warning("email %s: claim lost before its outcome was stored", record["_id"])
+                if not write():
+                    log.warning("%s: claim lost before the outcome was stored", what)
                 return
             except Unavailable:
                 if time.monotonic() > deadline:

@@ -137,9 +137,14 @@ class Outbox:
         return None if record is None else record["next_attempt_at"]
 
     @guarded
-    def mark_sent(self, email_id: Any, worker: str, now: datetime) -> bool:
-        """Record delivery; False when the claim was lost (the lease ran out meanwhile)."""
-        return self._finish(email_id, worker, {"status": "sent", "sent_at": now})
+    def mark_sent(self, email_ids: list[Any], token: str, now: datetime) -> int:
+        """Record the delivery of several emails of one claim; return how many were
+        still held (fewer means a lease ran out meanwhile and another took them)."""
+        result = self.records.update_many(
+            {"_id": {"$in": email_ids}, "status": "sending", "claimed_by": token},
+            {"$set": {"status": "sent", "sent_at": now, "claimed_by": None}},
+        )
+        return result.modified_count
 
     @guarded
     def mark_retry(self, email_id: Any, worker: str, error: LastError, at: datetime) -> bool:

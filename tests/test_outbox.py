@@ -1,0 +1,107 @@
+"""The outbox collection's operations against a real database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from notification_service.config import Config
+from notification_service.mongo_connector import connect, database
+from notification_service.outbox import Outbox
+
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def outbox(config: Config) -> Iterator[Outbox]:
+    client = connect(config)
+    box = Outbox(database(client, config), config.outbox_collection)
+    box.ensure_indexes()
+    yield box
+    client.close()
+
+
+def queue(outbox: Outbox, n: int, at: datetime = T0) -> list[str]:
+    return [
+        outbox.enqueue(
+            {"kind": "custom", "to": f"u{i}@example.com", "subject": str(i), "text": "t",
+             "html": None, "message_id": f"<{i}@test>"},
+            at + timedelta(seconds=i),
+        )
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_claim_batch_takes_the_oldest_due_and_sets_a_lease(outbox: Outbox) -> None:
+    ids = queue(outbox, 5)
+    now = T0 + timedelta(seconds=10)
+    batch = outbox.claim_batch("a", now, 60, 3)
+    assert [str(r["_id"]) for r in batch] == ids[:3]
+    for record in batch:
+        assert record["status"] == "sending"
+        assert record["attempts"] == 1
+        assert record["claimed_by"] == "a"
+        assert record["next_attempt_at"] == now + timedelta(seconds=60)
+
+
+def test_nothing_is_claimed_before_it_is_due(outbox: Outbox) -> None:
+    queue(outbox, 2, at=T0 + timedelta(minutes=5))
+    assert outbox.claim_batch("a", T0, 60, 10) == []
+
+
+def test_a_held_lease_blocks_and_an_expired_one_is_taken_over(outbox: Outbox) -> None:
+    queue(outbox, 1)
+    [first] = outbox.claim_batch("a", T0 + timedelta(seconds=1), 30, 10)
+    assert outbox.claim_batch("b", T0 + timedelta(seconds=20), 30, 10) == []
+    [again] = outbox.claim_batch("b", T0 + timedelta(seconds=32), 30, 10)
+    assert again["_id"] == first["_id"]
+    assert (again["claimed_by"], again["attempts"]) == ("b", 2)
+    # The first claimer's outcome no longer counts: its claim is gone.
+    assert outbox.mark_sent([first["_id"]], "a", T0 + timedelta(seconds=33)) == 0
+    assert outbox.mark_sent([first["_id"]], "b", T0 + timedelta(seconds=33)) == 1
+
+
+def test_concurrent_claimers_never_share_an_email(outbox: Outbox) -> None:
+    ids = set(queue(outbox, 60))
+    won: dict[str, list[str]] = {}
+
+    def claimer(name: str) -> None:
+        mine = won.setdefault(name, [])
+        while batch := outbox.claim_batch(name, T0 + timedelta(minutes=5), 60, 7):
+            mine.extend(str(r["_id"]) for r in batch)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [email for mine in won.values() for email in mine]
+    assert sorted(claimed) == sorted(ids)  # every one, exactly once
+
+
+def test_release_gives_back_without_counting_an_attempt(outbox: Outbox, db: Any) -> None:
+    queue(outbox, 2)
+    batch = outbox.claim_batch("a", T0 + timedelta(seconds=5), 60, 10)
+    assert outbox.release([r["_id"] for r in batch], "a", T0 + timedelta(seconds=6)) == 2
+    for record in db.email_outbox.find():
+        assert (record["status"], record["attempts"], record["claimed_by"]) == ("queued", 0, None)
+        assert record["next_attempt_at"] == T0 + timedelta(seconds=6)
+
+
+def test_release_backoffs_only_touches_transient_retries(outbox: Outbox, db: Any) -> None:
+    queue(outbox, 3)
+    now = T0 + timedelta(seconds=5)
+    a, b, c = outbox.claim_batch("w", now, 60, 10)
+    later = now + timedelta(minutes=10)
+    outbox.mark_retry(a["_id"], "w", {"code": 421, "message": "busy", "permanent": False}, later)
+    outbox.mark_failed(b["_id"], "w", {"code": 550, "message": "no", "permanent": True}, now)
+    assert outbox.mark_sent([c["_id"]], "w", now) == 1
+    assert outbox.release_backoffs(now) == 1
+    statuses = {r["subject"]: (r["status"], r["next_attempt_at"]) for r in db.email_outbox.find()}
+    assert statuses["0"] == ("queued", now)
+    assert statuses["1"][0] == "failed" and statuses["2"][0] == "sent"
+    assert outbox.backlog() == {"queued": 1, "sending": 0}
