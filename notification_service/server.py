@@ -79,15 +79,15 @@ def build_runtime(config: Config) -> Runtime:
     return Runtime(services=services, client=client)
 
 
-def create_app(config: Config | None = None, *, dispatch: bool | None = None) -> Flask:
-    """Build the WSGI app. `dispatch` (default: DISPATCHER_THREADS > 0) starts the
-    outbox dispatcher threads inside this process."""
+def create_app(config: Config | None = None) -> Flask:
+    """Build the WSGI app; with DISPATCHER_THREADS > 0 it also starts that many outbox
+    dispatcher threads in this process."""
     config = config or Config.from_env()
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     runtime = build_runtime(config)
-    if dispatch if dispatch is not None else config.dispatcher_threads > 0:
+    if config.dispatcher_threads > 0:
         runtime.dispatchers = DispatcherPool.start(runtime.services, config.dispatcher_threads)
         # Gunicorn and granian workers exit through sys.exit on SIGTERM/SIGINT, which
         # runs atexit: in-flight sends finish and their outcome is stored.
