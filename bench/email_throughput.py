@@ -1,9 +1,10 @@
 """Email throughput: the outbox dispatcher next to plain smtplib, to one local SMTP sink.
 
-One run starts one SecantusDB server (in memory) and one aiosmtpd sink, each in its own
-process (the sink's CPU must not share the GIL with the code being measured), renders
-N realistic notification emails with the service's own templates (the same N for every
-measurement), and measures in interleaved rounds:
+One run starts SecantusDB (in memory; a fresh process for every dispatcher measurement)
+and one aiosmtpd sink, each in its own process (the sink's CPU must not share the GIL
+with the code being measured), renders N realistic notification emails with the
+service's own templates (the same N for every measurement), and measures in interleaved
+rounds:
 
 * ceiling: plain smtplib, one persistent connection, sending the N messages prebuilt
   (build_message, as bytes) back to back: MAIL, RCPT, DATA per message;
@@ -216,6 +217,30 @@ def stop_process(process: subprocess.Popen[Any]) -> None:
         process.wait()
 
 
+class Database:
+    """One SecantusDB process at a time; `restart` gives a fresh one.
+
+    SecantusDB's in-memory store gets slower as writes accumulate in one process (see
+    the WSGI section of bench/README.md), so every dispatcher measurement gets a new
+    process, and the figures do not drift with the order of the measurements.
+    """
+
+    def __init__(self) -> None:
+        self.process, self.port = start_database()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def restart(self) -> tuple[int, int]:
+        stop_process(self.process)
+        self.process, self.port = start_database()
+        return self.pid, self.port
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
 def start_database() -> tuple[subprocess.Popen[bytes], int]:
     """SecantusDB in memory on a free port (as tests/conftest.py starts it)."""
     beside = Path(sys.executable).with_name("secantusd-py")
@@ -231,7 +256,9 @@ def start_database() -> tuple[subprocess.Popen[bytes], int]:
     wait_port(port, process, "secantusd-py")
     from pymongo import MongoClient
 
-    with MongoClient(f"mongodb://{HOST}:{port}/", serverSelectionTimeoutMS=30_000) as client:
+    uri = f"mongodb://{HOST}:{port}/"
+    client: MongoClient[dict[str, Any]]
+    with MongoClient(uri, serverSelectionTimeoutMS=30_000) as client:
         client.admin.command("ping")
     return process, port
 
@@ -301,7 +328,7 @@ def make_emails(count: int) -> list[Email]:
             "data": data,
         }
         content = templates.render(notification, user)
-        record = {
+        record: dict[str, Any] = {
             "kind": "notification",
             "to": user["email"],
             "subject": content.subject,
@@ -452,7 +479,10 @@ def measure_dispatcher(
     runtime = build_runtime(config)  # also creates the outbox index
     services, outbox = runtime.services, runtime.services.outbox
     pool = None
-    original_build = dispatcher_module.build_message
+    # The dispatcher calls build_message through its module's global name, swapped
+    # for a timed one during the run (by name: mypy sees no re-export to assign to).
+    build_name = "build_message"
+    original_build = getattr(dispatcher_module, build_name)
     try:
         outbox.records.insert_many(outbox_documents(emails))
         sink.reset()
@@ -473,20 +503,20 @@ def measure_dispatcher(
                     empty[0] += 1
             return batch
 
-        def counted_mark_sent(*args: Any, **kwargs: Any) -> bool:
-            ok: bool = mark_sent(*args, **kwargs)
-            if ok:
-                with lock:
-                    sent[0] += 1
-                    if sent[0] == count:
-                        finished_at[0] = time.perf_counter()
-                        done.set()
-            return ok
+        def counted_mark_sent(*args: Any, **kwargs: Any) -> Any:
+            # One email (returns a bool) or several of one claim (returns how many).
+            stored = mark_sent(*args, **kwargs)
+            with lock:
+                sent[0] += int(stored)
+                if sent[0] >= count and not done.is_set():
+                    finished_at[0] = time.perf_counter()
+                    done.set()
+            return stored
 
         # Instance attributes shadow the methods for this one Outbox object only.
         outbox.claim_batch = timings.wrap("claim_batch", counted_claim)  # type: ignore[method-assign]
         outbox.mark_sent = timings.wrap("mark_sent", counted_mark_sent)  # type: ignore[method-assign]
-        dispatcher_module.build_message = timings.wrap("build_message", original_build)  # type: ignore[assignment]
+        setattr(dispatcher_module, build_name, timings.wrap("build_message", original_build))
 
         settings = SmtpSettings.from_config(config)
 
@@ -508,10 +538,11 @@ def measure_dispatcher(
         pool.stop()
         pool = None
     finally:
-        dispatcher_module.build_message = original_build  # type: ignore[assignment]
+        setattr(dispatcher_module, build_name, original_build)
         if pool is not None:
             pool.stop()
-        counts = outbox.counts()
+        pipeline = [{"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        counts = {row["_id"]: row["n"] for row in outbox.records.aggregate(pipeline)}
         runtime.client.drop_database(db_name)
         runtime.close()
     if counts != {"sent": count}:
@@ -559,6 +590,26 @@ def version(package: str) -> str:
         return "?"
 
 
+def code_version() -> str:
+    """The commit, and whether notification_service differs from it."""
+    from notification_service import dispatcher
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "notification_service")
+    flush = getattr(dispatcher, "SENT_FLUSH", None)
+    return f"git {commit}{' + local changes in notification_service' if dirty else ''}" + (
+        f", successful sends stored per {flush} (SENT_FLUSH)" if flush else ""
+    )
+
+
 def describe_machine(report: Report) -> None:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -586,10 +637,12 @@ def breakdown(report: Report, result: Result) -> None:
     other = threads * result.seconds - busy
     cells = [f"{p} {t.seconds.get(p, 0.0) * per:.2f}" for p in parts]
     report(f"  {result.what}: " + ", ".join(cells) + f", rest {other * per:.2f}")
-    claims = t.calls.get("claim_batch", 0)
+    claims, marks = t.calls.get("claim_batch", 0), t.calls.get("mark_sent", 0)
     report(
         f"  {'':{len(result.what)}}  {claims} claims ({result.empty_claims} won nothing), "
-        f"{t.seconds.get('claim_batch', 0.0) / max(1, claims) * 1000:.0f} ms per claim"
+        f"{t.seconds.get('claim_batch', 0.0) / max(1, claims) * 1000:.0f} ms per claim; "
+        f"{marks} mark_sent writes, "
+        f"{t.seconds.get('mark_sent', 0.0) / max(1, marks) * 1000:.1f} ms each"
     )
 
 
@@ -635,10 +688,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
         f"dispatcher: DispatcherPool with {threads_text(args.threads)} threads, "
         f"DISPATCH_BATCH_SIZE={args.batch_size}, SMTP_MAX_PER_CONNECTION=100, no rate limit"
     )
+    report(f"code: {code_version()}")
     report("ceiling: plain smtplib, one connection, sendmail() of the prebuilt messages")
     report()
-    db_process, db_port = start_database()
-    db = (db_process.pid, db_port)
+    database = Database()
     sinks: list[Sink] = []
     tmp = tempfile.TemporaryDirectory(prefix="bench-email-")
     try:
@@ -650,19 +703,20 @@ def run(args: argparse.Namespace, report: Report) -> None:
         timeout = max(60.0, args.count / 10)
 
         def dispatch(sink: Sink, emails: list[Email], threads: int) -> Result:
+            db = database.restart()
             return measure_dispatcher(
                 sink, db, emails, threads, batch_size=args.batch_size, timeout=timeout
             )
 
         # Warm-up: connections, imports, the server's first collections.
-        measure_ceiling(sink, db_process.pid, emails[:100])
+        measure_ceiling(sink, database.pid, emails[:100])
         dispatch(sink, emails[:50], max(args.threads))
         begun = time.monotonic()
         for round_no in range(1, args.rounds + 1):
             order = list(args.threads) if round_no % 2 else list(reversed(args.threads))
             cells = []
             for n in order:
-                ceiling = measure_ceiling(sink, db_process.pid, emails)
+                ceiling = measure_ceiling(sink, database.pid, emails)
                 result = dispatch(sink, emails, n)
                 ceilings.append(ceiling)
                 results[n].append(result)
@@ -696,7 +750,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
         for n in args.threads:
             breakdown(report, results[n][-1])
         report()
-        report("CPU per email in ms, by process (last round; ceiling = the one before x1):")
+        report(
+            "CPU per email in ms, by process (last round; the ceiling is the one measured "
+            f"before x{args.threads[0]}):"
+        )
         index = order.index(args.threads[0])
         cpu_line(report, ceilings[-len(order) + index])
         for n in args.threads:
@@ -706,7 +763,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
             report()
             eml = Sink.eml_sink(Path(tmp.name))
             sinks.append(eml)
-            ceiling = measure_ceiling(eml, db_process.pid, emails)
+            ceiling = measure_ceiling(eml, database.pid, emails)
             result = dispatch(eml, emails, best)
             report(
                 "with the .eml-writing sink (python -m notification_service sink), once: "
@@ -716,7 +773,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     finally:
         for s in sinks:
             s.stop()
-        stop_process(db_process)
+        database.stop()
         tmp.cleanup()
 
 
@@ -730,7 +787,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, help="emails per measurement (default 1000)")
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 2)")
     parser.add_argument("--threads", default="1,2,4", help="dispatcher thread counts")
-    parser.add_argument("--batch-size", type=int, default=16, help="DISPATCH_BATCH_SIZE")
+    parser.add_argument("--batch-size", type=int, help="DISPATCH_BATCH_SIZE (default: Config's)")
     parser.add_argument("--budget", type=float, help="seconds after which no round starts")
     parser.add_argument("--eml-sink", action="store_true", help="also measure the .eml sink")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results")
@@ -740,10 +797,14 @@ def main() -> int:
         with contextlib.suppress(KeyboardInterrupt):
             sink_child(args.sink_child)
         return 0
-    args.count = args.count or (300 if args.quick else 1000)
+    args.count = args.count or (200 if args.quick else 1000)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.budget = args.budget or (20.0 if args.quick else 150.0)
+    args.budget = args.budget or (25.0 if args.quick else 150.0)
     args.threads = [int(n) for n in args.threads.split(",")]
+    if args.batch_size is None:
+        from notification_service.config import Config
+
+        args.batch_size = Config().dispatch_batch_size
     if args.count < 1 or args.batch_size < 1 or any(n < 1 for n in args.threads):
         parser.error("--count, --batch-size and --threads must be positive")
     suffix = "-quick" if args.quick else ""

@@ -8,19 +8,23 @@ shared machine hits both) three endpoints at a fixed number of connections:
 * GET /nope: the app's JSON 404 (routing, error handler, jsonify; no database);
 * GET /list?user_id=..&limit=10 of a user holding 100 notifications (one aggregate);
 * POST /create new_message for one of 16 users already holding 100 notifications
-  (one find_one_and_update that prepends and caps the array, so the state is stable).
+  (one update that prepends and caps the array, so the state stays the same).
 
-It reports requests/second and latency median and p99 per round, their medians across
+It reports requests/second and latency median and p99 per round, with the server's CPU
+time per request and the busiest worker's share of it (from /proc), their medians across
 rounds, the ratio granian/gunicorn, the peak memory of each server's process tree, and
 stops everything it started (SIGTERM, wait, then SIGKILL of the process group as a
 last resort), also on Ctrl-C, SIGTERM or an exception.
+
+SecantusDB is restarted (same port) and re-seeded before each POST /create measurement,
+as it slows down while writes accumulate (see `Database`).
 
 The load comes from wrk (C, one thread, keep-alive) when it is installed, from Python
 threads with http.client keep-alive connections otherwise (`--client python`; that
 client needs more CPU per request, so it takes more of the 2 cores from the servers).
 
-    .venv/bin/python bench/wsgi_servers.py            # full run, about 3 minutes
-    .venv/bin/python bench/wsgi_servers.py --quick    # about 40 seconds
+    .venv/bin/python bench/wsgi_servers.py            # full run, about 3.5 minutes
+    .venv/bin/python bench/wsgi_servers.py --quick    # about 45 seconds
 
 The raw output is also written to bench/results/wsgi_servers-<date>[-quick].txt.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import http.client
 import importlib.metadata
@@ -136,6 +141,20 @@ def process_tree(root: int, table: dict[int, tuple[int, int]]) -> list[int]:
             tree.append(pid)
             todo.extend(children.get(pid, []))
     return tree
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+CLOCK_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def group_members(pgid: int) -> list[int]:
@@ -275,9 +294,11 @@ class Database:
     """The one SecantusDB process (in memory) on a fixed port, restartable.
 
     Restarting matters: its in-memory store slows down as writes accumulate (measured
-    here: ~5 ms of its CPU per capped $push at first, ~19 ms after 10,000 of them, with
-    its RSS growing ~20 MiB per 1,000 while the data stays ~260 kB), so without a
-    restart the POST /create figures fall round after round whatever the web server.
+    here with 16 pymongo threads doing the capped $push by find_one_and_update: ~5 ms of
+    its CPU per update at first, ~19 ms after 10,000 of them, its RSS growing ~20 MiB
+    per 1,000 while the data stays ~260 kB; dropping and re-seeding the database does
+    not help, a new process does), so without a restart the POST /create figures fall
+    round after round whatever the web server.
     """
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
@@ -305,6 +326,7 @@ class Database:
             if not db.alive():
                 raise RuntimeError(f"secantusd-py exited:\n{db.log_tail()}")
             try:
+                client: MongoClient[dict[str, Any]]
                 with MongoClient(self.uri(), serverSelectionTimeoutMS=1000) as client:
                     client.admin.command("ping")
                 return time.monotonic() - started
@@ -334,9 +356,10 @@ def notification(user_id: str, n: int) -> dict[str, Any]:
 
 def seed(uri: str, database: str, list_user: str, create_users: Sequence[str]) -> None:
     """The same users in each database, each already holding a full (capped) inbox."""
-    with MongoClient(uri) as client:
+    client: MongoClient[dict[str, Any]] = MongoClient(uri)
+    with client:
         client.drop_database(database)
-        docs = [
+        docs: list[dict[str, Any]] = [
             {
                 "_id": ObjectId(uid),
                 "email": "u@example.com",
@@ -345,7 +368,7 @@ def seed(uri: str, database: str, list_user: str, create_users: Sequence[str]) -
             }
             for uid in (list_user, *create_users)
         ]
-        client[database]["users"].insert_many(docs)
+        client.get_database(database).get_collection("users").insert_many(docs)
 
 
 # --------------------------------------------------------------------------- load
@@ -372,6 +395,11 @@ class Sample:
     p50_ms: float
     p99_ms: float
     unexpected: int  # responses with another status class than expected, or socket errors
+    # Filled in by the caller from /proc: the server's CPU time (all its processes) per
+    # request, which the machine's other load disturbs less than throughput, and the
+    # share of the workers' CPU time spent by the busiest worker (1/workers = even).
+    cpu_ms_per_request: float = float("nan")
+    top_worker_share: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -557,7 +585,7 @@ def servers(workers: int, threads: int) -> list[Server]:
         "--threads", str(threads),
         "--worker-class", "gthread",
         "--log-level", "warning",
-        "--no-control-socket",  # gunicorn >= 25 opens ~/.gunicorn/gunicorn.ctl otherwise
+        "--no-control-socket",  # gunicorn 27 opens ~/.gunicorn/gunicorn.ctl otherwise
         f"{APP_FACTORY}()",
     ]  # fmt: skip
     granian = [
@@ -657,6 +685,26 @@ def machine() -> str:
     )
 
 
+def code_version() -> str:
+    """The commit, and whether the service's code differs from it (others may be editing)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "notification_service"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"commit {head}, notification_service/ " + ("modified" if dirty else "unmodified")
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -679,27 +727,38 @@ def summarize(
     report()
     report(
         f"| endpoint | {a} req/s | {b} req/s | req/s ratio "
-        f"| {a} p50 / p99 ms | {b} p50 / p99 ms | p50 ratio | p99 ratio |"
+        f"| {a} p50 / p99 ms | {b} p50 / p99 ms | p50 ratio | p99 ratio "
+        f"| {a} CPU ms/req | {b} CPU ms/req |"
     )
-    report("|---|---:|---:|---:|---:|---:|---:|---:|")
+    report("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ep in eps:
         sa, sb = results[(ep.key, a)], results[(ep.key, b)]
         rps_a, rps_b = med([s.rps for s in sa]), med([s.rps for s in sb])
         p50_a, p50_b = med([s.p50_ms for s in sa]), med([s.p50_ms for s in sb])
         p99_a, p99_b = med([s.p99_ms for s in sa]), med([s.p99_ms for s in sb])
+        cpu_a = med([s.cpu_ms_per_request for s in sa])
+        cpu_b = med([s.cpu_ms_per_request for s in sb])
         report(
             f"| {ep.label} | {rps_a:,.0f} | {rps_b:,.0f} | {rps_b / rps_a:.2f} "
             f"| {p50_a:.1f} / {p99_a:.1f} | {p50_b:.1f} / {p99_b:.1f} "
-            f"| {p50_b / p50_a:.2f} | {p99_b / p99_a:.2f} |"
+            f"| {p50_b / p50_a:.2f} | {p99_b / p99_a:.2f} | {cpu_a:.2f} | {cpu_b:.2f} |"
         )
     report()
-    report("Spread of req/s across rounds (min .. max), unexpected responses in total:")
+    report(
+        "Per endpoint and server: req/s min .. max across rounds; rounds in which one worker "
+        "used >= 90% of the workers' CPU (all connections on one worker); unexpected responses:"
+    )
     for ep in eps:
         parts = []
         for name in names:
-            rps = [s.rps for s in results[(ep.key, name)]]
-            bad = sum(s.unexpected for s in results[(ep.key, name)])
-            parts.append(f"{name} {min(rps):,.0f} .. {max(rps):,.0f} (unexpected: {bad})")
+            samples = results[(ep.key, name)]
+            rps = [s.rps for s in samples]
+            lopsided = sum(s.top_worker_share >= 0.9 for s in samples)
+            bad = sum(s.unexpected for s in samples)
+            parts.append(
+                f"{name} {min(rps):,.0f} .. {max(rps):,.0f}, one-worker {lopsided}/{len(samples)}"
+                f", unexpected {bad}"
+            )
         report(f"  {ep.label}: " + "; ".join(parts))
 
 
@@ -709,8 +768,8 @@ def summarize(
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 s (well under a minute)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds (default 5, quick 2)")
-    p.add_argument("--duration", type=float, help="seconds per measurement (default 5, quick 2)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default 6, quick 2)")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 4, quick 2)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per endpoint and server")
     p.add_argument("--connections", type=int, default=16, help="concurrent keep-alive clients")
     p.add_argument("--workers", type=int, default=2, help="worker processes of each server")
@@ -718,16 +777,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument(
         "--db-restart",
-        choices=("round", "never"),
-        default="round",
-        help="restart SecantusDB (same port, re-seeded) before each round (default), "
-        "because it slows down as writes accumulate",
+        choices=("create", "never"),
+        default="create",
+        help="restart SecantusDB (same port, re-seeded) before each POST /create "
+        "measurement (default), because it slows down as writes accumulate",
     )
     p.add_argument("--output", type=Path, help="where to save the raw output")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
-    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.rounds = args.rounds or (2 if args.quick else 6)
+    args.duration = args.duration or (2.0 if args.quick else 4.0)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
     for name in ("rounds", "connections", "workers", "threads"):
         if getattr(args, name) < 1:
@@ -788,12 +847,13 @@ def run(
     eps_count, srv = 3, servers(args.workers, args.threads)
     estimate = args.rounds * eps_count * len(srv) * (args.duration + 0.3)
     estimate += eps_count * len(srv) * args.warmup + 15
-    estimate += args.rounds * 5 if args.db_restart == "round" else 0
+    estimate += args.rounds * len(srv) * 3 if args.db_restart == "create" else 0
     report("# WSGI server benchmark: gunicorn vs granian (notification_service)")
     report(f"date: {now:%Y-%m-%d %H:%M %Z}")
     report(f"command: .venv/bin/python bench/wsgi_servers.py {shlex.join(sys.argv[1:])}".strip())
     report(f"machine: {machine()}; load average at start: {loadavg()}")
     report("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    report(f"code: {code_version()}")
     client = "wrk 1 thread" if args.client == "wrk" else "Python threads + http.client"
     if args.client == "wrk":
         wrk_v = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout
@@ -805,8 +865,11 @@ def run(
     )
     report(
         "database: SecantusDB :memory:, one process, one database per web server, "
-        + ("restarted and re-seeded before each round" if args.db_restart == "round" else "")
-        + ("never restarted" if args.db_restart == "never" else "")
+        + (
+            "restarted and re-seeded before each POST /create measurement"
+            if args.db_restart == "create"
+            else "never restarted"
+        )
     )
     for s in srv:
         shown = [a.replace("{port}", "PORT").replace(PYTHON, "python") for a in s.argv]
@@ -838,12 +901,12 @@ def run(
         assert s.managed is not None
         managed = s.managed
         # Stopped in reverse order of start, each before the database, on any exit.
-        stack.callback(lambda m=managed: report(m.stop()))
+        stack.callback(lambda m: report(m.stop()), managed)
         sampler.watch(s.name, managed.pid)
-    for s in srv:
+        # One at a time, so that the start-up time is not shared with the other's.
         ready = s.wait_ready()
         check_endpoints(s, eps)
-        report(f"{s.name}: ready in {ready:.1f} s on port {s.port}, endpoints checked")
+        report(f"{s.name}: answering in {ready:.1f} s on port {s.port}, endpoints checked")
     sampler.sample()
     idle_rss = dict(sampler.peak_rss)
     sampler.start()
@@ -859,33 +922,49 @@ def run(
 
     results: dict[tuple[str, str], list[Sample]] = {(e.key, s.name): [] for e in eps for s in srv}
     report(f"{'round':>5} {'endpoint':<34} {'server':<9} {'req/s':>8} {'p50 ms':>8} "
-           f"{'p99 ms':>8} {'requests':>8} {'unexp':>5}")  # fmt: skip
+           f"{'p99 ms':>8} {'requests':>8} {'unexp':>5} {'cpu/req':>7} {'top w':>6}")  # fmt: skip
+    reader = next(e for e in eps if e.key == "list")
+    restarts: list[tuple[float, int]] = []  # seconds, requests failed while reconnecting
     for r in range(args.rounds):
-        if args.db_restart == "round":
-            started = time.monotonic()
-            db.restart()
-            seed_all()
-            refused = {s.name: reconnect(s, eps[1]) for s in srv}
-            report(
-                f"{r + 1:>5} (database restarted and re-seeded in "
-                f"{time.monotonic() - started:.1f} s; requests failed while the servers "
-                "reconnected: " + ", ".join(f"{k} {v}" for k, v in refused.items()) + ")"
-            )
         order = srv if r % 2 == 0 else srv[::-1]  # A B, then B A: no server always goes first
         for ep in eps:
             for s in order:
                 assert s.managed is not None
                 if not s.managed.alive():
                     raise RuntimeError(f"{s.name} died:\n{s.managed.log_tail()}")
+                if ep.key == "create" and args.db_restart == "create":
+                    # Every write measurement starts from the same fresh database state.
+                    started = time.monotonic()
+                    db.restart()
+                    seed_all()
+                    failed = sum(reconnect(x, reader) for x in srv)
+                    restarts.append((time.monotonic() - started, failed))
+                tree = process_tree(s.managed.pid, _proc_table())
+                before = {pid: cpu_ticks(pid) for pid in tree}
                 sample = load(s.port, ep, args.connections, args.duration)
+                used = {pid: cpu_ticks(pid) - ticks for pid, ticks in before.items()}
+                workers = [t for pid, t in used.items() if pid != s.managed.pid]
+                sample = dataclasses.replace(
+                    sample,
+                    cpu_ms_per_request=sum(used.values()) * CLOCK_TICK_MS / max(1, sample.requests),
+                    top_worker_share=max(workers) / sum(workers) if sum(workers) else float("nan"),
+                )
                 results[(ep.key, s.name)].append(sample)
                 report(
                     f"{r + 1:>5} {ep.label:<34} {s.name:<9} {sample.rps:>8,.0f} "
                     f"{sample.p50_ms:>8.2f} {sample.p99_ms:>8.2f} {sample.requests:>8} "
-                    f"{sample.unexpected:>5}"
+                    f"{sample.unexpected:>5} {sample.cpu_ms_per_request:>7.2f} "
+                    f"{sample.top_worker_share:>6.0%}"
                 )
                 time.sleep(0.2)  # let the previous run's connections close
     report()
+    if restarts:
+        report(
+            f"database restarts: {len(restarts)}, median {med([t for t, _ in restarts]):.1f} s "
+            f"each with re-seeding; requests failed while the servers reconnected: "
+            f"{sum(f for _, f in restarts)}"
+        )
+        report()
     summarize(report, eps, [s.name for s in srv], results)
     sampler.stop()
     report()
