@@ -1,7 +1,8 @@
-"""Run every benchmark, one after the other: `make bench` (add QUICK=1 for short runs).
+"""Run every benchmark, one after the other: `make bench`.
 
 Each script prints its figures and saves its raw output under bench/results/;
-bench/README.md says how to read them.
+bench/README.md says how to read them. `make bench QUICK=1` makes short runs that only
+print, so they never replace the recorded full runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def main() -> int:
     quick = os.environ.get("QUICK", "") not in ("", "0") or "--quick" in sys.argv[1:]
     failed = []
     for script in BENCHMARKS:
-        argv = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+        argv = [sys.executable, str(HERE / script), *(["--quick", "--no-save"] if quick else [])]
         print(f"\n=== {script} {'(quick)' if quick else ''}", flush=True)
         if subprocess.run(argv, cwd=HERE.parent).returncode != 0:
             failed.append(script)

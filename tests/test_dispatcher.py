@@ -19,6 +19,7 @@ import pytest
 from bson import ObjectId
 from conftest import runtime
 from flask import Flask
+from flask.testing import FlaskClient
 from smtp_fixtures import SmtpServer
 
 from notification_service.config import Config
@@ -47,6 +48,23 @@ def mail_app(
 ) -> Flask:
     """The app wired to the plain SMTP server, dispatchers off: tests drive them."""
     return make_app(make_config(**smtp_server.config_kwargs(), smtp_name="Notifier", **FAST_RETRY))
+
+
+@pytest.fixture
+def mail_setup(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config]
+) -> Iterator[Callable[..., tuple[FlaskClient, Dispatcher]]]:
+    """An app wired to `server` (fast retries unless overridden) and a dispatcher for it."""
+    made: list[Dispatcher] = []
+
+    def make(server: SmtpServer, **overrides: Any) -> tuple[FlaskClient, Dispatcher]:
+        app = make_app(make_config(**server.config_kwargs(), **{**FAST_RETRY, **overrides}))
+        made.append(make_dispatcher(runtime(app).services))
+        return app.test_client(), made[-1]
+
+    yield make
+    for d in made:
+        d.sender.close()
 
 
 @pytest.fixture
@@ -104,20 +122,12 @@ def test_headers_carry_from_to_subject_and_the_stored_message_id(
 
 
 def test_non_ascii_name_and_data_survive(
-    make_app: Callable[..., Flask],
-    make_config: Callable[..., Config],
-    smtp_server: SmtpServer,
-    make_user: Callable[..., str],
+    mail_setup: Any, smtp_server: SmtpServer, make_user: Callable[..., str]
 ) -> None:
-    app = make_app(make_config(**smtp_server.config_kwargs(), smtp_name="Служба уведомлений"))
-    user_id = make_user(name="Zoë")
-    body = {"user_id": user_id, "key": "new_login", "data": {"город": "Москва <b>"}}
-    assert app.test_client().post("/create", json=body).status_code == 201
-    d = make_dispatcher(runtime(app).services)
-    try:
-        drain(d)
-    finally:
-        d.sender.close()
+    client, d = mail_setup(smtp_server, smtp_name="Служба уведомлений")
+    body = {"user_id": make_user(name="Zoë"), "key": "new_login", "data": {"город": "Москва <b>"}}
+    assert client.post("/create", json=body).status_code == 201
+    drain(d)
     [received] = smtp_server.wait_for_messages(1)
     assert b"=?utf-8?" in received.data.split(b"\r\n\r\n", 1)[0]
     assert received.message["From"].addresses[0].display_name == "Служба уведомлений"
@@ -127,53 +137,33 @@ def test_non_ascii_name_and_data_survive(
     assert "Москва &lt;b&gt;" in html  # HTML is autoescaped
 
 
-# --- failures and retries --------------------------------------------------------------
-
-
 def test_transient_4xx_is_retried_then_delivered_once(
-    make_app: Callable[..., Flask],
-    make_config: Callable[..., Config],
-    smtp_factory: Any,
-    db: Any,
-    user_id: str,
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
 ) -> None:
     server = smtp_factory(fail_first=1, fail_code=451)
-    app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
-    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
-    d = make_dispatcher(runtime(app).services)
-    try:
-        assert d.dispatch_once()
-        [record] = outbox(db)
-        assert record["status"] == "queued"
-        assert record["last_error"]["code"] == 451
-        assert record["last_error"]["permanent"] is False
-        assert record["next_attempt_at"] > record["created_at"]
-        time.sleep(0.1)
-        assert drain(d) == 1
-    finally:
-        d.sender.close()
+    client, d = mail_setup(server)
+    client.post("/create", json={"user_id": user_id, "key": "registration"})
+    assert d.dispatch_once()
+    [record] = outbox(db)
+    assert record["status"] == "queued"
+    assert record["last_error"]["code"] == 451
+    assert record["last_error"]["permanent"] is False
+    assert record["next_attempt_at"] > record["created_at"]
+    time.sleep(0.1)
+    assert drain(d) == 1
     assert len(server.wait_for_messages(1)) == 1
     [record] = outbox(db)
     assert (record["status"], record["attempts"]) == ("sent", 2)
 
 
 def test_permanent_5xx_stops_at_once_with_the_reply_stored(
-    make_app: Callable[..., Flask],
-    make_config: Callable[..., Config],
-    smtp_factory: Any,
-    db: Any,
-    user_id: str,
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
 ) -> None:
-    server = smtp_factory(permanent_code=550)
-    app = make_app(make_config(**server.config_kwargs(), **FAST_RETRY))
-    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
-    d = make_dispatcher(runtime(app).services)
-    try:
-        assert drain(d) == 1
-        time.sleep(0.1)
-        assert not d.dispatch_once()
-    finally:
-        d.sender.close()
+    client, d = mail_setup(smtp_factory(permanent_code=550))
+    client.post("/create", json={"user_id": user_id, "key": "registration"})
+    assert drain(d) == 1
+    time.sleep(0.1)
+    assert not d.dispatch_once()
     [record] = outbox(db)
     assert record["status"] == "failed"
     assert record["attempts"] == 1
@@ -183,60 +173,35 @@ def test_permanent_5xx_stops_at_once_with_the_reply_stored(
 
 
 def test_transient_failures_stop_after_max_attempts(
-    make_app: Callable[..., Flask],
-    make_config: Callable[..., Config],
-    smtp_factory: Any,
-    db: Any,
-    user_id: str,
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
 ) -> None:
-    server = smtp_factory(fail_first=100, fail_code=421)
-    app = make_app(make_config(**server.config_kwargs(), dispatch_max_attempts=3, **FAST_RETRY))
-    app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
-    d = make_dispatcher(runtime(app).services)
-    try:
-        deadline = time.monotonic() + 10
-        while outbox(db)[0]["status"] != "failed" and time.monotonic() < deadline:
-            d.dispatch_once() or time.sleep(0.02)
-    finally:
-        d.sender.close()
+    client, d = mail_setup(smtp_factory(fail_first=100, fail_code=421), dispatch_max_attempts=3)
+    client.post("/create", json={"user_id": user_id, "key": "registration"})
+    deadline = time.monotonic() + 10
+    while outbox(db)[0]["status"] != "failed" and time.monotonic() < deadline:
+        d.dispatch_once() or time.sleep(0.02)
     [record] = outbox(db)
     assert (record["status"], record["attempts"]) == ("failed", 3)
-    assert record["last_error"] == {
-        "code": 421,
-        "message": record["last_error"]["message"],
-        "permanent": False,
-    }
+    assert record["last_error"]["code"] == 421
+    assert record["last_error"]["permanent"] is False
 
 
 def test_smtp_down_then_up_delivers_each_email_once(
-    make_app: Callable[..., Flask],
-    make_config: Callable[..., Config],
-    smtp_server: SmtpServer,
-    db: Any,
-    user_id: str,
+    mail_setup: Any, smtp_server: SmtpServer, db: Any, user_id: str
 ) -> None:
     # A long backoff: only the "server is back" release can send them promptly.
-    app = make_app(
-        make_config(
-            **smtp_server.config_kwargs(),
-            dispatch_backoff_base_seconds=60,
-            dispatch_backoff_max_seconds=60,
-        )
+    client, d = mail_setup(
+        smtp_server, dispatch_backoff_base_seconds=60, dispatch_backoff_max_seconds=60
     )
     smtp_server.stop()
-    client = app.test_client()
     for _ in range(3):
         client.post("/create", json={"user_id": user_id, "key": "registration"})
-    d = make_dispatcher(runtime(app).services)
-    try:
-        assert drain(d) == 3
-        assert {r["status"] for r in outbox(db)} == {"queued"}
-        assert all(r["last_error"]["permanent"] is False for r in outbox(db))
-        smtp_server.start()
-        client.post("/create", json={"user_id": user_id, "key": "registration"})
-        assert drain(d) == 4  # the new one, then the three released from their backoff
-    finally:
-        d.sender.close()
+    assert drain(d) == 3
+    assert {r["status"] for r in outbox(db)} == {"queued"}
+    assert all(r["last_error"]["permanent"] is False for r in outbox(db))
+    smtp_server.start()
+    client.post("/create", json={"user_id": user_id, "key": "registration"})
+    assert drain(d) == 4  # the new one, then the three released from their backoff
     received = smtp_server.wait_for_messages(4)
     assert len({m.message["Message-ID"] for m in received}) == 4
     assert {r["status"] for r in outbox(db)} == {"sent"}
