@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config, ConfigError
+from .email_templates import TemplateError
 from .errors import Unavailable
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("notification_service")
 PROGRESS_SECONDS = 10
+# Gunicorn's wait for its workers on SIGTERM. The dispatchers inside a worker stop
+# sooner (DispatcherPool.stop's 20 s), so their in-flight sends are recorded.
+GRACEFUL_SECONDS = 30
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,17 +63,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve_sink(args.host, args.port, args.dir)
             return 0
         return check_config(config)
-    except ConfigError as exc:
+    except (ConfigError, TemplateError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
 
 
 def check_config(config: Config) -> int:
-    from .email_templates import EmailTemplates
-
-    EmailTemplates(config.templates_dir)
+    _check_dependencies(config)
     print("configuration and templates are valid")
     return 0
+
+
+def _check_dependencies(config: Config) -> None:
+    """What the environment alone cannot validate: DB_URI's form and the templates.
+
+    :raise ConfigError: / :raise TemplateError: naming the variable.
+    """
+    from .email_templates import EmailTemplates
+    from .mongo_connector import check_uri
+
+    if config.db_uri:
+        check_uri(config)
+    EmailTemplates(config.templates_dir)
 
 
 def gunicorn_argv(config: Config) -> list[str]:
@@ -81,7 +96,7 @@ def gunicorn_argv(config: Config) -> list[str]:
         "--workers", str(config.web_workers),
         "--threads", str(config.web_threads),
         "--worker-class", "gthread",
-        "--graceful-timeout", "30",
+        "--graceful-timeout", str(GRACEFUL_SECONDS),
         "--no-control-socket",  # one per user by default: two instances would collide
         "notification_service.server:create_app()",
     ]  # fmt: skip
@@ -89,9 +104,7 @@ def gunicorn_argv(config: Config) -> list[str]:
 
 def serve(config: Config) -> int:
     """Serve the API; start the embedded database and mail sink where none is configured."""
-    from .email_templates import EmailTemplates
-
-    EmailTemplates(config.templates_dir)  # a broken template stops the start here
+    _check_dependencies(config)  # before anything is started
     data_dir = Path(config.data_dir).resolve()
     if config.db_uri and config.smtp_host:
         print(f"database: {_redact(config.db_uri)}", flush=True)
@@ -154,7 +167,8 @@ def serve(config: Config) -> int:
         # The web server first, so in-flight requests and sends finish against a live
         # database and sink; the database last.
         for child in reversed(children):
-            child.stop()
+            # The web server gets gunicorn's graceful timeout and a margin.
+            child.stop(timeout=GRACEFUL_SECONDS + 15 if child.name == "web" else 15)
         print("stopped", flush=True)
 
 

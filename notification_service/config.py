@@ -114,7 +114,9 @@ class Config:
             users_collection=r.name("USERS_COLLECTION", d.users_collection),
             notifications_field=r.name("NOTIFICATIONS_FIELD", d.notifications_field),
             outbox_collection=r.name("OUTBOX_COLLECTION", d.outbox_collection),
-            notifications_limit=r.integer("NOTIFICATIONS_LIMIT", d.notifications_limit, 1, 10_000),
+            # 500 notifications of at most 16 KiB of data each stay well inside
+            # MongoDB's 16 MB document, beside whatever else the application keeps there.
+            notifications_limit=r.integer("NOTIFICATIONS_LIMIT", d.notifications_limit, 1, 500),
             list_max_limit=r.integer("LIST_MAX_LIMIT", d.list_max_limit, 1, 10_000),
             email=r.optional("EMAIL", _check_email),
             smtp_host=r.optional("SMTP_HOST", _check_host),
@@ -159,11 +161,13 @@ class Config:
         )
         if config.smtp_login is not None and config.smtp_password is None:
             raise ConfigError("SMTP_PASSWORD: must be set when SMTP_LOGIN is set")
-        if config.dispatch_lease_seconds < 2 * config.smtp_timeout:
-            # A send must finish inside its claim, or another dispatcher sends it again.
+        if config.dispatch_lease_seconds < 4 * config.smtp_timeout:
+            # Claims are renewed at half the lease, so one send (several SMTP exchanges,
+            # each up to SMTP_TIMEOUT) must fit in the other half, or another dispatcher
+            # takes the email over and sends it again.
             raise ConfigError(
-                "DISPATCH_LEASE_SECONDS: must be at least twice SMTP_TIMEOUT "
-                f"({config.dispatch_lease_seconds:g} < 2 x {config.smtp_timeout:g})"
+                "DISPATCH_LEASE_SECONDS: must be at least four times SMTP_TIMEOUT "
+                f"({config.dispatch_lease_seconds:g} < 4 x {config.smtp_timeout:g})"
             )
         if config.smtp_host is None and (config.smtp_login or config.smtp_port):
             raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")

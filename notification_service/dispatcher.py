@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
 from .errors import Unavailable
@@ -64,6 +64,18 @@ class RateLimiter:
             self._sleep(start - now)
 
 
+Outcome = Literal["sent", "failed", "retry", "outage"]
+
+
+def is_outage(error: SendError) -> bool:
+    """Whether a transient failure is the server's (down, refusing everyone) rather than
+    one message's: a 4xx other than 421 to MAIL, RCPT or DATA (greylisting, a full
+    mailbox) says nothing about the other emails, everything else does."""
+    if error.permanent:
+        return False
+    return error.code is None or error.code == 421 or error.code >= 500
+
+
 @dataclass
 class Dispatcher:
     services: Services
@@ -75,12 +87,15 @@ class Dispatcher:
     rng: random.Random
     _smtp_was_down: bool = False
     _indexed: bool = False
+    _lease_end: float = 0.0  # monotonic time at which the current claim runs out
 
     def dispatch_once(self) -> int:
         """Claim a batch of due emails and send them; return how many were attempted.
 
-        A transient failure gives the rest of the batch back at once (the server is
-        probably down for them too), as does a stop request or a lease running short.
+        An outage (the server down or refusing everyone) gives the rest of the batch
+        back at once, as does a stop request. Past half the lease, sends are recorded
+        and the claim on the rest is renewed, so that a slow batch is never taken over
+        (and sent again) while this dispatcher still works through it.
 
         :raise Unavailable: the database did not answer (the caller waits and retries).
         """
@@ -89,28 +104,60 @@ class Dispatcher:
             svc.outbox.ensure_indexes()
             self._indexed = True
         token = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        lease = cfg.dispatch_lease_seconds
         claimed_at = time.monotonic()
-        batch = svc.outbox.claim_batch(
-            token, svc.clock(), cfg.dispatch_lease_seconds, cfg.dispatch_batch_size
-        )
-        # Starting a send needs enough lease left for it to finish under its timeouts.
-        last_start = claimed_at + cfg.dispatch_lease_seconds - 2 * cfg.smtp_timeout
+        pending = svc.outbox.claim_batch(token, svc.clock(), lease, cfg.dispatch_batch_size)
+        self._lease_end = claimed_at + lease
         attempted = 0
         sent: list[Any] = []
         try:
-            for record in batch:
-                if attempted and (self.stopping.is_set() or time.monotonic() > last_start):
+            while pending:
+                if attempted and self.stopping.is_set():
                     break
-                attempted += 1
-                if not self._deliver(record, sent):
-                    break
-                if len(sent) >= SENT_FLUSH:
+                self.limiter.wait()
+                if self._lease_end - time.monotonic() < lease / 2:
                     self._flush_sent(sent, token)
+                    pending = self._renew(pending, token)
+                    if not pending:
+                        break
+                record = pending.pop(0)
+                attempted += 1
+                if self._deliver(record, sent) == "outage":
+                    break
         finally:
-            self._flush_sent(sent, token)
-        if attempted < len(batch):
-            svc.outbox.release([r["_id"] for r in batch[attempted:]], token, svc.clock())
+            self._settle(sent, pending, token)
         return attempted
+
+    def _renew(self, pending: list[dict[str, Any]], token: str) -> list[dict[str, Any]]:
+        """Extend the claim on the emails not yet sent; keep only those still held."""
+        svc = self.services
+        renewed_at = time.monotonic()
+        held = svc.outbox.renew(
+            [r["_id"] for r in pending], token, svc.clock(), svc.config.dispatch_lease_seconds
+        )
+        self._lease_end = renewed_at + svc.config.dispatch_lease_seconds
+        if len(held) < len(pending):
+            log.warning("dispatcher %s: %d claims ran out", self.name, len(pending) - len(held))
+        return [r for r in pending if r["_id"] in held]
+
+    def _settle(self, sent: list[Any], pending: list[dict[str, Any]], token: str) -> None:
+        """Record what was sent and give back what was not tried, even after an error."""
+        try:
+            self._flush_sent(sent, token)
+        except Unavailable:
+            log.error(
+                "dispatcher %s: %d sent emails could not be recorded; they will be sent "
+                "again after the lease",
+                self.name,
+                len(sent),
+            )
+        if pending:
+            try:
+                self.services.outbox.release(
+                    [r["_id"] for r in pending], token, self.services.clock()
+                )
+            except Unavailable:
+                log.warning("dispatcher %s: %d claims left to run out", self.name, len(pending))
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:
         if not sent:
@@ -149,13 +196,18 @@ class Dispatcher:
             return poll
         return max(0.0, min(poll, (due - self.services.clock()).total_seconds()))
 
-    def _deliver(self, record: dict[str, Any], sent: list[Any]) -> bool:
-        """Send one claimed email; False on a transient failure.
-
-        A failure is stored at once; a success is added to `sent`, which the caller
-        stores with one update for several emails (see SENT_FLUSH).
-        """
+    def _deliver(self, record: dict[str, Any], sent: list[Any]) -> Outcome:
+        """Send one claimed email. A failure is stored at once; a success is added to
+        `sent`, which the caller stores with one update for several (see SENT_FLUSH)."""
         svc, cfg = self.services, self.services.config
+        now = svc.clock()
+        attempts = int(record["attempts"])
+        if attempts > cfg.dispatch_max_attempts or self._too_old(record, now):
+            # Only claims taken over after their lease ran out get here: the sends
+            # that kept outliving their lease must stop somewhere too.
+            reason = f"gave up after {attempts - 1} attempts whose claims ran out"
+            self._fail(record, _error(None, reason, permanent=False, outage=False), now)
+            return "failed"
         try:
             message = build_message(
                 OutgoingEmail(
@@ -170,14 +222,9 @@ class Dispatcher:
             )
         except (ValueError, KeyError, TypeError) as exc:
             # A record that cannot become a message never will: fail it, don't retry.
-            error: LastError = {
-                "code": None,
-                "message": f"cannot build message: {exc}",
-                "permanent": True,
-            }
-            self._fail(record, error, svc.clock())
-            return True
-        self.limiter.wait()
+            error = _error(None, f"cannot build message: {exc}", permanent=True, outage=False)
+            self._fail(record, error, now)
+            return "failed"
         try:
             self.sender.send(message)
         except SendError as exc:
@@ -189,25 +236,25 @@ class Dispatcher:
             released = svc.outbox.release_backoffs(svc.clock())
             if released:
                 log.info("dispatcher %s: SMTP is back, %d emails retried now", self.name, released)
-        return True
+        return "sent"
 
-    def _failed(self, record: dict[str, Any], exc: SendError) -> bool:
+    def _too_old(self, record: dict[str, Any], now: datetime) -> bool:
+        age: timedelta = now - record["created_at"]
+        return age > timedelta(seconds=self.services.config.dispatch_max_age_seconds)
+
+    def _failed(self, record: dict[str, Any], exc: SendError) -> Outcome:
         svc, cfg = self.services, self.services.config
         now = svc.clock()
-        error: LastError = {
-            "code": exc.code,
-            "message": exc.reply[:1000],
-            "permanent": exc.permanent,
-        }
+        outage = is_outage(exc)
+        error = _error(exc.code, exc.reply[:1000], permanent=exc.permanent, outage=outage)
         attempts = int(record["attempts"])
-        too_old = now - record["created_at"] > timedelta(seconds=cfg.dispatch_max_age_seconds)
-        if exc.permanent or attempts >= cfg.dispatch_max_attempts or too_old:
+        if exc.permanent or attempts >= cfg.dispatch_max_attempts or self._too_old(record, now):
             log.warning(
                 "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
             )
             self._fail(record, error, now)
-            return exc.permanent
-        self._smtp_was_down = True
+            return "outage" if outage else "failed"
+        self._smtp_was_down = self._smtp_was_down or outage
         delay = backoff_seconds(
             attempts, cfg.dispatch_backoff_base_seconds, cfg.dispatch_backoff_max_seconds, self.rng
         )
@@ -219,7 +266,7 @@ class Dispatcher:
             f"email {record['_id']}",
             lambda: svc.outbox.mark_retry(record["_id"], record["claimed_by"], error, at),
         )
-        return False
+        return "outage" if outage else "retry"
 
     def _fail(self, record: dict[str, Any], error: LastError, now: datetime) -> None:
         self._store(
@@ -234,9 +281,9 @@ class Dispatcher:
 
         The outcome must be stored even if the database blinks right now: an email the
         SMTP server accepted but whose record stays "sending" is sent again after the
-        lease. So keep trying for half the lease before giving up to that fate.
+        lease. So keep trying while the claim lasts (less a second), then give up.
         """
-        deadline = time.monotonic() + self.services.config.dispatch_lease_seconds / 2
+        deadline = max(self._lease_end - 1.0, time.monotonic() + 1.0)
         while True:
             try:
                 if not write():
@@ -246,6 +293,10 @@ class Dispatcher:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+
+def _error(code: int | None, message: str, *, permanent: bool, outage: bool) -> LastError:
+    return {"code": code, "message": message, "permanent": permanent, "outage": outage}
 
 
 class DispatcherPool:
@@ -295,7 +346,7 @@ class DispatcherPool:
         log.info("started %d dispatcher thread(s) as %s", count, prefix)
         return cls(threads, stopping, wakes)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
         """Ask every thread to stop and wait for in-flight sends to finish."""
         self.stopping.set()
         for wake in self.wakes:

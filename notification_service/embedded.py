@@ -49,7 +49,11 @@ class Child:
     pidfile: Path
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, wait, then SIGKILL; always removes the pid file."""
+        """SIGTERM, wait, then SIGKILL the whole process group; always removes the pid file.
+
+        The group sweep matters for gunicorn: killing only its master would leave a
+        worker behind, still sending mail against a database that is about to stop.
+        """
         try:
             if self.process.poll() is None:
                 self.process.terminate()
@@ -57,8 +61,9 @@ class Child:
                     self.process.wait(timeout)
                 except subprocess.TimeoutExpired:
                     log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
-                    self.process.kill()
-                    self.process.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of it
+            self.process.wait()
         finally:
             self.pidfile.unlink(missing_ok=True)
 
@@ -72,8 +77,27 @@ def spawn(
     pidfile = run_dir / f"{name}.pid"
     kill_stale(pidfile)
     process = subprocess.Popen(list(argv), process_group=0, preexec_fn=_die_with_parent, env=env)
-    pidfile.write_text(f"{process.pid}\n{' '.join(argv)}\n")
+    # What /proc shows, not argv: a script runs as "python3 script ...", and this is
+    # what kill_stale compares against.
+    pidfile.write_text(f"{process.pid}\n{_cmdline(process.pid) or ' '.join(argv)}\n")
     return Child(name, process, pidfile)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the parenthesised command name, which may hold spaces.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
 
 
 def kill_stale(pidfile: Path) -> None:
@@ -84,17 +108,14 @@ def kill_stale(pidfile: Path) -> None:
     except (OSError, ValueError):
         pidfile.unlink(missing_ok=True)
         return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        cmdline = ""
+    cmdline = _cmdline(pid)
     if cmdline and cmdline == command.strip():
         log.warning("stopping %s (pid %d) left by an earlier run", pidfile.stem, pid)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
             for _ in range(100):
                 time.sleep(0.1)
-                if not Path(f"/proc/{pid}").exists():
+                if not alive(pid):
                     break
             else:
                 os.kill(pid, signal.SIGKILL)

@@ -65,6 +65,14 @@ class EmailNotFound(NotFound):
     default_message = "No queued email with this id."
 
 
+class UserDocumentInvalid(ApiError):
+    """The user's document cannot take the notification (the application's data)."""
+
+    status = 409
+    default_code = "user_document_invalid"
+    default_message = "The user's document cannot hold notifications."
+
+
 class Unavailable(ApiError):
     """A dependency (the database) did not answer in time; the client may retry."""
 

@@ -11,15 +11,27 @@ import functools
 import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 from bson import ObjectId
-from pymongo import MongoClient, ReturnDocument
+from pymongo import MongoClient, ReturnDocument, uri_parser
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+)
 
-from .config import Config
-from .errors import NotificationNotFound, Unavailable, UserNotFound, ValidationFailed
+from .config import Config, ConfigError
+from .errors import (
+    NotificationNotFound,
+    Unavailable,
+    UserDocumentInvalid,
+    UserNotFound,
+    ValidationFailed,
+)
 from .schemas import Notification
 
 log = logging.getLogger(__name__)
@@ -28,6 +40,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 Document = dict[str, Any]
+_BAD_VALUE = 2  # e.g. "$push: the field must be an array"
+_TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
+_BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
 
 
 class UserHasNoEmail(ValidationFailed):
@@ -58,10 +73,37 @@ def guarded(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def check_uri(config: Config) -> None:
+    """Refuse a DB_URI the driver would refuse later, without connecting.
+
+    :raise ConfigError: naming DB_URI.
+    """
+    uri = config.db_uri or ""
+    try:
+        if uri.startswith("mongodb+srv://"):
+            # parse_uri would resolve the SRV record (DNS) right here; leave that to the
+            # client, which retries it within its timeouts.
+            if not urlsplit(uri).hostname:
+                raise ValueError("no host name")
+        else:
+            uri_parser.parse_uri(uri)
+    except (PyMongoError, ValueError) as exc:
+        raise ConfigError(f"DB_URI: {exc}") from None
+    name = config.database_name
+    if len(name.encode()) > 63 or any(c in _BAD_DATABASE_CHARS for c in name):
+        raise ConfigError(
+            f'DB_URI: {name!r} is not a database name (at most 63 bytes, none of / \\ . space " $)'
+        )
+
+
 def connect(config: Config) -> MongoClient[Document]:
-    """Create the process's one client. Call it after fork: pymongo is not fork-safe."""
+    """Create the process's one client. Call it after fork: pymongo is not fork-safe.
+
+    :raise ConfigError: DB_URI unset or malformed.
+    """
     if not config.db_uri:
-        raise ValueError("DB_URI is not set")
+        raise ConfigError("DB_URI: must be set (make run starts an embedded server without it)")
+    check_uri(config)
     timeout = config.db_timeout_ms
     return MongoClient(
         config.db_uri,
@@ -117,6 +159,29 @@ class MongoConnector:
         :raise UserNotFound: no such user and `create_with_email` is None.
         :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
         """
+        try:
+            return self._append_capped(user_id, notification, require_email, create_with_email)
+        except OperationFailure as exc:  # WriteError, or findAndModify's failure
+            # The users collection is the application's: its document may hold something
+            # other than an array in our field, or be at MongoDB's 16 MB limit.
+            if exc.code == _BAD_VALUE:
+                raise UserDocumentInvalid(
+                    f"The user's {self.field!r} field is not an array.",
+                    details=[{"field": self.field, "problem": "is not an array"}],
+                ) from exc
+            if exc.code in _TOO_LARGE:
+                raise UserDocumentInvalid(
+                    "The user's document is too large to take another notification."
+                ) from exc
+            raise
+
+    def _append_capped(
+        self,
+        user_id: str,
+        notification: Notification,
+        require_email: bool,
+        create_with_email: str | None,
+    ) -> Document | None:
         oid = ObjectId(user_id)
         query = self._user_query(oid, require_email)
         update = self._push(notification)
@@ -170,7 +235,8 @@ class MongoConnector:
 
         :raise UserNotFound: no such user.
         """
-        items = {"$ifNull": [f"${self.field}", []]}
+        # A document whose field is missing or not an array lists as empty.
+        items = {"$cond": [{"$isArray": f"${self.field}"}, f"${self.field}", []]}
         # $slice's count must be positive, so a zero limit asks for the counts alone.
         # $slice takes 32-bit arguments; no array is anywhere near that long, so a
         # larger skip gives the same (empty) page instead of a server error.

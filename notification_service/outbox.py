@@ -27,9 +27,10 @@ CLAIMABLE: tuple[Status, ...] = ("queued", "sending")
 
 
 class LastError(TypedDict):
-    code: int | None
+    code: int | None  # the SMTP reply code, None when there was no reply
     message: str
-    permanent: bool
+    permanent: bool  # a retry cannot help
+    outage: bool  # the server was down or refused everyone, not just this email
 
 
 class Outbox:
@@ -137,6 +138,19 @@ class Outbox:
         return {"next_attempt_at": {"$lte": now}}
 
     @guarded
+    def renew(
+        self, email_ids: list[Any], token: str, now: datetime, lease_seconds: float
+    ) -> set[Any]:
+        """Extend a claim's lease from `now`; return the ids it still held."""
+        query = {"_id": {"$in": email_ids}, "status": "sending", "claimed_by": token}
+        result = self.records.update_many(
+            query, {"$set": {"next_attempt_at": now + timedelta(seconds=lease_seconds)}}
+        )
+        if result.matched_count == len(email_ids):
+            return set(email_ids)
+        return {doc["_id"] for doc in self.records.find(query, projection={"_id": 1})}
+
+    @guarded
     def release(self, email_ids: list[Any], token: str, now: datetime) -> int:
         """Give back claimed, unattempted records so any dispatcher can take them now."""
         result = self.records.update_many(
@@ -189,9 +203,13 @@ class Outbox:
 
     @guarded
     def release_backoffs(self, now: datetime) -> int:
-        """Make every email waiting out a transient failure due now; return how many."""
+        """Make every email waiting out an outage's backoff due now; return how many.
+
+        Emails waiting because of their own 4xx (greylisting, a full mailbox) keep
+        their backoff: the server being back says nothing about them.
+        """
         result = self.records.update_many(
-            {"status": "queued", "next_attempt_at": {"$gt": now}, "last_error.permanent": False},
+            {"status": "queued", "next_attempt_at": {"$gt": now}, "last_error.outage": True},
             {"$set": {"next_attempt_at": now}},
         )
         return result.modified_count

@@ -89,16 +89,18 @@ def _valid_text(value: str) -> str:
 
 
 def _email_address(value: str) -> str:
+    _check_text(value)
     if len(value) > 254 or not is_email_address(value):
         raise ValueError("must be one email address like name@example.com")
     return value
 
 
 def _one_line(value: str) -> str:
-    # A line break in a header value would let a caller add headers of their own.
-    if "\r" in value or "\n" in value:
-        raise ValueError("must be a single line")
+    # A line break in a header value would let a caller add headers of their own;
+    # splitlines() also knows \v, \f, \x85, \u2028..., which the message builder refuses.
     _check_text(value)
+    if "\r" in value or "\n" in value or len(value.splitlines()) > 1:
+        raise ValueError("must be a single line")
     return value
 
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import notification_handler
-from .config import Config, ConfigError
+from .config import Config
 from .dispatcher import DispatcherPool
 from .email_templates import EmailTemplates
 from .errors import ApiError, ErrorDetail, Unavailable
@@ -59,8 +59,6 @@ class Runtime:
 
 def build_runtime(config: Config) -> Runtime:
     """Connect and assemble the services; the client is created here, after any fork."""
-    if not config.db_uri:
-        raise ConfigError("DB_URI: must be set (make run starts an embedded server without it)")
     templates = EmailTemplates(config.templates_dir)
     client = connect(config)
     db = database(client, config)

@@ -68,12 +68,19 @@ def parse_query_or_body(model: type[M]) -> M:
     # send application/json would otherwise get a 400 for query-only calls).
     if request.get_data(cache=True).strip():
         for name, value in json_body().items():
-            if name in fields and fields[name] != value:
+            if name in fields and _differs(fields[name], value):
                 raise ValidationFailed(
                     details=[{"field": name, "problem": "differs between query and body"}]
                 )
             fields[name] = value
     return model.model_validate(fields, strict=True)
+
+
+def _differs(query_value: Any, body_value: Any) -> bool:
+    # The fields given both ways are ObjectIds, whose hex is case-insensitive.
+    if isinstance(query_value, str) and isinstance(body_value, str):
+        return query_value.lower() != body_value.lower()
+    return True
 
 
 def _single_values() -> dict[str, Any]:

@@ -30,12 +30,12 @@ from notification_service.notifications import Services
 FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
 
 
-def make_dispatcher(services: Services, name: str = "test") -> Dispatcher:
+def make_dispatcher(services: Services, name: str = "test", per_second: float = 0) -> Dispatcher:
     return Dispatcher(
         services=services,
         sender=SmtpSender(SmtpSettings.from_config(services.config)),
         name=name,
-        limiter=RateLimiter(0),
+        limiter=RateLimiter(per_second),
         wake=threading.Event(),
         stopping=threading.Event(),
         rng=random.Random(7),
@@ -184,6 +184,7 @@ def test_transient_failures_stop_after_max_attempts(
     assert (record["status"], record["attempts"]) == ("failed", 3)
     assert record["last_error"]["code"] == 421
     assert record["last_error"]["permanent"] is False
+    assert record["last_error"]["outage"] is True  # 421: the server closes on everyone
 
 
 def test_smtp_down_then_up_delivers_each_email_once(
@@ -277,7 +278,7 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
     mail_app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
     env = worker_env(
         services.config, smtp_server, SMTP_PORT=str(silent_smtp), SMTP_TIMEOUT="2",
-        DISPATCH_LEASE_SECONDS="4",
+        DISPATCH_LEASE_SECONDS="8",
     )  # fmt: skip
     worker = start_worker(env)
     try:
@@ -289,7 +290,7 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
     assert claimed["attempts"] == 1
 
     d = make_dispatcher(
-        replace(services, config=replace(services.config, dispatch_lease_seconds=4)), "rescuer"
+        replace(services, config=replace(services.config, dispatch_lease_seconds=8)), "rescuer"
     )
     try:
         assert not d.dispatch_once()  # the lease still holds
@@ -433,3 +434,74 @@ def test_worker_logs_the_backlog_and_stops_cleanly(
         worker.send_signal(signal.SIGTERM)
         _, rest = worker.communicate(timeout=30)  # drains and closes the pipe
     assert worker.returncode == 0, rest
+
+
+def test_one_address_greylisted_neither_stops_the_batch_nor_loses_its_backoff(
+    mail_setup: Any, smtp_factory: Any, db: Any
+) -> None:
+    server = smtp_factory(fail_first=1, fail_code=450, fail_at="RCPT")
+    client, d = mail_setup(
+        server, dispatch_backoff_base_seconds=60, dispatch_backoff_max_seconds=60
+    )
+    for i in range(3):
+        client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
+    assert d.dispatch_once() == 3  # the 450 did not end the batch
+    assert len(server.wait_for_messages(2)) == 2
+    [grey] = [r for r in outbox(db) if r["status"] == "queued"]
+    assert grey["last_error"]["code"] == 450
+    assert grey["last_error"]["outage"] is False
+    # Later sends succeed, yet the greylisted email keeps waiting out its backoff.
+    client.post("/email", json={"to": "late@example.com", "subject": "s", "text": "t"})
+    assert drain(d) == 1
+    again = db.email_outbox.find_one({"_id": grey["_id"]})
+    assert again["status"] == "queued"
+    assert again["next_attempt_at"] > datetime.now(UTC) + timedelta(seconds=20)
+
+
+def test_a_slow_batch_renews_its_claim_so_no_one_sends_it_again(
+    mail_app: Flask, smtp_server: SmtpServer, db: Any
+) -> None:
+    services = runtime(mail_app).services
+    services = replace(services, config=replace(services.config, dispatch_lease_seconds=2))
+    client = mail_app.test_client()
+    for i in range(5):
+        client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
+    slow = make_dispatcher(services, "slow", per_second=2)  # 5 sends take about 2 s
+    rival = make_dispatcher(services, "rival")
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(slow.dispatch_once()))
+    try:
+        worker.start()
+        stolen = 0
+        while worker.is_alive():
+            stolen += rival.dispatch_once()
+            time.sleep(0.1)
+        worker.join()
+    finally:
+        slow.sender.close()
+        rival.sender.close()
+    assert (done, stolen) == ([5], 0)
+    received = smtp_server.wait_for_messages(5)
+    time.sleep(0.2)
+    assert len(smtp_server.messages) == 5
+    assert len({m.message["Message-ID"] for m in received}) == 5
+    assert {(r["status"], r["attempts"]) for r in outbox(db)} == {("sent", 1)}
+
+
+def test_an_email_whose_claims_keep_running_out_is_given_up(
+    dispatcher: Dispatcher, smtp_server: SmtpServer, db: Any
+) -> None:
+    max_attempts = dispatcher.services.config.dispatch_max_attempts
+    now = datetime.now(UTC)
+    db.email_outbox.insert_one(
+        {"_id": ObjectId(), "kind": "custom", "to": "x@example.com", "subject": "s",
+         "text": "t", "html": None, "message_id": "<stuck@test>", "status": "sending",
+         "attempts": max_attempts, "created_at": now, "claimed_by": "dead:1",
+         "next_attempt_at": now - timedelta(seconds=1), "last_error": None, "sent_at": None}
+    )  # fmt: skip
+    assert dispatcher.dispatch_once() == 1
+    [record] = outbox(db)
+    assert record["status"] == "failed"
+    assert "gave up" in record["last_error"]["message"]
+    time.sleep(0.2)
+    assert smtp_server.messages == []

@@ -17,6 +17,7 @@ import pytest
 from conftest import free_port
 
 from notification_service.__main__ import main
+from notification_service.embedded import alive
 
 USER = "638f394d4b7243fc0399ea67"
 
@@ -57,14 +58,6 @@ def wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float = 6
 
 def child_pids(data_dir: Path) -> list[int]:
     return [int(p.read_text().split()[0]) for p in (data_dir / "run").glob("*.pid")]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> None:

@@ -213,6 +213,21 @@ def test_email_key_for_user_without_email_is_422_and_writes_nothing(
     assert create(client, user_id=user_id, key="new_message").status_code == 201
 
 
+@pytest.mark.parametrize("value", [None, "x", {"a": 1}])
+def test_a_user_document_without_an_array_is_409_on_create_and_empty_on_list(
+    client: FlaskClient, db: Any, make_user: Callable[..., str], value: Any
+) -> None:
+    user_id = make_user(notifications=value)
+    response = create(client, user_id=user_id, key="new_login")
+    assert response.status_code == 409
+    assert response.get_json()["error"]["code"] == "user_document_invalid"
+    assert db.users.find_one({"_id": ObjectId(user_id)})["notifications"] == value
+    assert db.email_outbox.count_documents({}) == 0
+    listed = client.get(f"/list?user_id={user_id}")
+    assert listed.status_code == 200
+    assert listed.get_json()["data"]["elements"] == 0
+
+
 def test_user_id_is_normalised_to_lowercase(client: FlaskClient, db: Any, user_id: str) -> None:
     assert create(client, user_id=user_id.upper(), key="new_post").status_code == 201
     assert stored(db, user_id)[0]["user_id"] == user_id
@@ -470,6 +485,16 @@ def test_read_with_query_and_an_empty_json_body_works(
     assert stored(db, user_id)[0]["is_new"] is False
 
 
+def test_read_accepts_the_same_id_in_query_and_body_in_any_case(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    nid = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
+    body = {"user_id": user_id.upper(), "notification_id": nid}
+    response = client.post(f"/read?user_id={user_id}", json=body)
+    assert response.status_code == 200
+    assert stored(db, user_id)[0]["is_new"] is False
+
+
 def test_read_accepts_a_json_body(client: FlaskClient, db: Any, user_id: str) -> None:
     nid = create(client, user_id=user_id, key="new_post").get_json()["data"]["notification_id"]
     response = client.post("/read", json={"user_id": user_id, "notification_id": nid})
@@ -601,6 +626,9 @@ def test_email_to_a_user_uses_their_address(
         {"to": "a@example.com", "subject": "s", "text": "t", "html": "x" * (512 * 1024 + 1)},
         {"to": "a@example.com", "subject": "s", "text": "t", "cc": "b@example.com"},
         {"to": ["a@example.com"], "subject": "s", "text": "t"},
+        {"to": "\ud800@example.com", "subject": "s", "text": "t"},
+        {"to": "a@example.com", "subject": "s\u2028Bcc: x@example.com", "text": "t"},
+        {"to": "a@example.com", "subject": "s\x85x", "text": "t"},
     ],
 )
 def test_bad_email_request_is_422_and_queues_nothing(

@@ -108,16 +108,34 @@ def test_release_gives_back_without_counting_an_attempt(outbox: Outbox, db: Any)
         assert record["next_attempt_at"] == T0 + timedelta(seconds=6)
 
 
-def test_release_backoffs_only_touches_transient_retries(outbox: Outbox, db: Any) -> None:
-    queue(outbox, 3)
+def test_release_backoffs_only_touches_outage_retries(outbox: Outbox, db: Any) -> None:
+    queue(outbox, 4)
     now = T0 + timedelta(seconds=5)
-    a, b, c = outbox.claim_batch("w", now, 60, 10)
+    a, b, c, d = outbox.claim_batch("w", now, 60, 10)
     later = now + timedelta(minutes=10)
-    outbox.mark_retry(a["_id"], "w", {"code": 421, "message": "busy", "permanent": False}, later)
-    outbox.mark_failed(b["_id"], "w", {"code": 550, "message": "no", "permanent": True}, now)
-    assert outbox.mark_sent([c["_id"]], "w", now) == 1
+    down = {"code": None, "message": "refused", "permanent": False, "outage": True}
+    grey = {"code": 450, "message": "greylisted", "permanent": False, "outage": False}
+    outbox.mark_retry(a["_id"], "w", down, later)  # type: ignore[arg-type]
+    outbox.mark_retry(b["_id"], "w", grey, later)  # type: ignore[arg-type]
+    outbox.mark_failed(
+        c["_id"], "w", {"code": 550, "message": "no", "permanent": True, "outage": False}, now
+    )
+    assert outbox.mark_sent([d["_id"]], "w", now) == 1
     assert outbox.release_backoffs(now) == 1
-    statuses = {r["subject"]: (r["status"], r["next_attempt_at"]) for r in db.email_outbox.find()}
-    assert statuses["0"] == ("queued", now)
-    assert statuses["1"][0] == "failed" and statuses["2"][0] == "sent"
-    assert outbox.backlog() == {"queued": 1, "sending": 0}
+    state = {r["_id"]: (r["status"], r["next_attempt_at"]) for r in db.email_outbox.find()}
+    assert state[a["_id"]] == ("queued", now)
+    assert state[b["_id"]] == ("queued", later)  # its own 4xx keeps its backoff
+    assert state[c["_id"]][0] == "failed" and state[d["_id"]][0] == "sent"
+    assert outbox.backlog() == {"queued": 2, "sending": 0}
+
+
+def test_renew_extends_only_what_the_claim_still_holds(outbox: Outbox) -> None:
+    queue(outbox, 2)
+    a, b = outbox.claim_batch("w", T0 + timedelta(seconds=5), 10, 10)
+    # b's lease runs out and another dispatcher takes it over.
+    outbox.records.update_one({"_id": b["_id"]}, {"$set": {"claimed_by": "other"}})
+    held = outbox.renew([a["_id"], b["_id"]], "w", T0 + timedelta(seconds=12), 10)
+    assert held == {a["_id"]}
+    renewed = outbox.records.find_one({"_id": a["_id"]})
+    assert renewed is not None
+    assert renewed["next_attempt_at"] == T0 + timedelta(seconds=22)
