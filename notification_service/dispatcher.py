@@ -124,6 +124,8 @@ class Dispatcher:
                 attempted += 1
                 if self._deliver(record, sent) == "outage":
                     break
+                if len(sent) >= SENT_FLUSH:
+                    self._flush_sent(sent, token)
         finally:
             self._settle(sent, pending, token)
         return attempted

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,7 @@ from flask.testing import FlaskClient
 from smtp_fixtures import SmtpServer
 
 from notification_service.config import Config
-from notification_service.dispatcher import Dispatcher, RateLimiter, backoff_seconds
+from notification_service.dispatcher import SENT_FLUSH, Dispatcher, RateLimiter, backoff_seconds
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.notifications import Services
 
@@ -505,3 +506,17 @@ def test_an_email_whose_claims_keep_running_out_is_given_up(
     assert "gave up" in record["last_error"]["message"]
     time.sleep(0.2)
     assert smtp_server.messages == []
+
+
+def test_sends_are_recorded_at_least_every_sent_flush_emails(
+    mail_app: Flask, dispatcher: Dispatcher, db: Any, smtp_server: SmtpServer
+) -> None:
+    client = mail_app.test_client()
+    for i in range(SENT_FLUSH + 2):
+        client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
+    assert dispatcher.dispatch_once() == SENT_FLUSH + 2
+    # Emails recorded by one write share its sent_at: one write per SENT_FLUSH emails.
+    records = outbox(db)
+    assert {r["status"] for r in records} == {"sent"}
+    per_write = sorted(Counter(r["sent_at"] for r in records).values())
+    assert per_write == [2, SENT_FLUSH]
