@@ -7,9 +7,10 @@ database did not answer" becomes errors.Unavailable (503), so no request hangs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
@@ -130,10 +131,6 @@ class MongoConnector:
         self.field = config.notifications_field
         self.limit = config.notifications_limit
 
-    @guarded
-    def ping(self) -> None:
-        self.users.database.command("ping")
-
     def _push(self, notification: Notification) -> Document:
         # Newest first and capped in one atomic update: concurrent creates for one user
         # lose nothing but what the cap drops.
@@ -159,11 +156,43 @@ class MongoConnector:
         :raise UserNotFound: no such user and `create_with_email` is None.
         :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
         """
+        with self._refusals_of_the_document():
+            oid = ObjectId(user_id)
+            query = self._user_query(oid, require_email)
+            update = self._push(notification)
+            for _ in range(2):
+                if require_email:
+                    user = self.users.find_one_and_update(
+                        query,
+                        update,
+                        projection={self.field: 0},
+                        return_document=ReturnDocument.AFTER,
+                    )
+                    if user is not None:
+                        return user
+                elif self.users.update_one(query, update).matched_count:
+                    return None
+                if create_with_email is None:
+                    break
+                profile = {"_id": oid, "email": create_with_email, self.field: [notification]}
+                try:
+                    self.users.insert_one(profile)
+                except DuplicateKeyError:
+                    continue  # created meanwhile by a concurrent request, or has no email
+                profile.pop(self.field)
+                return profile if require_email else None
+            raise self._why_missing(oid)
+
+    @contextlib.contextmanager
+    def _refusals_of_the_document(self) -> Iterator[None]:
+        """Turn the server refusing the user's document into UserDocumentInvalid (409).
+
+        The users collection is the application's: its document may hold something
+        other than an array in our field, or be at MongoDB's 16 MB limit.
+        """
         try:
-            return self._append_capped(user_id, notification, require_email, create_with_email)
+            yield
         except OperationFailure as exc:  # WriteError, or findAndModify's failure
-            # The users collection is the application's: its document may hold something
-            # other than an array in our field, or be at MongoDB's 16 MB limit.
             if exc.code == _BAD_VALUE:
                 raise UserDocumentInvalid(
                     f"The user's {self.field!r} field is not an array.",
@@ -174,36 +203,6 @@ class MongoConnector:
                     "The user's document is too large to take another notification."
                 ) from exc
             raise
-
-    def _append_capped(
-        self,
-        user_id: str,
-        notification: Notification,
-        require_email: bool,
-        create_with_email: str | None,
-    ) -> Document | None:
-        oid = ObjectId(user_id)
-        query = self._user_query(oid, require_email)
-        update = self._push(notification)
-        for _ in range(2):
-            if require_email:
-                user = self.users.find_one_and_update(
-                    query, update, projection={self.field: 0}, return_document=ReturnDocument.AFTER
-                )
-                if user is not None:
-                    return user
-            elif self.users.update_one(query, update).matched_count:
-                return None
-            if create_with_email is None:
-                break
-            profile = {"_id": oid, "email": create_with_email, self.field: [notification]}
-            try:
-                self.users.insert_one(profile)
-            except DuplicateKeyError:
-                continue  # created meanwhile by a concurrent request, or has no email
-            profile.pop(self.field)
-            return profile if require_email else None
-        raise self._why_missing(oid)
 
     @guarded
     def find_user(self, user_id: str, *, create_with_email: str | None) -> Document:
