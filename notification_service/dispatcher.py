@@ -356,8 +356,3 @@ class DispatcherPool:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-
-    def wait(self) -> None:
-        for thread in self.threads:
-            while thread.is_alive():
-                thread.join(0.5)

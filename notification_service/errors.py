@@ -44,6 +44,11 @@ class ValidationFailed(ApiError):
     default_message = "Some fields are not valid."
 
 
+class UserHasNoEmail(ValidationFailed):
+    default_code = "user_has_no_email"
+    default_message = "The user's document has no email address to send this notification to."
+
+
 class NotFound(ApiError):
     status = 404
     default_code = "not_found"

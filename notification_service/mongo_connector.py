@@ -30,8 +30,8 @@ from .errors import (
     NotificationNotFound,
     Unavailable,
     UserDocumentInvalid,
+    UserHasNoEmail,
     UserNotFound,
-    ValidationFailed,
 )
 from .schemas import Notification
 
@@ -44,11 +44,6 @@ Document = dict[str, Any]
 _BAD_VALUE = 2  # e.g. "$push: the field must be an array"
 _TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
 _BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
-
-
-class UserHasNoEmail(ValidationFailed):
-    default_code = "user_has_no_email"
-    default_message = "The user's document has no email address to send this notification to."
 
 
 def new_id() -> str:

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .config import Config
-from .email_templates import EmailTemplates
-from .errors import EmailNotFound
-from .mongo_connector import MongoConnector, UserHasNoEmail, new_id
+from .email_templates import EmailContent, EmailTemplates
+from .errors import EmailNotFound, UserHasNoEmail
+from .mongo_connector import MongoConnector, new_id
 from .outbox import Outbox
 from .schemas import (
     CreateRequest,
@@ -126,20 +126,8 @@ def queue_email(svc: Services, request: EmailRequest) -> str:
     if request.user_id is not None:
         to = _address(svc.store.find_user(request.user_id, create_with_email=None))
     assert to is not None  # the model requires exactly one of user_id and to
-    return svc.outbox.enqueue(
-        {
-            "kind": "custom",
-            "to": to,
-            "subject": request.subject,
-            "text": request.text,
-            "html": request.html,
-            "message_id": message_id(svc.config),
-            "user_id": request.user_id,
-            "notification_id": None,
-            "key": None,
-        },
-        svc.clock(),
-    )
+    content = EmailContent(subject=request.subject, text=request.text, html=request.html)
+    return _enqueue(svc, "custom", to, content, svc.clock(), user_id=request.user_id)
 
 
 def email_state(svc: Services, email_id: str) -> EmailState:
@@ -198,17 +186,41 @@ def _queue_notification_email(
 ) -> str:
     address = _address(user)
     content = svc.templates.render(notification, user)
+    return _enqueue(
+        svc,
+        "notification",
+        address,
+        content,
+        now,
+        user_id=notification["user_id"],
+        notification_id=notification["id"],
+        key=notification["key"],
+    )
+
+
+def _enqueue(
+    svc: Services,
+    kind: str,
+    to: str,
+    content: EmailContent,
+    now: datetime,
+    *,
+    user_id: str | None,
+    notification_id: str | None = None,
+    key: str | None = None,
+) -> str:
+    """Queue one rendered email: the one place that says what an outbox record holds."""
     return svc.outbox.enqueue(
         {
-            "kind": "notification",
-            "to": address,
+            "kind": kind,
+            "to": to,
             "subject": content.subject,
             "text": content.text,
             "html": content.html,
             "message_id": message_id(svc.config),
-            "user_id": notification["user_id"],
-            "notification_id": notification["id"],
-            "key": notification["key"],
+            "user_id": user_id,
+            "notification_id": notification_id,
+            "key": key,
         },
         now,
     )

@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
 from bson import ObjectId
-from bson.errors import InvalidId
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -72,11 +71,8 @@ class Outbox:
 
     @guarded
     def get(self, email_id: str) -> Document | None:
-        try:
-            oid = ObjectId(email_id)
-        except InvalidId:
-            return None
-        return self.records.find_one({"_id": oid})
+        """The record of `email_id` (24 hex characters, validated by the caller)."""
+        return self.records.find_one({"_id": ObjectId(email_id)})
 
     @guarded
     def claim_batch(

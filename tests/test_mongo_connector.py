@@ -13,14 +13,13 @@ from flask import Flask
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from notification_service.config import Config
-from notification_service.errors import NotificationNotFound, Unavailable, UserNotFound
-from notification_service.mongo_connector import (
-    MongoConnector,
+from notification_service.errors import (
+    NotificationNotFound,
+    Unavailable,
     UserHasNoEmail,
-    connect,
-    database,
-    guarded,
+    UserNotFound,
 )
+from notification_service.mongo_connector import MongoConnector, connect, database, guarded
 from notification_service.schemas import Notification
 
 
