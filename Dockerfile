@@ -1,7 +1,8 @@
 # Untested here (no Docker engine on the development machine); kept simple on purpose.
 #   docker build -t notification-service . && docker run -p 5000:5000 --env-file .env notification-service
-# The .env must set DB_URI (the image has no embedded database); without SMTP_HOST
-# mail goes to the local sink inside the container (/app/var/mail).
+# The .env must set DB_URI (the image has no embedded database) and SMTP_HOST (or
+# DEV_MAIL_SINK=true to keep mail in the container's /app/var/mail on purpose), and
+# should set API_KEYS: the container listens on every interface.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -18,6 +19,9 @@ RUN pip install --no-cache-dir --no-deps . && useradd --create-home app && chown
 USER app
 
 EXPOSE 5000
-# `serve` replaces itself with gunicorn when DB_URI and SMTP_HOST are set, so
-# gunicorn is PID 1 and gets docker's SIGTERM directly.
+# Liveness only: /health answers without the database and without an API key.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"5000\")}/health', timeout=2)"
+# `serve` replaces itself with granian when DB_URI and SMTP_HOST are set, so granian
+# is PID 1 and gets docker's SIGTERM directly.
 CMD ["python", "-m", "notification_service", "serve"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("notification_service")
 PROGRESS_SECONDS = 10
-# Gunicorn's wait for its workers on SIGTERM. The dispatchers inside a worker stop
+# The web server's wait for its workers on SIGTERM. The dispatchers inside a worker stop
 # sooner (DispatcherPool.stop's 20 s), so their in-flight sends are recorded.
 GRACEFUL_SECONDS = 30
 
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "serve",
-        help="serve the HTTP API under gunicorn; with DB_URI or SMTP_HOST unset, first "
+        help="serve the HTTP API under granian; with DB_URI or SMTP_HOST unset, first "
         "start the embedded database or the local mail sink",
     )
     worker = commands.add_parser("worker", help="run outbox dispatchers only (for scale)")
@@ -87,31 +89,52 @@ def _check_dependencies(config: Config) -> None:
     EmailTemplates(config.templates_dir)
 
 
-def gunicorn_argv(config: Config) -> list[str]:
-    # gthread: the work is waiting on MongoDB, so threads overlap it; one worker per
-    # core. bench/README.md has the gunicorn vs granian figures behind the choice.
+def web_server_argv(config: Config) -> list[str]:
+    # granian reads each request's headers in Rust under a timeout, and asgi.py reads the
+    # body on the event loop under the same timeout: a slow client holds a socket, never
+    # one of the WEB_THREADS threads that run the app (bench/README.md has the figures).
     return [
-        sys.executable, "-m", "gunicorn",
-        "--bind", f"{config.host}:{config.port}",
+        sys.executable, "-m", "granian",
+        "--interface", "asgi",
+        "--factory",
+        "--host", config.host,
+        "--port", str(config.port),
         "--workers", str(config.web_workers),
-        "--threads", str(config.web_threads),
-        "--worker-class", "gthread",
-        "--graceful-timeout", str(GRACEFUL_SECONDS),
-        "--no-control-socket",  # one per user by default: two instances would collide
-        "notification_service.server:create_app()",
+        "--http1-header-read-timeout", str(round(config.client_timeout_seconds * 1000)),
+        "--workers-kill-timeout", str(GRACEFUL_SECONDS),
+        "--no-ws",
+        "--log-level", config.log_level.lower(),
+        "notification_service.asgi:create_asgi_app",
     ]  # fmt: skip
+
+
+def _warn_if_open(config: Config) -> None:
+    if config.api_keys:
+        return
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(config.host).is_loopback:
+            return
+    if config.host == "localhost":
+        return
+    print(
+        f"warning: listening on {config.host} without API_KEYS: anyone who reaches port "
+        f"{config.port} can read and change every user's notifications and send email",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def serve(config: Config) -> int:
     """Serve the API; start the embedded database and mail sink where none is configured."""
     _check_dependencies(config)  # before anything is started
+    _warn_if_open(config)
     data_dir = Path(config.data_dir).resolve()
     if config.db_uri and config.smtp_host:
         print(f"database: {_redact(config.db_uri)}", flush=True)
         print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
         print(f"serving on http://{config.host}:{config.port}", flush=True)
-        argv = gunicorn_argv(config)
-        os.execv(argv[0], argv)  # gunicorn gets our pid and our signals directly
+        argv = web_server_argv(config)
+        os.execv(argv[0], argv)  # the web server gets our pid and our signals directly
 
     from . import embedded
 
@@ -146,7 +169,7 @@ def serve(config: Config) -> int:
                 f"mail: local sink on 127.0.0.1:{port}, saving .eml files in {mail_dir}",
                 flush=True,
             )
-        web = embedded.spawn("web", gunicorn_argv(config), run_dir, env)
+        web = embedded.spawn("web", web_server_argv(config), run_dir, env)
         children.append(web)
         print(
             f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True
@@ -167,7 +190,7 @@ def serve(config: Config) -> int:
         # The web server first, so in-flight requests and sends finish against a live
         # database and sink; the database last.
         for child in reversed(children):
-            # The web server gets gunicorn's graceful timeout and a margin.
+            # The web server gets its graceful timeout and a margin.
             child.stop(timeout=GRACEFUL_SECONDS + 15 if child.name == "web" else 15)
         print("stopped", flush=True)
 

@@ -36,6 +36,10 @@ class Config:
     web_workers: int = 2
     web_threads: int = 8
     max_body_bytes: int = 1024 * 1024
+    # A client gets this long to send its headers, and again its body, before it is cut off.
+    client_timeout_seconds: float = 5.0
+    # Bearer keys every route but /health requires; empty = open (make run on loopback).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     # MongoDB. None means "start the embedded server" (make run only).
     db_uri: str | None = None
     db_timeout_ms: int = 3000
@@ -109,6 +113,10 @@ class Config:
             web_workers=r.integer("WEB_WORKERS", d.web_workers, 1, 64),
             web_threads=r.integer("WEB_THREADS", d.web_threads, 1, 256),
             max_body_bytes=r.integer("MAX_BODY_BYTES", d.max_body_bytes, 1024, 64 * 1024 * 1024),
+            client_timeout_seconds=r.number(
+                "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
+            ),
+            api_keys=_api_keys(r),
             db_uri=r.optional("DB_URI", _check_mongo_uri),
             db_timeout_ms=r.integer("DB_TIMEOUT_MS", d.db_timeout_ms, 100, 60_000),
             users_collection=r.name("USERS_COLLECTION", d.users_collection),
@@ -255,6 +263,48 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError("must be true or false")
+
+
+API_KEY_MIN_CHARS = 16
+_API_KEY_RE = re.compile(r"[!-~]+")  # printable ASCII without spaces: what a header carries
+
+
+def _api_keys(r: _Reader) -> tuple[str, ...]:
+    """The union of API_KEYS (comma-separated) and API_KEYS_FILE (one key a line, # comments).
+
+    :raise ConfigError: naming the variable that holds a short or unusable key.
+    """
+    keys: list[str] = []
+    sources: list[tuple[str, list[str]]] = []
+    if (listed := r.optional("API_KEYS", str)) is not None:
+        sources.append(("API_KEYS", listed.split(",")))
+    if (path := r.optional("API_KEYS_FILE", _check_file)) is not None:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # A comment stays as a blank line, so that positions are line numbers.
+        sources.append(
+            ("API_KEYS_FILE", ["" if ln.lstrip().startswith("#") else ln for ln in lines])
+        )
+    for name, candidates in sources:
+        what = "line" if name == "API_KEYS_FILE" else "key"
+        for position, candidate in enumerate(candidates, 1):
+            key = candidate.strip()
+            if not key:
+                continue
+            # The message names the key's position, never the key: it may end up in a log.
+            if not _API_KEY_RE.fullmatch(key) or "," in key:
+                raise ConfigError(
+                    f"{name}: {what} {position} has spaces, commas or characters a header "
+                    "can't carry"
+                )
+            if len(key) < API_KEY_MIN_CHARS:
+                raise ConfigError(
+                    f"{name}: {what} {position} is shorter than {API_KEY_MIN_CHARS} characters"
+                )
+            keys.append(key)
+        if not any(c.strip() for c in candidates):
+            # Set but empty would silently leave the service open.
+            raise ConfigError(f"{name}: is set but holds no key")
+    return tuple(dict.fromkeys(keys))
 
 
 def _check_name(raw: str) -> str:

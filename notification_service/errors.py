@@ -38,6 +38,27 @@ class BadRequest(ApiError):
     default_message = "The request body is not a JSON object."
 
 
+class Unauthorized(ApiError):
+    status = 401
+    default_code = "unauthorized"
+    default_message = "This service needs an API key: send Authorization: Bearer <key>."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class RequestTimeout(ApiError):
+    status = 408
+    default_code = "request_timeout"
+    default_message = "The request did not arrive in time."
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    default_code = "payload_too_large"
+    default_message = "The body is too large."
+
+
 class ValidationFailed(ApiError):
     status = 422
     default_code = "validation_failed"

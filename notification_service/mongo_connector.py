@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
+import pymongo
 from bson import ObjectId
 from pymongo import MongoClient, ReturnDocument, uri_parser
 from pymongo.collection import Collection
@@ -287,3 +288,12 @@ class MongoConnector:
     def _why_missing(self, oid: ObjectId) -> UserNotFound | UserHasNoEmail:
         exists = self.users.find_one({"_id": oid}, projection={"_id": 1}) is not None
         return UserHasNoEmail() if exists else UserNotFound()
+
+
+def deadline(seconds: float) -> contextlib.AbstractContextManager[Any]:
+    """Bound every database call made inside the block, all together, by `seconds`.
+
+    The client's timeoutMS bounds each call alone; a request that makes two calls could
+    otherwise take twice DB_TIMEOUT_MS before its 503.
+    """
+    return pymongo.timeout(seconds)

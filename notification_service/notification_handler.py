@@ -45,3 +45,9 @@ def email_state(email_id: str) -> tuple[Response, int]:
     """Where a queued email is: queued, sending, sent or failed, with its attempts."""
     path = EmailIdPath.model_validate({"email_id": email_id})
     return ok(notifications.email_state(services(), path.email_id))
+
+
+@bp.get("/health")
+def health() -> tuple[Response, int]:
+    """Liveness: the process answers. No database call, and no API key needed."""
+    return ok({"status": "ok"})

@@ -7,9 +7,11 @@ pre-forking server each worker process gets its own client after the fork.
 from __future__ import annotations
 
 import atexit
+import hmac
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +20,12 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import notification_handler
+from .asgi import EDGE_ERROR
 from .config import Config
 from .dispatcher import DispatcherPool
 from .email_templates import EmailTemplates
-from .errors import ApiError, ErrorDetail, Unavailable
-from .mongo_connector import Document, MongoConnector, connect, database
+from .errors import ApiError, ErrorDetail, Unauthorized, Unavailable
+from .mongo_connector import Document, MongoConnector, connect, database, deadline
 from .notifications import Services
 from .outbox import Outbox
 
@@ -91,20 +94,83 @@ def create_app(config: Config | None = None) -> Flask:
         # runs atexit: in-flight sends finish and their outcome is stored.
         atexit.register(runtime.close)
 
-    app = Flask(__name__)
+    app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     app.extensions["notification_service"] = runtime
     app.register_blueprint(notification_handler.bp)
     _register_errors(app)
+    # In this order: an id for every answer, then the edge's refusal, then the key.
     app.before_request(_assign_request_id)
+    app.before_request(_raise_edge_error)
+    app.before_request(_require_api_key(config.api_keys))
+    app.before_request(_start_deadline(config.db_timeout_ms / 1000))
+    app.teardown_request(_end_deadline)
     app.after_request(_echo_request_id)
     return app
+
+
+def runtime_of(app: Flask) -> Runtime:
+    rt: Runtime = app.extensions["notification_service"]
+    return rt
+
+
+class ServiceFlask(Flask):
+    def make_default_options_response(self) -> Response:
+        """OPTIONS: 204 with `Allow` and no body (Flask's own answer is an empty text/html 200)."""
+        response = super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
 
 
 def _assign_request_id() -> None:
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
+
+
+def _raise_edge_error() -> None:
+    # Set by asgi.py when it refused the request (too large, too slow, cut short).
+    error = request.environ.get(EDGE_ERROR)
+    if error is not None:
+        raise error
+
+
+# Routes a load balancer or orchestrator probes without credentials.
+OPEN_ENDPOINTS = frozenset({"notifications.health"})
+
+
+def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
+    encoded = [key.encode("ascii") for key in keys]
+
+    def check() -> None:
+        if not encoded or request.endpoint in OPEN_ENDPOINTS:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        candidate = given.strip().encode("utf-8", "replace")
+        # Compare with every key, never stopping early: the time taken says nothing
+        # about which key, or which prefix of one, came close.
+        matched = False
+        for key in encoded:
+            matched |= hmac.compare_digest(candidate, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise Unauthorized()
+
+    return check
+
+
+def _start_deadline(seconds: float) -> Callable[[], None]:
+    def start() -> None:
+        g.db_deadline = deadline(seconds)
+        g.db_deadline.__enter__()
+
+    return start
+
+
+def _end_deadline(exc: BaseException | None) -> None:
+    context = g.pop("db_deadline", None)
+    if context is not None:
+        context.__exit__(None, None, None)
 
 
 def _echo_request_id(response: Response) -> Response:

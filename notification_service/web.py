@@ -42,7 +42,9 @@ def json_body() -> dict[str, Any]:
         )
     raw = request.get_data(cache=True)  # over MAX_BODY_BYTES: werkzeug raises 413
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(
+            raw, parse_constant=_refuse_constant, object_pairs_hook=_object_with_unique_keys
+        )
     except (ValueError, RecursionError) as exc:
         # RecursionError: "[[[[..." nested past Python's limit is bad input, not a bug.
         raise BadRequest(
@@ -92,6 +94,17 @@ def _single_values() -> dict[str, Any]:
     if repeated:
         raise ValidationFailed(details=repeated)
     return dict(request.args.items())
+
+
+def _object_with_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; a proxy or validator in front of us
+    # may keep the first, so the two would act on different requests.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ValueError(f"the key {duplicate!r} appears more than once")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:

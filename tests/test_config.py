@@ -97,3 +97,54 @@ def test_dotenv_is_read_and_the_environment_wins(
 def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{variable}: "):
         Config.from_env(env)
+
+
+# --- API keys ---------------------------------------------------------------------
+
+GOOD_KEY = "0123456789abcdef-key"
+
+
+def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# rotated 2026-11\n{GOOD_KEY}-file\n\n{GOOD_KEY}\n")
+    config = Config.from_env(
+        {"API_KEYS": f" {GOOD_KEY} ,{GOOD_KEY}-2", "API_KEYS_FILE": str(keys_file)}
+    )
+    assert config.api_keys == (GOOD_KEY, f"{GOOD_KEY}-2", f"{GOOD_KEY}-file")
+    assert GOOD_KEY not in repr(config)
+    assert Config.from_env({}).api_keys == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"API_KEYS": "s3cr3t"}, "API_KEYS: key 1 is shorter than 16"),
+        ({"API_KEYS": f"{GOOD_KEY},s3cr3t"}, "API_KEYS: key 2 is shorter"),
+        ({"API_KEYS": "s3cr3t with spaces in it"}, "API_KEYS: key 1 has spaces"),
+        ({"API_KEYS": "s3cr3t-ключ-не-ascii-символы"}, "API_KEYS: key 1 has spaces"),
+        ({"API_KEYS": " , ,"}, "API_KEYS: is set but holds no key"),
+        ({"API_KEYS_FILE": "/no/such/file"}, "API_KEYS_FILE: no such file"),
+    ],
+)
+def test_unusable_api_keys_stop_the_start_without_showing_the_key(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        Config.from_env(env)
+    assert "s3cr3t" not in str(raised.value)
+
+
+def test_a_bad_line_of_the_keys_file_is_named_by_its_number(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# comment\n{GOOD_KEY}\nshort\n")
+    with pytest.raises(ConfigError, match="API_KEYS_FILE: line 3 is shorter"):
+        Config.from_env({"API_KEYS_FILE": str(keys_file)})
+    keys_file.write_text("# only a comment\n\n")
+    with pytest.raises(ConfigError, match="API_KEYS_FILE: is set but holds no key"):
+        Config.from_env({"API_KEYS_FILE": str(keys_file)})
+
+
+def test_client_timeout_is_bounded() -> None:
+    assert Config.from_env({"CLIENT_TIMEOUT_SECONDS": "2.5"}).client_timeout_seconds == 2.5
+    with pytest.raises(ConfigError, match="CLIENT_TIMEOUT_SECONDS"):
+        Config.from_env({"CLIENT_TIMEOUT_SECONDS": "0"})

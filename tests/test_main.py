@@ -143,3 +143,20 @@ def test_serve_with_database_and_smtp_settings_delivers_there(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [("0.0.0.0", (), True), ("::", (), True), ("10.1.2.3", (), True),
+     ("0.0.0.0", ("k" * 16,), False), ("127.0.0.1", (), False), ("::1", (), False),
+     ("localhost", (), False)],
+)  # fmt: skip
+def test_serving_beyond_loopback_without_api_keys_warns(
+    capsys: pytest.CaptureFixture[str], host: str, keys: tuple[str, ...], warned: bool
+) -> None:
+    from notification_service.__main__ import _warn_if_open
+    from notification_service.config import Config
+
+    _warn_if_open(Config(host=host, api_keys=keys))
+    err = capsys.readouterr().err
+    assert ("without API_KEYS" in err) is warned

@@ -330,6 +330,21 @@ RAW_BODIES: list[tuple[str, bytes, str, int, str]] = [
         "unsupported_content_type",
     ),
     ("text", b'{"key": "new_post"}', "text/plain", 400, "unsupported_content_type"),
+    # The last of two equal keys would win here, the first in many proxies and validators.
+    (
+        "duplicate key",
+        b'{"user_id": "638f394d4b7243fc0399ea67", "key": "new_post", "key": "new_login"}',
+        "application/json",
+        400,
+        "invalid_json",
+    ),
+    (
+        "nested duplicate key",
+        b'{"user_id": "638f394d4b7243fc0399ea67", "key": "new_post", "data": {"a": 1, "a": 2}}',
+        "application/json",
+        400,
+        "invalid_json",
+    ),
 ]
 
 

@@ -1,0 +1,219 @@
+"""The HTTP front: read each request whole, under a time and a size limit, before any
+thread of the Flask app sees it.
+
+A WSGI app reads its body from a blocking thread, so a client that sends half a body
+holds that thread for as long as it likes: forty such clients took every thread of the
+old gthread setup and, with it, the whole API. Here the server (granian, speaking ASGI)
+reads headers in Rust under its own timeout, this module reads the body on the event
+loop under CLIENT_TIMEOUT_SECONDS and MAX_BODY_BYTES, and only a complete request is
+handed to a bounded pool of threads that run the Flask app. A request refused here
+(too large, too slow, shorter than its Content-Length) still goes through the app, with
+an empty body and the error attached, so that every error has the app's one JSON shape.
+
+The same event loop is where a long-lived endpoint (a stream of events) can later live
+without holding a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from typing import Any
+
+from .config import Config
+from .errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+# Where the app finds a refusal of the edge (server.py raises it before anything else).
+EDGE_ERROR = "notification_service.edge_error"
+
+
+class BufferedWsgi:
+    """An ASGI app that runs a WSGI app on complete, size-checked requests."""
+
+    def __init__(
+        self,
+        wsgi_app: WsgiApp,
+        *,
+        max_body_bytes: int,
+        body_timeout: float,
+        threads: int,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self.wsgi_app = wsgi_app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="web")
+        self.on_shutdown = on_shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # Anything else (websocket) is not served: returning without accepting refuses it.
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # Requests in flight finish first; then the dispatchers finish their sends.
+                await asyncio.get_running_loop().run_in_executor(None, self._close)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _close(self) -> None:
+        self.executor.shutdown(wait=True)
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: ApiError | None = None
+        body = b""
+        try:
+            body = await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout)
+        except TimeoutError:
+            error = RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout:g} seconds."
+            )
+        except ApiError as exc:
+            error = exc
+        environ = wsgi_environ(scope, body, error)
+        loop = asyncio.get_running_loop()
+        status, headers, chunks = await loop.run_in_executor(self.executor, self._run, environ)
+        if error is not None:
+            # The rest of the body may still be on its way: don't keep reading it.
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": chunks})
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The whole body.
+
+        :raise PayloadTooLarge: past MAX_BODY_BYTES, announced or (chunked) received.
+        :raise BadRequest: the body ended (or the client stopped sending) short of what its
+            Content-Length or chunked framing promised. A client that closed only its
+            sending side still reads the answer.
+        """
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        buffer = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _incomplete(len(buffer), declared)
+            buffer += message.get("body", b"")
+            if len(buffer) > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            if not message.get("more_body", False):
+                break
+        if declared is not None and len(buffer) != declared:
+            raise _incomplete(len(buffer), declared)
+        return bytes(buffer)
+
+    def _run(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Call the WSGI app in a pool thread; return its status, headers and whole body."""
+        started: list[Any] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            started[:] = [status, headers]
+            return _no_write
+
+        result = self.wsgi_app(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = started
+        encoded = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        return int(status[:3]), encoded, body
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("the app must return its body, not write() it")
+
+
+def _incomplete(received: int, declared: int | None) -> BadRequest:
+    promised = f"its Content-Length said {declared}" if declared is not None else "it was cut"
+    return BadRequest(f"The body ended after {received} bytes; {promised}.", code="incomplete_body")
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The body is larger than {limit} bytes (MAX_BODY_BYTES).")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+            raise BadRequest("Content-Length is not a number.", code="bad_request")
+    return None
+
+
+def wsgi_environ(scope: Scope, body: bytes, error: ApiError | None) -> dict[str, Any]:
+    """The PEP 3333 environ of an ASGI HTTP scope whose body has been read whole."""
+    server = scope.get("server") or ("localhost", 80)
+    client = scope.get("client") or ("", 0)
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": scope.get("root_path", "").encode("utf-8").decode("latin-1"),
+        # WSGI strings are bytes seen as latin-1; ASGI's path is already UTF-8 decoded.
+        "PATH_INFO": scope["path"].encode("utf-8").decode("latin-1"),
+        "QUERY_STRING": scope["query_string"].decode("latin-1"),
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]),
+        "REMOTE_ADDR": str(client[0]),
+        "SERVER_PROTOCOL": f"HTTP/{scope.get('http_version', '1.1')}",
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input": BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        EDGE_ERROR: error,
+    }
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").upper().replace("-", "_")
+        value = raw_value.decode("latin-1")
+        if name in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+            continue  # the body is read whole: its real length, set above, frames it
+        key = name if name == "CONTENT_TYPE" else f"HTTP_{name}"
+        environ[key] = f"{environ[key]},{value}" if key in environ else value
+    return environ
+
+
+def create_asgi_app(config: Config | None = None) -> BufferedWsgi:
+    """The factory the server calls in each worker process (after any fork)."""
+    from .server import create_app, runtime_of
+
+    config = config or Config.from_env()
+    app = create_app(config)
+    return BufferedWsgi(
+        app,
+        max_body_bytes=config.max_body_bytes,
+        body_timeout=config.client_timeout_seconds,
+        threads=config.web_threads,
+        on_shutdown=runtime_of(app).close,
+    )

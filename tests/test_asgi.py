@@ -1,0 +1,251 @@
+"""The HTTP edge as served: granian + asgi.py over real sockets, slow and malformed clients."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from conftest import MongoServer, free_port
+
+from notification_service.__main__ import web_server_argv
+from notification_service.config import Config
+
+CLIENT_TIMEOUT = 1.0
+MAX_BODY = 4096
+
+
+@dataclass
+class Served:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def raw(self, data: bytes, *, half_close: bool = False, wait: float = 5.0) -> bytes:
+        """Send bytes as they are; return everything the server answers until it closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=wait) as sock:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            received = b""
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            return received
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def served(mongo_server: MongoServer) -> Iterator[Served]:
+    """The service exactly as `serve` runs it, with short client timeouts."""
+    port = free_port()
+    config = replace(Config(), port=port, web_workers=1, client_timeout_seconds=CLIENT_TIMEOUT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "API_"))}
+    env.update(
+        DB_URI=mongo_server.uri("asgi_edge"),
+        SMTP_HOST="127.0.0.1",  # never used: no dispatchers
+        DISPATCHER_THREADS="0",
+        PORT=str(port),
+        CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
+        MAX_BODY_BYTES=str(MAX_BODY),
+        LOG_LEVEL="WARNING",
+    )
+    process = subprocess.Popen(web_server_argv(config), env=env)
+    server = Served(port, process)
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the web server exited"
+        with contextlib.suppress(OSError):
+            if server.request("GET", "/health")[0] == 200:
+                break
+        assert time.monotonic() < deadline, "the web server did not answer"
+        time.sleep(0.2)
+    yield server
+    process.terminate()
+    process.wait(30)
+
+
+@pytest.fixture
+def user(mongo_admin: Any) -> Iterator[str]:
+    users = mongo_admin["asgi_edge"].users
+    oid = users.insert_one({"email": "user@example.com"}).inserted_id
+    yield str(oid)
+    users.delete_one({"_id": oid})
+
+
+def stored(mongo_admin: Any, user: str) -> list[Any]:
+    doc = mongo_admin["asgi_edge"].users.find_one({"_id": ObjectId(user)})
+    return list(doc.get("notifications", []))
+
+
+def status_and_json(raw: bytes) -> tuple[int, Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else None
+
+
+def create_request(user: str, *, length: int | None = None, extra: bytes = b"") -> bytes:
+    body = json.dumps({"user_id": user, "key": "new_post"}).encode()
+    return (
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n" % (length or len(body), extra) + body
+    )
+
+
+def test_two_hundred_slow_clients_neither_block_others_nor_stay_open(
+    served: Served, user: str
+) -> None:
+    slow: list[socket.socket] = []
+    try:
+        for i in range(200):
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+            if i % 2:
+                sock.sendall(b"GET /list?user_id=" + user.encode() + b" HT")  # half a line
+            else:
+                sock.sendall(create_request(user, length=500))  # half a body
+            slow.append(sock)
+        for _ in range(20):
+            started = time.monotonic()
+            status, body = served.request("GET", f"/list?user_id={user}")
+            assert status == 200 and body["success"] is True
+            assert time.monotonic() - started < 1.0
+        # Every slow socket is cut off after the client timeout (with a margin for load);
+        # a recv that times out instead fails the test.
+        deadline = time.monotonic() + CLIENT_TIMEOUT + 10
+        answers = []
+        for sock in slow:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            answers.append(received)
+    finally:
+        for sock in slow:
+            sock.close()
+    # Half a body is answered 408 (in the JSON shape); half a line is just closed.
+    assert all(status_and_json(a)[0] == 408 for a in answers[0::2])
+    assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers[1::2])
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_stores_nothing(
+    served: Served, user: str, mongo_admin: Any
+) -> None:
+    body = json.dumps({"user_id": user, "key": "new_post", "data": {"x": "y" * 8000}}).encode()
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 1000]), body[i : i + 1000])
+        for i in range(0, len(body), 1000)
+    )
+    raw = served.raw(
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+    status, answer = status_and_json(raw)
+    assert status == 413 and answer["error"]["code"] == "payload_too_large"
+    assert stored(mongo_admin, user) == []
+
+
+def test_a_chunked_body_within_the_limit_is_served(
+    served: Served, user: str, mongo_admin: Any
+) -> None:
+    body = json.dumps({"user_id": user, "key": "new_post"}).encode()
+    raw = served.raw(
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )
+    assert status_and_json(raw)[0] == 201
+    assert len(stored(mongo_admin, user)) == 1
+
+
+def test_a_declared_length_over_the_limit_is_413_at_once(served: Served, user: str) -> None:
+    started = time.monotonic()
+    raw = served.raw(create_request(user, length=MAX_BODY + 1))
+    status, answer = status_and_json(raw)
+    assert status == 413 and answer["error"]["code"] == "payload_too_large"
+    assert time.monotonic() - started < CLIENT_TIMEOUT  # not waiting for the body
+
+
+def test_a_body_shorter_than_its_length_is_400_and_stores_nothing(
+    served: Served, user: str, mongo_admin: Any
+) -> None:
+    # The JSON is complete and valid: only the framing says something is missing.
+    raw = served.raw(create_request(user, length=200), half_close=True)
+    status, answer = status_and_json(raw)
+    assert status == 400 and answer["error"]["code"] == "incomplete_body"
+    assert stored(mongo_admin, user) == []
+
+
+def test_a_body_that_stops_coming_is_408_and_stores_nothing(
+    served: Served, user: str, mongo_admin: Any
+) -> None:
+    started = time.monotonic()
+    raw = served.raw(create_request(user, length=200))
+    status, answer = status_and_json(raw)
+    assert status == 408 and answer["error"]["code"] == "request_timeout"
+    assert CLIENT_TIMEOUT <= time.monotonic() - started < CLIENT_TIMEOUT + 3
+    assert stored(mongo_admin, user) == []
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: t\r\nBad Header Line\r\n\r\n",
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    ],
+)
+def test_malformed_http_is_a_400_without_an_html_page(served: Served, request_bytes: bytes) -> None:
+    raw = served.raw(request_bytes)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    # The server answers these before the app exists for them: no body at all, or ours.
+    assert body == b"" or json.loads(body)["success"] is False
+
+
+def test_duplicate_json_keys_are_refused_over_the_wire(
+    served: Served, user: str, mongo_admin: Any
+) -> None:
+    body = b'{"user_id": "%s", "key": "new_post", "key": "new_login"}' % user.encode()
+    raw = served.raw(
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    status, answer = status_and_json(raw)
+    assert status == 400 and answer["error"]["code"] == "invalid_json"
+    assert stored(mongo_admin, user) == []
+
+
+def test_options_over_the_wire_is_204_with_allow(served: Served) -> None:
+    raw = served.raw(b"OPTIONS /read HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 204")
+    assert b"\r\nallow: " in head.lower() and body == b""
+
+
+def test_query_and_path_survive_the_translation_to_wsgi(served: Served, user: str) -> None:
+    status, body = served.request("GET", f"/list?user_id={user.upper()}&limit=0")
+    assert status == 200 and body["data"]["request"]["user_id"] == user
+    status, body = served.request("GET", "/%D0%BD%D0%B5%D1%82?x=%00")
+    assert status == 404 and body["error"]["code"] == "not_found"

@@ -1,0 +1,198 @@
+"""What server.py adds to every route: API keys, OPTIONS, liveness, one deadline per request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from conftest import MongoServer
+from flask import Flask
+from flask.testing import FlaskClient
+from pymongo import MongoClient
+
+from notification_service.config import Config
+
+KEY = "k3y-0f-at-least-16-chars"
+OTHER_KEY = "another-key-of-16-chars+"
+
+
+@pytest.fixture
+def keyed(make_app: Callable[..., Flask], make_config: Callable[..., Config]) -> FlaskClient:
+    return make_app(make_config(api_keys=(KEY, OTHER_KEY))).test_client()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- API keys ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer wrong-key-of-16-chars"},
+        {"Authorization": f"Bearer {KEY[:-1]}"},  # a prefix of a real key
+        {"Authorization": f"Bearer {KEY}x"},  # a real key and more
+        {"Authorization": f"Basic {KEY}"},  # the right secret, the wrong scheme
+        {"Authorization": KEY},
+        {"X-API-Key": KEY},
+        {"Authorization": "Bearer ключ-не-ascii-символы"},
+    ],
+)
+def test_every_route_refuses_a_missing_or_wrong_key_with_401_json(
+    keyed: FlaskClient, db: Any, user_id: str, headers: dict[str, str]
+) -> None:
+    calls = [
+        keyed.get(f"/list?user_id={user_id}", headers=headers),
+        keyed.post("/create", json={"user_id": user_id, "key": "new_post"}, headers=headers),
+        keyed.post(f"/read?user_id={user_id}&notification_id={ObjectId()}", headers=headers),
+        keyed.post("/email", json={"to": "a@example.com", "subject": "s", "text": "t"},
+                   headers=headers),
+        keyed.get(f"/email/{ObjectId()}", headers=headers),
+        keyed.get("/no-such-route", headers=headers),  # routes are not revealed either
+        keyed.open("/create", method="OPTIONS", headers=headers),
+    ]  # fmt: skip
+    for response in calls:
+        assert response.status_code == 401, response.request.path
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert response.get_json()["error"]["code"] == "unauthorized"
+    assert db.users.find_one({"_id": ObjectId(user_id)}, {"_id": 0}) == {
+        "email": "user@example.com"
+    }
+    assert db.email_outbox.count_documents({}) == 0
+
+
+@pytest.mark.parametrize("key", [KEY, OTHER_KEY])
+def test_any_configured_key_opens_every_route(keyed: FlaskClient, user_id: str, key: str) -> None:
+    created = keyed.post(
+        "/create", json={"user_id": user_id, "key": "new_post"}, headers=bearer(key)
+    )
+    assert created.status_code == 201
+    listed = keyed.get(f"/list?user_id={user_id}", headers=bearer(key))
+    assert listed.status_code == 200 and listed.get_json()["data"]["elements"] == 1
+    # The scheme is case-insensitive (RFC 7235).
+    lower = keyed.get(f"/list?user_id={user_id}", headers={"Authorization": f"bearer {key}"})
+    assert lower.status_code == 200
+
+
+def test_health_needs_no_key_and_no_database(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config]
+) -> None:
+    # A database nobody listens on: /health must still answer at once.
+    config = make_config(api_keys=(KEY,), db_uri="mongodb://127.0.0.1:9/none", db_timeout_ms=500)
+    client = make_app(config).test_client()
+    started = time.monotonic()
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"success": True, "data": {"status": "ok"}}
+    assert time.monotonic() - started < 0.4
+
+
+def test_without_keys_the_service_is_open(client: FlaskClient, user_id: str) -> None:
+    assert client.get(f"/list?user_id={user_id}").status_code == 200
+
+
+def test_the_key_never_reaches_the_log(
+    keyed: FlaskClient, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    keyed.get(f"/list?user_id={user_id}", headers=bearer(KEY))
+    keyed.get(f"/list?user_id={user_id}", headers=bearer(KEY[:-1]))
+    assert KEY[:-1] not in caplog.text
+
+
+# --- OPTIONS ----------------------------------------------------------------------
+
+
+def test_options_answers_204_with_allow_and_no_body(client: FlaskClient) -> None:
+    response = client.open("/create", method="OPTIONS")
+    assert response.status_code == 204
+    assert set(response.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}
+    assert response.data == b""
+    assert "Content-Type" not in response.headers
+    assert client.open("/nowhere", method="OPTIONS").status_code == 404
+
+
+# --- one deadline for all the database calls of a request --------------------------
+
+
+@pytest.fixture(scope="module")
+def failpoint_server() -> Iterator[MongoServer]:
+    server = MongoServer.start("--enable-test-commands")
+    yield server
+    server.stop()
+
+
+BLOCK_MS = 1300  # each blocked call alone fits in the 2 s budget; two together do not
+TIMEOUT_MS = 2000
+
+
+def block_commands(server: MongoServer, commands: list[str]) -> None:
+    with MongoClient(server.uri("admin")) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 4},
+            data={"failCommands": commands, "blockConnection": True, "blockTimeMS": BLOCK_MS},
+        )
+
+
+def unblock(server: MongoServer) -> None:
+    with MongoClient(server.uri("admin")) as admin:
+        admin.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "email_mode"),
+    [
+        # An update that matches nothing, then a find to tell "no user" from "no such id".
+        ("POST", "/read?user_id={user}&notification_id={other}", None, False),
+        # An update that matches nothing, then a find to tell why.
+        ("POST", "/create", {"user_id": "{other}", "key": "new_post"}, False),
+        # The user (created in test mode), then the outbox insert.
+        ("POST", "/create", {"user_id": "{other}", "key": "new_login"}, True),
+        ("POST", "/create", {"user_id": "{user}", "key": "registration"}, False),
+        # The user's address, then the outbox insert.
+        ("POST", "/email", {"user_id": "{user}", "subject": "s", "text": "t"}, False),
+    ],
+)
+def test_a_request_answers_within_db_timeout_however_many_calls_it_makes(
+    failpoint_server: MongoServer,
+    make_app: Callable[..., Flask],
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    email_mode: bool,
+) -> None:
+    database = f"deadline_{ObjectId()}"
+    config = Config(
+        db_uri=failpoint_server.uri(database),
+        dispatcher_threads=0,
+        db_timeout_ms=TIMEOUT_MS,
+        email="test@example.com" if email_mode else None,
+    )
+    client = make_app(config).test_client()
+    with MongoClient(failpoint_server.uri(database)) as direct:
+        user = direct[database].users.insert_one({"email": "user@example.com"}).inserted_id
+    names = {"user": str(user), "other": str(ObjectId())}
+    path = path.format(**names)
+    if body is not None:
+        body = {k: v.format(**names) if isinstance(v, str) else v for k, v in body.items()}
+    assert client.get("/nope").status_code == 404  # warm: the app is built
+    block_commands(failpoint_server, ["find", "update", "insert", "findAndModify", "aggregate"])
+    try:
+        started = time.monotonic()
+        response = client.open(path, method=method, json=body)
+        elapsed = time.monotonic() - started
+    finally:
+        unblock(failpoint_server)
+    assert response.status_code == 503, response.get_json()
+    assert response.headers["Retry-After"]
+    assert elapsed < TIMEOUT_MS / 1000 + 0.5, f"took {elapsed:.2f}s"
