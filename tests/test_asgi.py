@@ -54,18 +54,17 @@ class Served:
             conn.close()
 
 
-@pytest.fixture(scope="module")
-def served(mongo_server: MongoServer) -> Iterator[Served]:
+def start_served(mongo_server: MongoServer, client_timeout: float = CLIENT_TIMEOUT) -> Served:
     """The service exactly as `serve` runs it, with short client timeouts."""
     port = free_port()
-    config = replace(Config(), port=port, web_workers=1, client_timeout_seconds=CLIENT_TIMEOUT)
+    config = replace(Config(), port=port, web_workers=1, client_timeout_seconds=client_timeout)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "API_"))}
     env.update(
         DB_URI=mongo_server.uri("asgi_edge"),
         SMTP_HOST="127.0.0.1",  # never used: no dispatchers
         DISPATCHER_THREADS="0",
         PORT=str(port),
-        CLIENT_TIMEOUT_SECONDS=str(CLIENT_TIMEOUT),
+        CLIENT_TIMEOUT_SECONDS=str(client_timeout),
         MAX_BODY_BYTES=str(MAX_BODY),
         LOG_LEVEL="WARNING",
     )
@@ -79,9 +78,15 @@ def served(mongo_server: MongoServer) -> Iterator[Served]:
                 break
         assert time.monotonic() < deadline, "the web server did not answer"
         time.sleep(0.2)
+    return server
+
+
+@pytest.fixture(scope="module")
+def served(mongo_server: MongoServer) -> Iterator[Served]:
+    server = start_served(mongo_server)
     yield server
-    process.terminate()
-    process.wait(30)
+    server.process.terminate()
+    server.process.wait(30)
 
 
 @pytest.fixture
@@ -249,3 +254,27 @@ def test_query_and_path_survive_the_translation_to_wsgi(served: Served, user: st
     assert status == 200 and body["data"]["request"]["user_id"] == user
     status, body = served.request("GET", "/%D0%BD%D0%B5%D1%82?x=%00")
     assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_sigterm_lets_a_request_in_flight_finish(
+    mongo_server: MongoServer, user: str, mongo_admin: Any
+) -> None:
+    server = start_served(mongo_server, client_timeout=10)
+    try:
+        request = create_request(user)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+            sock.sendall(request[:-10])  # the request has begun: headers and most of the body
+            time.sleep(0.5)
+            server.process.terminate()
+            time.sleep(0.5)
+            sock.sendall(request[-10:])
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+        assert status_and_json(received)[0] == 201
+        assert len(stored(mongo_admin, user)) == 1
+        assert server.process.wait(30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
