@@ -195,6 +195,11 @@ def wsgi_environ(scope: Scope, body: bytes, error: ApiError | None) -> dict[str,
         EDGE_ERROR: error,
     }
     for raw_name, raw_value in scope["headers"]:
+        if b"_" in raw_name:
+            # `X_Request_ID` and `X-Request-ID` would both become HTTP_X_REQUEST_ID: a proxy
+            # in front could check one while the app reads the other (nginx and gunicorn
+            # drop such names too).
+            continue
         name = raw_name.decode("latin-1").upper().replace("-", "_")
         value = raw_value.decode("latin-1")
         if name in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):

@@ -278,3 +278,17 @@ def test_sigterm_lets_a_request_in_flight_finish(
     finally:
         if server.process.poll() is None:
             server.process.kill()
+
+
+def test_header_names_with_underscores_are_ignored(served: Served, user: str) -> None:
+    # Content_Type would otherwise pass for Content-Type, X_Request_ID for X-Request-ID.
+    body = json.dumps({"user_id": user, "key": "new_post"}).encode()
+    raw = served.raw(
+        b"POST /create HTTP/1.1\r\nHost: t\r\nContent_Type: application/json\r\n"
+        b"X_Request_ID: smuggled\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+        + body
+    )
+    status, answer = status_and_json(raw)
+    assert status == 400 and answer["error"]["code"] == "unsupported_content_type"
+    assert b"smuggled" not in raw
