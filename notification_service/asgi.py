@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -36,8 +37,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-# Where the app finds a refusal of the edge (server.py raises it before anything else).
+# Where the app finds a refusal of the edge (server.py raises it before anything else),
+# and the monotonic time at which the whole request was in (its database deadline counts
+# from there, time spent waiting for a free thread included).
 EDGE_ERROR = "notification_service.edge_error"
+RECEIVED_AT = "notification_service.received_at"
 
 
 class BufferedWsgi:
@@ -93,6 +97,7 @@ class BufferedWsgi:
         except ApiError as exc:
             error = exc
         environ = wsgi_environ(scope, body, error)
+        environ[RECEIVED_AT] = time.monotonic()
         loop = asyncio.get_running_loop()
         status, headers, chunks = await loop.run_in_executor(self.executor, self._run, environ)
         if error is not None:

@@ -10,6 +10,7 @@ import atexit
 import hmac
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from . import notification_handler
-from .asgi import EDGE_ERROR
+from .asgi import EDGE_ERROR, RECEIVED_AT
 from .config import Config
 from .dispatcher import DispatcherPool
 from .email_templates import EmailTemplates
@@ -161,7 +162,13 @@ def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
 
 def _start_deadline(seconds: float) -> Callable[[], None]:
     def start() -> None:
-        g.db_deadline = deadline(seconds)
+        # Counted from when the edge had the whole request: a request that waited for a
+        # free thread (the database slow, every thread waiting on it) has less left, and
+        # answers 503 at once rather than DB_TIMEOUT_MS after it finally started.
+        received = request.environ.get(RECEIVED_AT)
+        left = seconds - (time.monotonic() - received) if received is not None else seconds
+        # Never 0: pymongo.timeout(0) would mean no limit at all.
+        g.db_deadline = deadline(max(left, 0.001))
         g.db_deadline.__enter__()
 
     return start

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -54,7 +55,9 @@ class Served:
             conn.close()
 
 
-def start_served(mongo_server: MongoServer, client_timeout: float = CLIENT_TIMEOUT) -> Served:
+def start_served(
+    mongo_server: MongoServer, client_timeout: float = CLIENT_TIMEOUT, **settings: str
+) -> Served:
     """The service exactly as `serve` runs it, with short client timeouts."""
     port = free_port()
     config = replace(Config(), port=port, web_workers=1, client_timeout_seconds=client_timeout)
@@ -67,6 +70,7 @@ def start_served(mongo_server: MongoServer, client_timeout: float = CLIENT_TIMEO
         CLIENT_TIMEOUT_SECONDS=str(client_timeout),
         MAX_BODY_BYTES=str(MAX_BODY),
         LOG_LEVEL="WARNING",
+        **settings,
     )
     process = subprocess.Popen(web_server_argv(config), env=env)
     server = Served(port, process)
@@ -292,3 +296,33 @@ def test_header_names_with_underscores_are_ignored(served: Served, user: str) ->
     status, answer = status_and_json(raw)
     assert status == 400 and answer["error"]["code"] == "unsupported_content_type"
     assert b"smuggled" not in raw
+
+
+def test_with_the_database_frozen_every_request_answers_within_db_timeout(
+    user: str,
+) -> None:
+    # More requests than threads: those that wait for a thread must not get a fresh
+    # DB_TIMEOUT_MS once they start, or the last of them would answer after three times it.
+    frozen = MongoServer.start()
+    server = start_served(frozen, WEB_THREADS="2", DB_TIMEOUT_MS="1500")
+    try:
+        assert server.request("GET", f"/list?user_id={user}")[0] == 404  # connected
+        frozen.freeze()
+        results: list[tuple[int, float]] = []
+
+        def one() -> None:
+            started = time.monotonic()
+            status, _ = server.request("GET", f"/list?user_id={user}")
+            results.append((status, time.monotonic() - started))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(status for status, _ in results) == [503] * 8
+        assert max(elapsed for _, elapsed in results) < 1.5 + 1.0, results
+    finally:
+        frozen.stop()
+        server.process.terminate()
+        server.process.wait(30)
