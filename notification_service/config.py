@@ -64,6 +64,8 @@ class Config:
     smtp_max_per_connection: int = 100
     smtp_rate_limit: float = 0.0  # messages per second per dispatcher process; 0 = unlimited
     templates_dir: str | None = None
+    # Development: DB_URI without SMTP_HOST is allowed (serve's .eml sink takes the mail).
+    dev_mail_sink: bool = False
     # Outbox dispatcher
     dispatcher_threads: int = 1  # inside each server process; 0 = run `worker` separately
     dispatch_poll_seconds: float = 0.5
@@ -142,6 +144,7 @@ class Config:
             ),
             smtp_rate_limit=r.number("SMTP_RATE_LIMIT", d.smtp_rate_limit, 0, 100_000),
             templates_dir=r.optional("TEMPLATES_DIR", _check_dir),
+            dev_mail_sink=r.boolean("DEV_MAIL_SINK", d.dev_mail_sink),
             dispatcher_threads=r.integer("DISPATCHER_THREADS", d.dispatcher_threads, 0, 64),
             dispatch_poll_seconds=r.number(
                 "DISPATCH_POLL_SECONDS", d.dispatch_poll_seconds, 0.01, 60
@@ -179,6 +182,13 @@ class Config:
             )
         if config.smtp_host is None and (config.smtp_login or config.smtp_port):
             raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
+        if config.db_uri is not None and config.smtp_host is None and not config.dev_mail_sink:
+            # A real database means a real deployment: mail must not silently pile up as
+            # .eml files. `make run` alone sets neither (serve passes both to its child).
+            raise ConfigError(
+                "SMTP_HOST: must be set when DB_URI is set (without it mail would go to the "
+                "local .eml sink); set DEV_MAIL_SINK=true to allow that in development"
+            )
         return config
 
 

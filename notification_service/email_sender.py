@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email.policy
 import functools
+import ipaddress
 import logging
 import re
 import smtplib
@@ -23,6 +24,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from email.policy import Policy
+
     from notification_service.config import Config, SmtpSecurity
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,9 @@ TlsMode = Literal["implicit", "starttls", "starttls-if-offered", "plain"]
 # headers) so that any server takes them, with or without 8BITMIME or SMTPUTF8.
 _BUILD_POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _WIRE_POLICY = email.policy.SMTP
-_MESSAGE_ID_RE = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>")  # printable ASCII, no < > inside
+# RFC 5322 msg-id with dot-atom-text on both sides (no-fold-literal domains left out).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_MESSAGE_ID_RE = re.compile(rf"<{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*>")
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,23 @@ def tls_mode(security: SmtpSecurity, port: int) -> TlsMode:
     """Say how to protect a connection to `port` under SMTP_SECURITY=`security`.
 
     "starttls" fails when the server does not offer STARTTLS; "starttls-if-offered"
-    goes on in plain text then.
+    goes on in plain text then, but logs in only to a server on loopback.
     """
     if security == "auto":
         return _AUTO_MODE_BY_PORT.get(port, "starttls-if-offered")
     return _MODE_BY_SECURITY[security]
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address`, an IP address as a socket reports its peer, is this machine's
+    loopback (127.0.0.0/8, ::1, or 127.x mapped into IPv6); a name is never one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def tls_context(*, verify: bool, ca_file: str | None) -> ssl.SSLContext:
@@ -133,21 +150,29 @@ def build_message(
         ("from_email", from_email),
     ):
         _require_one_line(name, value)
-    if not _MESSAGE_ID_RE.fullmatch(email.message_id):
+    if not _MESSAGE_ID_RE.fullmatch(email.message_id) or "=?" in email.message_id:
         raise ValueError(f"message_id must look like <id@domain>, got {email.message_id!r}")
     if date is None:
         date = datetime.now(UTC)
     elif date.tzinfo is None:
         raise ValueError("date must be timezone-aware")
 
+    sender = ascii_address(from_email)
     message = EmailMessage(policy=_BUILD_POLICY)
-    # The header registry encodes a non-ASCII display name per RFC 2047 and quotes
-    # specials, which hand-made "Name <addr>" strings get wrong.
-    message["From"] = Address(display_name=from_name or "", addr_spec=ascii_address(from_email))
-    message["To"] = Address(addr_spec=ascii_address(email.to))
-    message["Subject"] = email.subject
-    message["Date"] = format_datetime(date)
-    message["Message-ID"] = email.message_id
+    # Every header from outside is written by _Written, never by the header registry,
+    # which decodes RFC 2047 encoded words in what it is given: a caller's
+    # "=?utf-8?q?=0D=0A?=" would become a real line break on the wire.
+    if from_name:
+        tokens = [*_phrase(from_name), f"<{sender}>"]
+        message["From"] = _Written("From", f"{from_name} <{sender}>", tokens)
+    else:
+        message["From"] = _Written("From", sender, [sender])
+    to = ascii_address(email.to)
+    message["To"] = _Written("To", to, [to])
+    message["Subject"] = _Written("Subject", email.subject, _unstructured("Subject", email.subject))
+    date_text = format_datetime(date)
+    message["Date"] = _Written("Date", date_text, date_text.split(" "))
+    message["Message-ID"] = _Written("Message-ID", email.message_id, [email.message_id])
     message.set_content(email.text)  # adds MIME-Version
     if email.html is not None:
         message.add_alternative(email.html, subtype="html")
@@ -157,12 +182,18 @@ def build_message(
 def ascii_address(address: str) -> str:
     """Return `address` with its domain in IDNA (punycode) form.
 
-    :raise ValueError: if it is not one bare address, or its local part is not ASCII
-        (that needs SMTPUTF8, which this sender does not speak).
+    :raise ValueError: if it is not one bare address, its local part is not ASCII
+        (that needs SMTPUTF8, which this sender does not speak), or it holds an RFC 2047
+        encoded word.
     """
     local, at, domain = address.rpartition("@")
     if not at or not local or not domain:
         raise ValueError(f"not an email address: {address!r}")
+    if "=?" in address:
+        # An address cannot be encoded (RFC 2047 section 5), so its only literal form is
+        # the bare token, which Python's parser (and others) would decode as an encoded
+        # word: "=?utf-8?q?a=0D=0ABcc=3A...?=@example.com". No real address looks so.
+        raise ValueError(f"an address must not hold an encoded word ('=?'): {address!r}")
     if not local.isascii():
         raise ValueError(f"non-ASCII local part is not supported: {address!r}")
     if not domain.isascii():
@@ -173,6 +204,120 @@ def ascii_address(address: str) -> str:
     normalized = f"{local}@{domain}"
     # Address() parses the addr-spec and refuses what is not exactly one address.
     return Address(addr_spec=normalized).addr_spec
+
+
+# -- header values, written as literal text ------------------------------------------
+
+_MAX_LINE = 78  # RFC 5322's recommended limit, CRLF excluded
+_MAX_ENCODED_WORD = 75  # RFC 2047 section 2
+_EW_OVERHEAD = len("=?utf-8?q??=")
+# RFC 2047 section 5 (3): what Q may leave unencoded even inside a phrase.
+_Q_LITERAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+_PLAIN_TEXT_RE = re.compile(r"[!-~]+(?: [!-~]+)*")  # printable ASCII words, single spaces
+_PLAIN_PHRASE_RE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*")  # RFC 5322 atoms, single spaces
+
+
+class _Written(str):
+    """A header field laid out by this module, which every policy keeps as it is.
+
+    An EmailPolicy stores a value that has a matching `name` without parsing it, and
+    serializes it by calling its `fold()`, so the header registry never reads (and
+    decodes) what was written here. The str value is `text`, what a reader decodes.
+    """
+
+    name: str
+    _tokens: tuple[str, ...]
+
+    def __new__(cls, name: str, text: str, tokens: list[str]) -> _Written:
+        self = super().__new__(cls, text)
+        self.name = name
+        self._tokens = tuple(tokens)
+        return self
+
+    def __reduce__(self) -> tuple[type[_Written], tuple[str, str, list[str]]]:
+        # For copy.deepcopy(), which the generator applies to a message in some cases.
+        return (_Written, (self.name, str(self), list(self._tokens)))
+
+    def fold(self, *, policy: Policy) -> str:
+        """The field as it goes on the wire: tokens one blank apart, lines of at most 78
+        characters where tokens allow, each continuation line starting with the blank."""
+        lines = [f"{self.name}:"]
+        for i, token in enumerate(self._tokens):
+            # The first token stays on the first line: a line break right after the
+            # colon would read back as a leading blank.
+            if i > 0 and len(lines[-1]) + 1 + len(token) > _MAX_LINE:
+                lines.append("")
+            lines[-1] += f" {token}"
+        return policy.linesep.join(lines) + policy.linesep
+
+
+def _unstructured(name: str, text: str) -> list[str]:
+    """The tokens of unstructured text (a Subject), which reads back exactly as `text`."""
+    if _PLAIN_TEXT_RE.fullmatch(text) and "=?" not in text:
+        # Plain words fold at their blanks, and unfolding gives them back.
+        return _plain_or_encoded(name, text)
+    return _encoded_words(text, _MAX_LINE - len(name) - 2)
+
+
+def _phrase(name: str) -> list[str]:
+    """The tokens of a From display name (an RFC 5322 phrase): atoms, else encoded words."""
+    if _PLAIN_PHRASE_RE.fullmatch(name) and "=?" not in name:
+        return _plain_or_encoded("From", name)
+    return _encoded_words(name, _MAX_LINE - len("From: "))
+
+
+def _plain_or_encoded(field_name: str, text: str) -> list[str]:
+    # A word too long for any line is the one plain case that needs encoding to fold.
+    words = text.split(" ")
+    first_room = _MAX_LINE - len(field_name) - 2
+    if len(words[0]) <= first_room and all(len(w) < _MAX_LINE for w in words[1:]):
+        return words
+    return _encoded_words(text, first_room)
+
+
+def _encoded_words(text: str, first_room: int) -> list[str]:
+    """`text` as RFC 2047 encoded words (UTF-8; Q or B, whichever is shorter), each
+    whole characters and short enough for its line.
+
+    The whole value is encoded, literal text included, so that no "=?" of the caller's
+    stays outside a word to be decoded by a reader.
+    """
+    data = text.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
+    q_length = sum(len(_q(c)) for c in text)
+    encoding = "q" if q_length <= 4 * -(-len(data) // 3) else "b"
+    words: list[str] = []
+    chunk = ""
+    room = min(first_room, _MAX_ENCODED_WORD)
+    for char in text:
+        if chunk and _word_length(chunk + char, encoding) > room:
+            words.append(_word(chunk, encoding))
+            chunk = ""
+            room = min(_MAX_LINE - 1, _MAX_ENCODED_WORD)
+        chunk += char
+    words.append(_word(chunk, encoding))
+    return words
+
+
+def _q(char: str) -> str:
+    if char in _Q_LITERAL:
+        return char
+    if char == " ":
+        return "_"
+    return "".join(f"={b:02X}" for b in char.encode("utf-8"))
+
+
+def _word_length(chunk: str, encoding: str) -> int:
+    if encoding == "q":
+        return _EW_OVERHEAD + sum(len(_q(c)) for c in chunk)
+    return _EW_OVERHEAD + 4 * -(-len(chunk.encode("utf-8")) // 3)
+
+
+def _word(chunk: str, encoding: str) -> str:
+    if encoding == "q":
+        payload = "".join(_q(c) for c in chunk)
+    else:
+        payload = base64.b64encode(chunk.encode("utf-8")).decode("ascii")
+    return f"=?utf-8?{encoding}?{payload}?="
 
 
 def _require_one_line(name: str, value: str) -> None:
@@ -370,19 +515,43 @@ class SmtpSender:
             conn = smtplib.SMTP(s.host, s.port, local_hostname=_local_hostname(), timeout=s.timeout)
         try:
             conn.ehlo_or_helo_if_needed()
+            encrypted = self.mode == "implicit"
             if self.mode == "starttls" or (
                 self.mode == "starttls-if-offered" and conn.has_extn("starttls")
             ):
                 # Raises SMTPNotSupportedError when the server does not offer it.
                 conn.starttls(context=self._context)
                 conn.ehlo()  # RFC 3207: forget what was learned before TLS
+                encrypted = True
             if s.login is not None:
+                if self.mode == "starttls-if-offered" and not encrypted:
+                    self._refuse_cleartext_login(conn)
                 _login(conn, s.login, s.password or "")
         except BaseException:
             _close_quietly(conn, polite=False)
             raise
         log.debug("connected to SMTP %s:%d (%s)", s.host, s.port, self.mode)
         return conn
+
+    def _refuse_cleartext_login(self, conn: smtplib.SMTP) -> None:
+        """Allow AUTH without TLS under "auto" only to a server on this machine.
+
+        The peer address is the one the bytes go to, whatever SMTP_HOST resolved to.
+        :raise SendError: transient: the operator fixes the configuration, emails wait.
+        """
+        try:
+            peer = str(conn.sock.getpeername()[0]) if conn.sock is not None else ""
+        except OSError:
+            peer = ""
+        if is_loopback(peer):
+            return
+        s = self.settings
+        raise SendError(
+            f"SMTP_SECURITY=auto: the server at {s.host}:{s.port} offers no STARTTLS; "
+            "refusing to send SMTP_LOGIN's password in cleartext; "
+            "set SMTP_SECURITY=none to allow it on purpose",
+            permanent=False,
+        )
 
     def _discard(self, *, polite: bool) -> None:
         conn, self._conn = self._conn, None

@@ -22,6 +22,8 @@ Fixtures
     - ``permanent_code`` (None): once ``fail_first`` is used up, every transaction
       is refused with this code (e.g. 550) at ``fail_at``.
     - ``port``: listen on this port instead of a free one.
+    - ``host``: listen on this address instead of 127.0.0.1 (another address of this
+      machine, say, to be a server that is not on loopback).
     - ``server_context``: the server's ssl.SSLContext, e.g. with a certificate from
       ``smtp_trustme_ca`` for another host name. Default: a certificate of the test
       CA for localhost, 127.0.0.1 and ::1.
@@ -36,6 +38,8 @@ SmtpServer
 ``messages -> list[ReceivedMessage]``: a snapshot, in order of arrival.
 ``connections -> int``: client connections accepted (over restarts).
 ``quits -> int``: QUIT commands received.
+``received -> bytes``: every byte clients sent, in order of arrival over all
+connections (decrypted after STARTTLS): commands, AUTH exchanges and message data.
 ``wait_for_messages(n, timeout=5.0) -> list[ReceivedMessage]``: block until ``n`` arrived.
 ``stop()``, ``start()``, ``restart()``: stop closes every client connection and the
 listener; start listens again on the SAME port ("SMTP down, then up"). Records are kept.
@@ -101,6 +105,13 @@ class _CountedSMTP(SMTP):
     """aiosmtpd's protocol, one per client connection, knowing its connection number."""
 
     connection_number = 0
+    recorder: SmtpServer | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # Below aiosmtpd's parsing, so that even what it would refuse is recorded.
+        if self.recorder is not None:
+            self.recorder._bytes_received(data)
+        super().data_received(data)
 
 
 class _Controller(Controller):
@@ -131,11 +142,12 @@ class SmtpServer:
         port: int | None = None,
         server_context: ssl.SSLContext | None = None,
         ca_file: Path | None = None,
+        host: str = HOST,
     ) -> None:
         if tls != "none" and server_context is None:
             raise ValueError("a TLS server needs server_context")
-        self.host = HOST
-        self.port = port or free_port(HOST)
+        self.host = host
+        self.port = port or free_port(host)
         self.tls = tls
         self.auth = auth
         self.password = password
@@ -149,6 +161,7 @@ class SmtpServer:
         self._messages: list[ReceivedMessage] = []
         self._connections = 0
         self._quits = 0
+        self._raw = bytearray()
         self._counting = False
         self._live: weakref.WeakSet[_CountedSMTP] = weakref.WeakSet()
         self._controller: _Controller | None = None
@@ -206,6 +219,7 @@ class SmtpServer:
             self._messages.clear()
             self._connections = 0
             self._quits = 0
+            self._raw.clear()
 
     @property
     def running(self) -> bool:
@@ -225,6 +239,11 @@ class SmtpServer:
     def quits(self) -> int:
         with self._lock:
             return self._quits
+
+    @property
+    def received(self) -> bytes:
+        with self._lock:
+            return bytes(self._raw)
 
     def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
         deadline = time.monotonic() + timeout
@@ -280,6 +299,7 @@ class SmtpServer:
         self._live.add(smtp)
         if not self._counting:
             return
+        smtp.recorder = self
         with self._lock:
             self._connections += 1
             smtp.connection_number = self._connections
@@ -297,6 +317,10 @@ class SmtpServer:
         with self._lock:
             self._messages.append(message)
             self._lock.notify_all()
+
+    def _bytes_received(self, data: bytes) -> None:
+        with self._lock:
+            self._raw += data
 
     def _quit(self) -> None:
         with self._lock:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from notification_service.__main__ import main
 from notification_service.config import Config, ConfigError
 
 
@@ -148,3 +149,50 @@ def test_client_timeout_is_bounded() -> None:
     assert Config.from_env({"CLIENT_TIMEOUT_SECONDS": "2.5"}).client_timeout_seconds == 2.5
     with pytest.raises(ConfigError, match="CLIENT_TIMEOUT_SECONDS"):
         Config.from_env({"CLIENT_TIMEOUT_SECONDS": "0"})
+
+
+# --- the local mail sink is for development only ------------------------------------
+
+
+def test_a_database_without_smtp_host_is_refused_naming_smtp_host() -> None:
+    # With DB_URI set this is no `make run` on a laptop: mail would silently go to .eml
+    # files that nobody reads.
+    with pytest.raises(ConfigError, match=r"^SMTP_HOST: .*DEV_MAIL_SINK"):
+        Config.from_env({"DB_URI": "mongodb://db:27017/app"})
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", ""])
+def test_dev_mail_sink_off_still_refuses(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^SMTP_HOST: "):
+        Config.from_env({"DB_URI": "mongodb://db:27017/app", "DEV_MAIL_SINK": value})
+
+
+def test_dev_mail_sink_allows_a_database_without_smtp_host() -> None:
+    config = Config.from_env({"DB_URI": "mongodb://db:27017/app", "DEV_MAIL_SINK": "true"})
+    assert (config.db_uri, config.smtp_host, config.dev_mail_sink) == (
+        "mongodb://db:27017/app",
+        None,
+        True,
+    )
+
+
+def test_make_run_with_nothing_set_needs_no_flag() -> None:
+    # `serve` starts the embedded database and the sink, then hands both to the web
+    # server's environment: neither config sees DB_URI without SMTP_HOST.
+    assert Config.from_env({}).dev_mail_sink is False
+    child = Config.from_env(
+        {"DB_URI": "mongodb://127.0.0.1:27018/notifications", "SMTP_HOST": "127.0.0.1",
+         "SMTP_PORT": "2525", "SMTP_SECURITY": "none"}
+    )  # fmt: skip
+    assert child.smtp_host == "127.0.0.1"
+
+
+def test_check_config_refuses_a_database_without_smtp_host(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.env
+    for name in ("SMTP_HOST", "SMTP_PORT", "SMTP_LOGIN", "DEV_MAIL_SINK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DB_URI", "mongodb://127.0.0.1:1/app")
+    assert main(["check-config"]) == 2
+    assert "SMTP_HOST" in capsys.readouterr().err

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import copy
+import ipaddress
+import re
+import shutil
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from flask import Flask
 from smtp_fixtures import SMTP_USER, SmtpServer
 
 from notification_service.config import Config
@@ -25,8 +35,10 @@ from notification_service.email_sender import (
     SmtpSettings,
     build_message,
     classify,
+    is_loopback,
     tls_mode,
 )
+from notification_service.email_templates import PACKAGE_TEMPLATES, EmailTemplates
 from notification_service.embedded import free_port
 
 FROM = "notifications@example.com"
@@ -181,7 +193,9 @@ def test_long_and_non_ascii_lines_go_on_the_wire_7bit_clean() -> None:
 
 
 @pytest.mark.parametrize("field", ["to", "subject", "message_id", "from_name"])
-@pytest.mark.parametrize("brk", ["\r\n", "\n", "\r", "\u2028"])
+@pytest.mark.parametrize(
+    "brk", ["\r\n", "\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+)
 def test_line_breaks_in_header_values_are_refused(field: str, brk: str) -> None:
     injected = {
         "to": f"user@example.com{brk}Bcc: victim@example.com",
@@ -217,6 +231,274 @@ def test_message_id_must_be_one_bracketed_id(message_id: str) -> None:
 def test_naive_date_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         build_message(outgoing(), from_email=FROM, from_name=None, date=datetime(2026, 1, 1))
+
+
+# -- header values are literal text (RFC 2047 encoded words) ------------------------
+#
+# A caller's text must reach a reader exactly as sent. Python's header registry decodes
+# encoded words in any value assigned to a header, so "=?utf-8?q?Hi=0D=0ABcc:...?=" in a
+# subject used to become a real line break on the wire: a forged header, or with
+# "=0D=0A=0D=0A" the real headers pushed into the body. Every check reads the bytes as
+# a mail client would, with a fresh parser.
+
+WIRE_HEADERS = [
+    "From", "To", "Subject", "Date", "Message-ID",
+    "Content-Type", "Content-Transfer-Encoding", "MIME-Version",
+]  # fmt: skip
+TEXT = "Hello,\nyou have a new notification.\n"
+# Every character str.splitlines() breaks on, NUL, and a blank line (headers into the body).
+BREAKS = {
+    "CR": "\r", "LF": "\n", "CRLF": "\r\n", "CRLFCRLF": "\r\n\r\n", "NUL": "\x00",
+    "VT": "\v", "FF": "\f", "FS": "\x1c", "GS": "\x1d", "RS": "\x1e",
+    "NEL": "\x85", "LS": "\u2028", "PS": "\u2029",
+}  # fmt: skip
+# Charset and encoding letters as attackers may spell them: RFC 2047 ignores case.
+ENCODINGS = [
+    ("utf-8", "q"), ("UTF-8", "Q"), ("utf-8", "b"), ("UTF-8", "B"),
+    ("iso-8859-1", "q"), ("ISO-8859-1", "B"),
+]  # fmt: skip
+
+
+def encoded_word(text: str, charset: str, encoding: str) -> str:
+    """`text` as one RFC 2047 encoded word, made by hand as an attacker would."""
+    data = text.encode(charset)
+    if encoding.lower() == "b":
+        payload = base64.b64encode(data).decode("ascii")
+    else:
+        payload = "".join(chr(b) if chr(b).isalnum() and b < 0x80 else f"={b:02X}" for b in data)
+    return f"=?{charset}?{encoding}?{payload}?="
+
+
+def _encoded_attacks(template: str) -> Iterator[Any]:
+    for brk_name, brk in BREAKS.items():
+        for charset, encoding in ENCODINGS:
+            with contextlib.suppress(UnicodeEncodeError):  # \u2028 has no Latin-1 byte
+                word = encoded_word(template.format(brk=brk), charset, encoding)
+                yield pytest.param(word, id=f"{brk_name}-{charset}-{encoding}")
+
+
+OTHER_ATTACKS = [
+    pytest.param("=?utf-8?q?Hi=0D=0AReply-To:attacker@evil.example?=", id="issue"),
+    pytest.param("=?utf-8?q?Hi=0D=0A=0D=0Anow_the_body?=", id="body-move"),
+    pytest.param("Hello =?utf-8?q?=0D=0ABcc:_victim@example.com?= there", id="mid-text"),
+    pytest.param("Hi=?utf-8?q?=0D=0ABcc:victim@example.com?=", id="no-space-before"),
+    pytest.param("Grüße =?utf-8?b?DQpCY2M6IHZpY3RpbUBleGFtcGxlLmNvbQ==?=", id="non-ascii"),
+    pytest.param("=?utf-8?q?a?= =?utf-8?q?=0D=0AX-Evil:_1?=", id="adjacent-words"),
+    pytest.param("=?utf-8*en?q?Hi=0D=0AX-Evil:_1?=", id="rfc2231-language"),
+]
+
+
+SUBJECT_ATTACKS = [
+    *_encoded_attacks("Hi{brk}Reply-To: attacker@evil.example{brk}Bcc: victim@example.com"),
+    *OTHER_ATTACKS,
+]
+# Shorter, so that the name stays one encoded word: Python's address parser reads the
+# blank between two encoded words of a display name as a space (RFC 2047 section 6.2
+# says to drop it), and this test compares what Python reads.
+FROM_NAME_ATTACKS = list(_encoded_attacks("{brk}Bcc:v@x"))
+
+
+def wire(msg: EmailMessage) -> bytes:
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+def read_wire(raw: bytes) -> EmailMessage:
+    """The message a mail client reads from `raw`: a fresh parser, nothing shared."""
+    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def raw_headers(raw: bytes) -> list[tuple[str, str]]:
+    """The header fields of `raw`, unfolded (RFC 5322 section 2.2.3) but not decoded."""
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    unfolded = re.sub(rb"\r\n(?=[ \t])", b"", head).decode("ascii")
+    return [(name, value.lstrip(" \t")) for name, _, value in
+            (line.partition(":") for line in unfolded.split("\r\n"))]  # fmt: skip
+
+
+def assert_literal(
+    raw: bytes,
+    *,
+    subject: str = "New notification: welcome",
+    from_name: str = "Notifier",
+    text: str = TEXT,
+    headers: list[str] = WIRE_HEADERS,
+) -> None:
+    """`raw` has exactly the service's headers, in order, each read back as it was given."""
+    assert raw.isascii()
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    fields = dict(raw_headers(raw))
+    assert [name for name, _ in raw_headers(raw)] == headers
+    parsed = read_wire(raw)
+    assert list(parsed.keys()) == headers
+    assert parsed["Subject"] == subject
+    (sender,) = parsed["From"].addresses
+    assert sender.addr_spec == FROM
+    # The display name as an RFC 2047 reader shows it (see FROM_NAME_ATTACKS).
+    assert str(make_header(decode_header(fields["From"]))) == f"{from_name} <{FROM}>"
+    assert [a.addr_spec for a in parsed["To"].addresses] == ["user@example.com"]
+    assert parsed["Message-ID"] == "<n1.abc@example.com>"
+    if not parsed.is_multipart():
+        assert content(parsed) == text
+
+
+@pytest.mark.parametrize("subject", SUBJECT_ATTACKS)
+def test_encoded_words_in_the_subject_stay_literal_text(subject: str) -> None:
+    assert_literal(wire(message(subject=subject)), subject=subject)
+
+
+@pytest.mark.parametrize("name", FROM_NAME_ATTACKS)
+def test_encoded_words_in_the_from_name_stay_literal_text(name: str) -> None:
+    raw = wire(build_message(outgoing(), from_email=FROM, from_name=name))
+    assert_literal(raw, from_name=name)
+    (sender,) = read_wire(raw)["From"].addresses
+    assert sender.display_name == name
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("nul\x00inside", id="NUL"),
+        pytest.param("tab\there", id="TAB"),
+        pytest.param("  leading and trailing  ", id="spaces"),
+        pytest.param("two  spaces", id="double-space"),
+        pytest.param("=?", id="opener-only"),
+        pytest.param("?= =? ?=", id="fragments"),
+        pytest.param('ACME, Inc. "Alerts" <x@evil.example>', id="specials"),
+        pytest.param("=?utf-8?q?x?=" * 40, id="long-words"),
+        pytest.param(("Grüße, =?utf-8?q?=0D=0A?= 日本 " * 30).strip(), id="long-mixed"),
+        pytest.param("word " * 150 + "end", id="long-plain"),
+        pytest.param("x" * 900, id="long-token"),
+        *OTHER_ATTACKS,
+    ],
+)
+def test_any_subject_or_from_name_reads_back_exactly(value: str) -> None:
+    msg = build_message(outgoing(subject=value), from_email=FROM, from_name=value)
+    assert_literal(wire(msg), subject=value, from_name=value)
+
+
+def test_plain_ascii_values_are_written_as_they_are() -> None:
+    # Only what needs it is encoded: plain subjects stay readable (and unsuspicious to
+    # spam filters) on the wire.
+    head = wire(message()).partition(b"\r\n\r\n")[0]
+    assert b"\r\nSubject: New notification: welcome\r\n" in head
+    assert head.startswith(b"From: Notifier <notifications@example.com>\r\n")
+
+
+def test_html_message_headers_stay_literal_too() -> None:
+    subject = "=?utf-8?q?Hi=0D=0A=0D=0A<b>body</b>?="
+    raw = wire(message(subject=subject, html="<p>Rich</p>\n"))
+    headers = ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type"]
+    assert_literal(raw, subject=subject, headers=headers)
+    assert [content(p) for p in read_wire(raw).iter_parts()] == [TEXT, "<p>Rich</p>\n"]
+
+
+def test_headers_read_from_the_built_message_are_the_literal_values() -> None:
+    subject = "=?utf-8?q?Hi=0D=0AX-Evil:_1?="
+    msg = build_message(outgoing(subject=subject), from_email=FROM, from_name=subject)
+    assert msg["Subject"] == subject
+    assert msg["To"] == "user@example.com"
+    assert "X-Evil" not in msg
+    assert_literal(copy.deepcopy(msg).as_bytes(), subject=subject, from_name=subject)
+
+
+def test_template_data_in_the_subject_stays_literal(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(PACKAGE_TEMPLATES, templates)
+    (templates / "registration.subject.txt").write_text("Welcome, {{ user.name }}: {{ data.x }}\n")
+    name = "=?utf-8?q?Eve=0D=0AReply-To:attacker@evil.example?="
+    rendered = EmailTemplates(templates).render(
+        {
+            "id": "0" * 24,
+            "timestamp": 0,
+            "is_new": True,
+            "user_id": "0" * 24,
+            "key": "registration",
+            "target_id": None,
+            "data": {"x": "=?UTF-8?B?DQoNCm1vdmVkIHRvIHRoZSBib2R5?="},
+        },
+        {"_id": "0" * 24, "email": "user@example.com", "name": name},
+    )
+    assert rendered.subject == f"Welcome, {name}: =?UTF-8?B?DQoNCm1vdmVkIHRvIHRoZSBib2R5?="
+    msg = build_message(
+        outgoing(subject=rendered.subject, text=rendered.text, html=rendered.html),
+        from_email=FROM,
+        from_name="Notifier",
+    )
+    parsed = read_wire(wire(msg))
+    assert "Reply-To" not in parsed
+    assert parsed["Subject"] == rendered.subject
+    assert content(parsed.get_body(("plain",))) == rendered.text.replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "=?utf-8?q?a=0D=0ABcc=3Avictim=40example.com?=@example.com",
+        "a=?utf-8?q?=0D=0ABcc=3Avictim=40example.com?=@example.com",
+        "=?UTF-8?B?YQ0KQmNjOiB2aWN0aW1AZXhhbXBsZS5jb20=?=@example.com",
+    ],
+)
+def test_an_encoded_word_in_the_to_address_is_refused(to: str) -> None:
+    # An address cannot be RFC 2047-encoded (RFC 2047 section 5), so the only literal
+    # form is the bare token, and a reader that decodes it anyway would show a forged
+    # one. Nothing legitimate looks like that: refuse it by name.
+    with pytest.raises(ValueError, match="encoded word"):
+        message(to=to)
+
+
+def test_an_encoded_word_in_the_message_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="message_id"):
+        message(message_id="<=?utf-8?q?a=0D=0AX-Evil:1?=@example.com>")
+
+
+def test_encoded_words_reach_the_smtp_server_as_literal_text(
+    smtp_server: SmtpServer, make_sender: Callable[..., SmtpSender]
+) -> None:
+    subject = "=?utf-8?q?Hi=0D=0AReply-To:attacker@evil.example=0D=0A=0D=0Amoved?="
+    name = "=?UTF-8?B?T3BzDQpCY2M6IHZpY3RpbUBleGFtcGxlLmNvbQ==?="
+    msg = build_message(outgoing(subject=subject), from_email=FROM, from_name=name)
+    make_sender(smtp_server).send(msg)
+    (got,) = smtp_server.wait_for_messages(1)
+    assert got.rcpt_tos == ["user@example.com"]
+    assert got.data == wire(msg)
+    assert_literal(got.data, subject=subject, from_name=name)
+
+
+def test_encoded_words_sent_through_the_api_arrive_as_literal_text(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    db: Any,
+) -> None:
+    name = "=?iso-8859-1?q?Ops=0D=0ABcc:_victim@example.com?="
+    app = make_app(
+        make_config(
+            **smtp_server.config_kwargs(),
+            smtp_email=FROM,
+            smtp_name=name,
+            dispatcher_threads=1,
+            dispatch_poll_seconds=0.05,
+        )
+    )
+    client = app.test_client()
+    subject = "=?utf-8?q?Hi=0D=0AReply-To:attacker@evil.example=0D=0A=0D=0Amoved?="
+    body = {"to": "user@example.com", "subject": subject, "text": TEXT}
+    assert client.post("/email", json=body).status_code == 202
+    # A literal line break is still refused at the edge, before anything is queued.
+    refused = client.post("/email", json={**body, "subject": "Hi\r\nBcc: victim@example.com"})
+    assert refused.status_code == 422
+    assert db.email_outbox.count_documents({}) == 1
+    (got,) = smtp_server.wait_for_messages(1)
+    parsed = read_wire(got.data)
+    assert list(parsed.keys()) == WIRE_HEADERS
+    assert parsed["Subject"] == subject
+    assert [a.addr_spec for a in parsed["From"].addresses] == [FROM]
+    from_field = dict(raw_headers(got.data))["From"]
+    assert str(make_header(decode_header(from_field))) == f"{name} <{FROM}>"
+    assert content(parsed) == TEXT
 
 
 # -- settings and the security table --------------------------------------------
@@ -601,3 +883,99 @@ def test_sender_from_config_reaches_the_fixture_server(
     (got,) = server.wait_for_messages(1)
     assert got.tls == (tls != "none")
     assert got.login == (SMTP_USER if auth else None)
+
+
+# -- no cleartext password off this machine (SMTP_SECURITY=auto) -------------------
+
+
+@pytest.fixture
+def own_address() -> str:
+    """A non-loopback IPv4 address of this machine, to be a server that is not local."""
+    try:
+        words = subprocess.run(
+            ["hostname", "-I"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        words = []
+    for word in words:
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(word)
+            if address.version == 4 and not address.is_loopback:
+                return word
+    pytest.skip("this machine has no non-loopback IPv4 address (hostname -I)")
+
+
+def secrets_on_the_wire(password: str) -> list[bytes]:
+    """The forms a password takes in AUTH PLAIN and AUTH LOGIN, and the password itself."""
+    return [
+        password.encode(),
+        base64.b64encode(password.encode()),
+        base64.b64encode(f"\0{SMTP_USER}\0{password}".encode()),
+    ]
+
+
+def commands(server: SmtpServer) -> list[bytes]:
+    return [line.split(b" ")[0].upper() for line in server.received.split(b"\r\n") if line]
+
+
+def test_auto_refuses_a_cleartext_login_to_a_server_off_this_machines_loopback(
+    smtp_factory: Callable[..., SmtpServer],
+    make_sender: Callable[..., SmtpSender],
+    own_address: str,
+) -> None:
+    server = smtp_factory(auth=True, host=own_address)  # offers AUTH, no STARTTLS
+    error = send_error(make_sender(server, host=own_address, security="auto"))
+    # Configuration the operator fixes: the email waits for it instead of failing.
+    assert not error.permanent
+    assert error.reply == (
+        f"SMTP_SECURITY=auto: the server at {own_address}:{server.port} offers no STARTTLS; "
+        "refusing to send SMTP_LOGIN's password in cleartext; "
+        "set SMTP_SECURITY=none to allow it on purpose"
+    )
+    assert server.messages == []
+    assert commands(server)[0] == b"EHLO"  # the recording works: it saw the greeting
+    assert b"AUTH" not in commands(server)
+    for secret in secrets_on_the_wire(server.password):
+        assert secret not in server.received
+
+
+def test_security_none_still_sends_a_cleartext_login_on_purpose(
+    smtp_factory: Callable[..., SmtpServer],
+    make_sender: Callable[..., SmtpSender],
+    own_address: str,
+) -> None:
+    server = smtp_factory(auth=True, host=own_address)
+    make_sender(server, host=own_address, security="none").send(message())
+    assert [m.login for m in server.messages] == [SMTP_USER]
+    assert b"AUTH" in commands(server)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_auto_logs_in_in_cleartext_on_loopback(
+    host: str, smtp_factory: Callable[..., SmtpServer], make_sender: Callable[..., SmtpSender]
+) -> None:
+    # A local relay (or make run's sink) is reached without leaving the machine.
+    server = smtp_factory(auth=True, host="::1" if host == "::1" else "127.0.0.1")
+    make_sender(server, host=host, security="auto").send(message())
+    assert [(m.login, m.tls) for m in server.messages] == [(SMTP_USER, False)]
+
+
+@pytest.mark.parametrize(
+    ("peer", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("192.0.2.2", False),
+        ("10.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("::ffff:192.0.2.2", False),
+        ("fe80::1%eth0", False),
+        ("localhost", False),  # a name, not an address a socket reports
+        ("", False),
+    ],
+)
+def test_only_a_loopback_peer_may_get_a_cleartext_password(peer: str, loopback: bool) -> None:
+    assert is_loopback(peer) is loopback
