@@ -35,7 +35,9 @@ _EMAIL_RE = re.compile(r"[^@\s<>()\[\]\\,;:\"]{1,64}@[A-Za-z0-9.-]{1,253}")
 
 
 def is_email_address(value: str) -> bool:
-    return _EMAIL_RE.fullmatch(value) is not None and ".." not in value
+    # "=?" could start an RFC 2047 encoded word, which a reader of the To header might
+    # decode into line breaks and headers of its own; no real address needs it.
+    return _EMAIL_RE.fullmatch(value) is not None and ".." not in value and "=?" not in value
 
 
 def _object_id(value: str) -> str:

@@ -196,3 +196,8 @@ def test_check_config_refuses_a_database_without_smtp_host(
     monkeypatch.setenv("DB_URI", "mongodb://127.0.0.1:1/app")
     assert main(["check-config"]) == 2
     assert "SMTP_HOST" in capsys.readouterr().err
+
+
+def test_an_encoded_word_is_not_an_email_address() -> None:
+    with pytest.raises(ConfigError, match="EMAIL"):
+        Config.from_env({"EMAIL": "=?utf-8?b?DQpCY2M6IHY=?=@example.com"})

@@ -644,6 +644,9 @@ def test_email_to_a_user_uses_their_address(
         {"to": "\ud800@example.com", "subject": "s", "text": "t"},
         {"to": "a@example.com", "subject": "s\u2028Bcc: x@example.com", "text": "t"},
         {"to": "a@example.com", "subject": "s\x85x", "text": "t"},
+        # An encoded word in an address: a reader could decode it into other headers.
+        {"to": "=?utf-8?q?a=0D=0ABcc:_v@evil.example?=@example.com", "subject": "s", "text": "t"},
+        {"to": "a=?utf-8?b?DQpCY2M6IHY=?=@example.com", "subject": "s", "text": "t"},
     ],
 )
 def test_bad_email_request_is_422_and_queues_nothing(
