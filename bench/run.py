@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["email_throughput.py", "wsgi_servers.py"]
+BENCHMARKS = ["email_throughput.py", "serving.py"]
 
 
 def main() -> int:
