@@ -14,10 +14,9 @@ from typing import Any
 
 import jinja2
 
+from .keys import EMAIL_KEYS
 from .schemas import Notification
 
-# The keys whose notifications send email (SPEC §3's table).
-EMAIL_KEYS: tuple[str, ...] = ("registration", "new_login")
 PARTS = ("subject.txt", "txt", "html")
 PACKAGE_TEMPLATES = Path(__file__).parent / "templates" / "email"
 

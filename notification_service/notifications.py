@@ -14,6 +14,7 @@ from typing import Any
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserHasNoEmail
+from .keys import KEYS
 from .mongo_connector import MongoConnector, new_id
 from .outbox import Outbox
 from .schemas import (
@@ -35,21 +36,6 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True)
-class Route:
-    record: bool
-    email: bool
-
-
-# SPEC §3: which keys store a record in the user's document and which send an email.
-ROUTES: dict[str, Route] = {
-    "registration": Route(record=False, email=True),
-    "new_message": Route(record=True, email=False),
-    "new_post": Route(record=True, email=False),
-    "new_login": Route(record=True, email=True),
-}
-
-
-@dataclass(frozen=True)
 class Services:
     config: Config
     store: MongoConnector
@@ -64,7 +50,7 @@ def create_notification(svc: Services, request: CreateRequest) -> CreateResult:
     :raise UserNotFound: unknown user outside test mode (EMAIL unset).
     :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
     """
-    route = ROUTES[request.key]
+    route = KEYS[request.key]
     now = svc.clock()
     notification: Notification = {
         "id": new_id(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, TypedDict
 
 from pydantic import (
     AfterValidator,
@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-NotificationKey = Literal["registration", "new_message", "new_post", "new_login"]
+from .keys import NotificationKey
 
 DATA_MAX_BYTES = 16 * 1024
 DATA_MAX_DEPTH = 32

@@ -8,12 +8,8 @@ from typing import Any
 
 import pytest
 
-from notification_service.email_templates import (
-    EMAIL_KEYS,
-    PACKAGE_TEMPLATES,
-    EmailTemplates,
-    TemplateError,
-)
+from notification_service.email_templates import PACKAGE_TEMPLATES, EmailTemplates, TemplateError
+from notification_service.keys import EMAIL_KEYS
 from notification_service.schemas import Notification
 
 
