@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The stamp is rebuilt when the dependencies change, so `make run` after a pull installs.
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint fmt bench check-config clean
+.PHONY: run test faults lint fmt bench check-config clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: $(STAMP)
 ## The whole suite against real SecantusDB and SMTP servers the fixtures start.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## The database killed with SIGKILL under load, FAULT_ROUNDS times (default 6): minutes.
+faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults -rA tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,14 +1,20 @@
-"""Drains the outbox: claim one email with a lease, send it over SMTP, store the outcome.
+"""Drains the outbox: claim a batch of emails with a lease, send them over SMTP, store
+the outcomes.
 
-Any number of dispatchers, threads or processes, share one outbox: a claim is one atomic
-find-and-update, and every outcome is written only while the claim is still held. A
-dispatcher that dies leaves its claim to be taken over when the lease runs out, so
-delivery is at least once; a duplicate needs a crash between the SMTP server's
-acceptance and the outbox update.
+Any number of dispatchers, threads or processes, share one outbox: each email's claim is
+a conditional update only one of them can win, and a failure is written only while the
+claim is still held; a send is recorded in any case (it went out). A dispatcher that
+dies leaves its claim to be taken over when the lease runs out, so delivery is at least
+once. A duplicate needs the dispatcher to die between the SMTP server's acceptance and
+the record (at most SENT_FLUSH emails per thread), or the database to stay away longer
+than what is left of the lease; a database that restarts sooner causes none: what this
+dispatcher could not record or give back meanwhile it does first when the database
+answers again (`_catch_up`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -17,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -88,6 +94,12 @@ class Dispatcher:
     _smtp_was_down: bool = False
     _indexed: bool = False
     _lease_end: float = 0.0  # monotonic time at which the current claim runs out
+    # Left over from a database outage, done before the next claim (`_catch_up`):
+    # emails the SMTP server accepted whose record could not be written...
+    _unrecorded: list[Any] = field(default_factory=list)
+    # ...and claims not given back: (token, the untried ids, or None when the claim's
+    # reply was lost and nothing of it was tried).
+    _held: list[tuple[str, list[Any] | None]] = field(default_factory=list)
 
     def dispatch_once(self) -> int:
         """Claim a batch of due emails and send them; return how many were attempted.
@@ -103,10 +115,18 @@ class Dispatcher:
         if not self._indexed:
             svc.outbox.ensure_indexes()
             self._indexed = True
+        self._catch_up()
         token = f"{self.name}:{uuid.uuid4().hex[:8]}"
         lease = cfg.dispatch_lease_seconds
         claimed_at = time.monotonic()
-        pending = svc.outbox.claim_batch(token, svc.clock(), lease, cfg.dispatch_batch_size)
+        try:
+            pending = svc.outbox.claim_batch(token, svc.clock(), lease, cfg.dispatch_batch_size)
+        except Unavailable:
+            # The claim may have been stored with only its reply lost: those emails
+            # would wait out the whole lease. Nothing of it was tried, so give back
+            # whatever the token holds once the database answers.
+            self._held.append((token, None))
+            raise
         self._lease_end = claimed_at + lease
         attempted = 0
         sent: list[Any] = []
@@ -143,33 +163,74 @@ class Dispatcher:
         return [r for r in pending if r["_id"] in held]
 
     def _settle(self, sent: list[Any], pending: list[dict[str, Any]], token: str) -> None:
-        """Record what was sent and give back what was not tried, even after an error."""
-        try:
+        """Record what was sent and give back what was not tried, even after an error;
+        what the database does not take now is kept for `_catch_up`."""
+        with contextlib.suppress(Unavailable):  # kept for _catch_up, and logged
             self._flush_sent(sent, token)
-        except Unavailable:
-            log.error(
-                "dispatcher %s: %d sent emails could not be recorded; they will be sent "
-                "again after the lease",
-                self.name,
-                len(sent),
-            )
         if pending:
+            ids = [r["_id"] for r in pending]
             try:
-                self.services.outbox.release(
-                    [r["_id"] for r in pending], token, self.services.clock()
-                )
+                self.services.outbox.release(ids, token, self.services.clock())
             except Unavailable:
-                log.warning("dispatcher %s: %d claims left to run out", self.name, len(pending))
+                self._held.append((token, ids))
+                log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
+
+    def _catch_up(self) -> None:
+        """Finish what a database outage interrupted, before claiming anything more:
+        record the sends it left unrecorded (or this very dispatcher, finding their
+        lease run out, would send them again) and give back the claims it left held (or
+        their emails would wait for the lease to run out).
+
+        :raise Unavailable: the database still does not answer; nothing is forgotten.
+        """
+        svc = self.services
+        if self._unrecorded:
+            ids = list(self._unrecorded)
+            svc.outbox.mark_sent(ids, svc.clock())
+            self._unrecorded.clear()
+            log.info(
+                "dispatcher %s: recorded %d sends after a database outage", self.name, len(ids)
+            )
+        while self._held:
+            token, held = self._held[0]
+            if held is None:
+                svc.outbox.release_claim(token, svc.clock())
+            else:
+                svc.outbox.release(held, token, svc.clock())
+            self._held.pop(0)
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:
+        """Record the sends in `sent` with one write; on Unavailable (after retrying
+        while the lease lasts) they are kept for `_catch_up`, never forgotten."""
         if not sent:
             return
         ids, now = list(sent), self.services.clock()
         sent.clear()
-        self._store(
-            f"{len(ids)} sent email(s)",
-            lambda: self.services.outbox.mark_sent(ids, token, now) == len(ids),
-        )
+        try:
+            self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now))
+        except Unavailable:
+            self._unrecorded.extend(ids)
+            log.error(
+                "dispatcher %s: %d sent emails not recorded yet; recording them when the "
+                "database answers (another dispatcher may send them again if their lease "
+                "runs out first)",
+                self.name,
+                len(self._unrecorded),
+            )
+            raise
+
+    def _record_sent(self, ids: list[Any], now: datetime) -> bool:
+        recorded = self.services.outbox.mark_sent(ids, now)
+        if recorded < len(ids):
+            # Our own earlier try whose reply was lost, or another dispatcher's, after
+            # this claim's lease ran out: either way the record now says sent.
+            log.info(
+                "dispatcher %s: %d of %d sends were recorded already",
+                self.name,
+                len(ids) - recorded,
+                len(ids),
+            )
+        return True
 
     def run(self) -> None:
         """Dispatch until `stopping` is set; an in-flight send always finishes first."""
@@ -187,6 +248,16 @@ class Dispatcher:
                     self.stopping.wait(cfg.dispatch_poll_seconds * 4)
                 self.wake.clear()
         finally:
+            try:
+                self._catch_up()
+            except Unavailable:
+                log.error(
+                    "dispatcher %s: stopped with %d sends unrecorded (they will be sent "
+                    "again after their lease) and %d claims left to run out",
+                    self.name,
+                    len(self._unrecorded),
+                    len(self._held),
+                )
             self.sender.close()
 
     def _idle_seconds(self) -> float:
@@ -279,11 +350,12 @@ class Dispatcher:
         )
 
     def _store(self, what: str, write: Callable[[], bool]) -> None:
-        """Run an outcome write that is conditional on holding the claim.
+        """Run an outcome write (`write` returns False when the claim was lost first).
 
         The outcome must be stored even if the database blinks right now: an email the
         SMTP server accepted but whose record stays "sending" is sent again after the
-        lease. So keep trying while the claim lasts (less a second), then give up.
+        lease. So keep trying while the claim lasts (less a second), then give up (a
+        send is then kept for `_catch_up`).
         """
         deadline = max(self._lease_end - 1.0, time.monotonic() + 1.0)
         while True:

@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pymongo
 from bson import ObjectId
@@ -102,6 +102,15 @@ def connect(config: Config) -> MongoClient[Document]:
         raise ConfigError("DB_URI: must be set (make run starts an embedded server without it)")
     check_uri(config)
     timeout = config.db_timeout_ms
+    # Every write, on every path (records, outbox inserts, claims, outcomes), waits
+    # until it is in the journal of a majority of the replica set (of the one node,
+    # on a standalone server), so nothing a 2xx answer or a recorded send depends on
+    # is lost to a crash or a failover. Set once on the client: every collection
+    # inherits it. A DB_URI that gives `w` or `journal` itself is followed instead
+    # (keyword arguments would override the URI). retryWrites stays the driver's
+    # default (on) unless DB_URI says otherwise; README "Durability" says when to.
+    given = {name.lower() for name, _ in parse_qsl(urlsplit(config.db_uri).query)}
+    durable: dict[str, Any] = {} if given & {"w", "journal"} else {"w": "majority", "journal": True}
     return MongoClient(
         config.db_uri,
         appname="notification-service",
@@ -112,6 +121,7 @@ def connect(config: Config) -> MongoClient[Document]:
         serverSelectionTimeoutMS=timeout,
         connectTimeoutMS=min(timeout, 2000),
         connect=False,
+        **durable,
     )
 
 

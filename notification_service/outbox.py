@@ -4,6 +4,10 @@ A record's life: queued -> sending (claimed, with a lease) -> sent | queued (ret
 failed. While a record is sending, `claimed_by` names the claim (a token per batch)
 and `next_attempt_at` is the end of its lease, so one index, (status,
 next_attempt_at), finds both what is due and what a dead dispatcher left.
+
+Every write here is journaled (the client's write concern, mongo_connector.connect),
+so an acknowledged claim or outcome survives a database crash: a claim found gone
+later was taken over after its lease ran out, never lost to the crash.
 """
 
 from __future__ import annotations
@@ -159,6 +163,19 @@ class Outbox:
         return result.modified_count
 
     @guarded
+    def release_claim(self, token: str, now: datetime) -> int:
+        """Give back whatever the claim `token` still holds; only for a claim none of
+        whose emails was tried (its reply was lost, so its ids are unknown)."""
+        result = self.records.update_many(
+            {"status": "sending", "claimed_by": token},
+            {
+                "$set": {"status": "queued", "next_attempt_at": now, "claimed_by": None},
+                "$inc": {"attempts": -1},
+            },
+        )
+        return result.modified_count
+
+    @guarded
     def next_due(self) -> datetime | None:
         """When the earliest claimable record falls due (lets an idle dispatcher sleep)."""
         times = [
@@ -176,11 +193,17 @@ class Outbox:
         return min(times, default=None)
 
     @guarded
-    def mark_sent(self, email_ids: list[Any], token: str, now: datetime) -> int:
-        """Record the delivery of several emails of one claim; return how many were
-        still held (fewer means a lease ran out meanwhile and another took them)."""
+    def mark_sent(self, email_ids: list[Any], now: datetime) -> int:
+        """Record that the SMTP server accepted these emails; return how many this call
+        recorded (the others were recorded already).
+
+        Not conditional on holding the claim, unlike every other outcome: the email
+        went out, and leaving its record claimable would send it again. If the lease
+        ran out meanwhile and another dispatcher holds the email, that one's own
+        outcome then finds the record sent and changes nothing.
+        """
         result = self.records.update_many(
-            {"_id": {"$in": email_ids}, "status": "sending", "claimed_by": token},
+            {"_id": {"$in": email_ids}, "status": {"$ne": "sent"}},
             {"$set": {"status": "sent", "sent_at": now, "claimed_by": None}},
         )
         return result.modified_count

@@ -10,6 +10,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -189,3 +190,84 @@ def make_user(db: Any, config: Config) -> Callable[..., str]:
 @pytest.fixture
 def user_id(make_user: Callable[..., str]) -> str:
     return make_user()
+
+
+class DatabaseLink:
+    """A TCP relay between clients and a database server: the network a test can break.
+
+    `cut()` closes every connection and refuses new ones (a partition, or the database
+    gone); `drop_replies()` lets requests reach the server but loses what it answers
+    (the write happens, the client never learns it did); `heal()` restores the link.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.mode = "open"
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def uri(self, database: str) -> str:
+        # Direct: otherwise the driver follows the replica set's advertised address,
+        # the server's own port, around the relay.
+        return f"mongodb://127.0.0.1:{self.port}/{database}?directConnection=true"
+
+    def cut(self) -> None:
+        with self._lock:
+            self.mode = "down"
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._sockets.clear()
+
+    def drop_replies(self) -> None:
+        self.mode = "drop_replies"
+
+    def heal(self) -> None:
+        self.mode = "open"
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.mode == "down":
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if replies and self.mode == "drop_replies":
+                    continue
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def db_link(mongo_server: MongoServer) -> Iterator[DatabaseLink]:
+    link = DatabaseLink(mongo_server.port)
+    yield link
+    link.close()

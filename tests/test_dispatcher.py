@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -18,15 +19,20 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
-from conftest import runtime
+from conftest import DatabaseLink, runtime
 from flask import Flask
 from flask.testing import FlaskClient
+from pymongo import MongoClient, monitoring
 from smtp_fixtures import SmtpServer
 
 from notification_service.config import Config
 from notification_service.dispatcher import SENT_FLUSH, Dispatcher, RateLimiter, backoff_seconds
 from notification_service.email_sender import SmtpSender, SmtpSettings
+from notification_service.email_templates import EmailTemplates
+from notification_service.errors import Unavailable
+from notification_service.mongo_connector import MongoConnector
 from notification_service.notifications import Services
+from notification_service.outbox import Outbox
 
 FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
 
@@ -520,3 +526,183 @@ def test_sends_are_recorded_at_least_every_sent_flush_emails(
     assert {r["status"] for r in records} == {"sent"}
     per_write = sorted(Counter(r["sent_at"] for r in records).values())
     assert per_write == [2, SENT_FLUSH]
+
+
+# --- claims and outcomes across database faults ------------------------------------------
+
+
+class OnCommand(monitoring.CommandListener):
+    """Run `action` once, just before the first command that `matches` goes out."""
+
+    def __init__(self, matches: Callable[[dict[str, Any]], bool], action: Callable[[], None]):
+        self.matches = matches
+        self.action = action
+        self.done = False
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if not self.done and self.matches(event.command):
+            self.done = True
+            self.action()
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def sets_status(status: str) -> Callable[[dict[str, Any]], bool]:
+    """Whether an outbox command is an update that sets `status` (a claim, a record)."""
+
+    def matches(command: dict[str, Any]) -> bool:
+        updates = command.get("updates", []) if "update" in command else []
+        return any(u.get("u", {}).get("$set", {}).get("status") == status for u in updates)
+
+    return matches
+
+
+@pytest.fixture
+def linked_services(
+    db_link: DatabaseLink,
+) -> Iterator[Callable[[Config, monitoring.CommandListener], Services]]:
+    """Services whose client reaches the database through `db_link` and reports its
+    commands to a listener (the service's own client options otherwise)."""
+    clients: list[MongoClient[dict[str, Any]]] = []
+
+    def make(config: Config, listener: monitoring.CommandListener) -> Services:
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            db_link.uri(config.database_name),
+            tz_aware=True,
+            timeoutMS=config.db_timeout_ms,
+            serverSelectionTimeoutMS=config.db_timeout_ms,
+            w="majority",
+            journal=True,
+            event_listeners=[listener],
+        )
+        clients.append(client)
+        db = client[config.database_name]
+        return Services(
+            config=config,
+            store=MongoConnector(db, config),
+            outbox=Outbox(db, config.outbox_collection),
+            templates=EmailTemplates(config.templates_dir),
+        )
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def queue_emails(services: Services, n: int) -> None:
+    for i in range(n):
+        services.outbox.enqueue(
+            {"kind": "custom", "to": f"u{i}@example.com", "subject": "s", "text": "t",
+             "html": None, "message_id": f"<{uuid.uuid4().hex}@test>"},
+            datetime.now(UTC),
+        )  # fmt: skip
+
+
+def wait_for_database(services: Services) -> None:
+    wait_until(lambda: _answers(services), 20, "the database to answer again")
+
+
+def _answers(services: Services) -> bool:
+    try:
+        services.outbox.backlog()
+    except Unavailable:
+        return False
+    return True
+
+
+def test_sends_are_recorded_even_when_the_claim_was_lost_meanwhile(
+    mail_app: Flask, smtp_server: SmtpServer, db: Any
+) -> None:
+    services = runtime(mail_app).services
+    client = mail_app.test_client()
+    for i in range(4):
+        client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
+    slow = make_dispatcher(services, "slow", per_second=5)  # 4 sends take about 0.6 s
+    worker = threading.Thread(target=slow.dispatch_once)
+    rival = make_dispatcher(services, "rival")
+    try:
+        worker.start()
+        smtp_server.wait_for_messages(2)
+        # The claim vanishes, as an unjournaled one did when the database was killed:
+        # every record is queued and due again while the batch is being sent.
+        db.email_outbox.update_many(
+            {},
+            {"$set": {"status": "queued", "claimed_by": None},
+             "$currentDate": {"next_attempt_at": True}},
+        )  # fmt: skip
+        worker.join()
+        # What was sent is recorded as sent, so no one sends it again.
+        assert {r["status"] for r in outbox(db)} == {"sent"}
+        assert drain(rival) == 0
+    finally:
+        slow.sender.close()
+        rival.sender.close()
+    time.sleep(0.2)
+    received = smtp_server.messages
+    assert len(received) == 4
+    assert len({m.message["Message-ID"] for m in received}) == 4
+
+
+def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
+    linked_services: Callable[[Config, monitoring.CommandListener], Services],
+    make_config: Callable[..., Config],
+    db_link: DatabaseLink,
+    smtp_server: SmtpServer,
+    db: Any,
+) -> None:
+    config = make_config(
+        **smtp_server.config_kwargs(), dispatch_lease_seconds=4, smtp_timeout=1, db_timeout_ms=500
+    )
+    # The database becomes unreachable just as the sends are to be recorded, and stays
+    # so past the end of the claim's lease.
+    services = linked_services(config, OnCommand(sets_status("sent"), db_link.cut))
+    queue_emails(services, 3)
+    d = make_dispatcher(services)
+    try:
+        assert d.dispatch_once() == 3
+        assert len(smtp_server.wait_for_messages(3)) == 3
+        assert {r["status"] for r in outbox(db)} == {"sending"}
+        time.sleep(
+            max(0.0, min(r["next_attempt_at"] for r in outbox(db)).timestamp() - time.time())
+        )
+        db_link.heal()
+        wait_for_database(services)
+        # The lease has run out: the emails are due again. What was sent is recorded
+        # first, so nothing is sent twice.
+        assert drain(d) == 0
+    finally:
+        d.sender.close()
+    assert {(r["status"], r["attempts"]) for r in outbox(db)} == {("sent", 1)}
+    time.sleep(0.2)
+    assert len(smtp_server.messages) == 3
+
+
+def test_a_claim_whose_reply_was_lost_is_given_back_when_the_database_answers(
+    linked_services: Callable[[Config, monitoring.CommandListener], Services],
+    make_config: Callable[..., Config],
+    db_link: DatabaseLink,
+    smtp_server: SmtpServer,
+    db: Any,
+) -> None:
+    config = make_config(**smtp_server.config_kwargs(), db_timeout_ms=500)
+    # The claim reaches the database and is stored; its reply is lost.
+    services = linked_services(config, OnCommand(sets_status("sending"), db_link.drop_replies))
+    queue_emails(services, 2)
+    d = make_dispatcher(services)
+    try:
+        with pytest.raises(Unavailable):
+            d.dispatch_once()
+        db_link.heal()
+        assert {r["status"] for r in outbox(db)} == {"sending"}  # held for 60 s
+        wait_for_database(services)
+        # Nothing of that claim was tried: it is given back and sent now, not after
+        # its lease.
+        assert drain(d) == 2
+    finally:
+        d.sender.close()
+    assert {(r["status"], r["attempts"]) for r in outbox(db)} == {("sent", 1)}
+    assert len(smtp_server.wait_for_messages(2)) == 2

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from notification_service.embedded import alive, kill_stale, spawn
+from pymongo import MongoClient
+
+from notification_service.config import Config
+from notification_service.embedded import (
+    alive,
+    database_uri,
+    kill_stale,
+    spawn,
+    start_database,
+)
+from notification_service.mongo_connector import connect
 
 
 def script(tmp_path: Path, body: str) -> Path:
@@ -65,3 +78,37 @@ def test_stop_kills_the_whole_group_when_the_leader_lingers(tmp_path: Path) -> N
         time.sleep(0.05)
     assert not alive(grandchild)
     assert child.process.poll() is not None
+
+
+def test_embedded_database_keeps_acknowledged_writes_across_kill_9(tmp_path: Path) -> None:
+    child, uri = start_database(tmp_path / "db", tmp_path / "run")
+    port = urlsplit(uri).port
+    try:
+        client = connect(Config(db_uri=uri))
+        try:
+            client.get_database().things.insert_many([{"_id": i} for i in range(20)])
+        finally:
+            client.close()
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.wait()
+        # The same data on the same port: clients keep their DB_URI.
+        child, again = start_database(tmp_path / "db", tmp_path / "run", port=port)
+        assert again == uri
+        with MongoClient(uri) as direct:
+            assert direct.get_database().things.count_documents({}) == 20
+    finally:
+        child.stop()
+
+
+def test_only_the_embedded_database_turns_retryable_writes_off() -> None:
+    embedded = connect(Config(db_uri=database_uri(27017)))
+    operators = connect(Config(db_uri="mongodb://db.example.com/notifications"))
+    try:
+        # One node has no other primary to fail over to; a deployment keeps the
+        # driver's default unless its DB_URI says otherwise.
+        assert embedded.options.retry_writes is False
+        assert operators.options.retry_writes is True
+        assert embedded.write_concern.document == {"w": "majority", "j": True}
+    finally:
+        embedded.close()
+        operators.close()

@@ -11,7 +11,7 @@ import pytest
 
 from notification_service.config import Config
 from notification_service.mongo_connector import connect, database
-from notification_service.outbox import Outbox
+from notification_service.outbox import LastError, Outbox
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -76,9 +76,35 @@ def test_a_held_lease_blocks_and_an_expired_one_is_taken_over(outbox: Outbox) ->
     [again] = outbox.claim_batch("b", T0 + timedelta(seconds=32), 30, 10)
     assert again["_id"] == first["_id"]
     assert (again["claimed_by"], again["attempts"]) == ("b", 2)
-    # The first claimer's outcome no longer counts: its claim is gone.
-    assert outbox.mark_sent([first["_id"]], "a", T0 + timedelta(seconds=33)) == 0
-    assert outbox.mark_sent([first["_id"]], "b", T0 + timedelta(seconds=33)) == 1
+    # The first claimer's failure no longer counts: its claim is gone.
+    error: LastError = {"code": 451, "message": "later", "permanent": False, "outage": False}
+    assert not outbox.mark_retry(first["_id"], "a", error, T0 + timedelta(minutes=5))
+    assert outbox.records.find_one({"_id": first["_id"]})["claimed_by"] == "b"  # type: ignore[index]
+
+
+def test_a_send_is_recorded_whoever_holds_the_claim_and_only_once(outbox: Outbox) -> None:
+    queue(outbox, 2)
+    a, b = outbox.claim_batch("a", T0 + timedelta(seconds=5), 30, 10)
+    # b's lease ran out and "b" took it over; "a" had sent both meanwhile.
+    outbox.records.update_one({"_id": b["_id"]}, {"$set": {"claimed_by": "b"}})
+    assert outbox.mark_sent([a["_id"], b["_id"]], T0 + timedelta(seconds=40)) == 2
+    # "b" sends it too (the duplicate a lost lease allows) and records nothing new.
+    assert outbox.mark_sent([b["_id"]], T0 + timedelta(seconds=41)) == 0
+    for record in outbox.records.find():
+        assert (record["status"], record["claimed_by"]) == ("sent", None)
+        assert record["sent_at"] == T0 + timedelta(seconds=40)
+
+
+def test_release_claim_gives_back_all_a_token_still_holds(outbox: Outbox, db: Any) -> None:
+    queue(outbox, 3)
+    x, y, z = outbox.claim_batch("lost", T0 + timedelta(seconds=5), 60, 10)
+    outbox.records.update_one({"_id": z["_id"]}, {"$set": {"claimed_by": "other"}})
+    assert outbox.release_claim("lost", T0 + timedelta(seconds=6)) == 2
+    state = {
+        r["_id"]: (r["status"], r["attempts"], r["claimed_by"]) for r in db.email_outbox.find()
+    }
+    assert state[x["_id"]] == state[y["_id"]] == ("queued", 0, None)
+    assert state[z["_id"]] == ("sending", 1, "other")  # not the lost claim's to give back
 
 
 def test_concurrent_claimers_never_share_an_email(outbox: Outbox) -> None:
@@ -120,7 +146,7 @@ def test_release_backoffs_only_touches_outage_retries(outbox: Outbox, db: Any) -
     outbox.mark_failed(
         c["_id"], "w", {"code": 550, "message": "no", "permanent": True, "outage": False}, now
     )
-    assert outbox.mark_sent([d["_id"]], "w", now) == 1
+    assert outbox.mark_sent([d["_id"]], now) == 1
     assert outbox.release_backoffs(now) == 1
     state = {r["_id"]: (r["status"], r["next_attempt_at"]) for r in db.email_outbox.find()}
     assert state[a["_id"]] == ("queued", now)
