@@ -25,7 +25,7 @@ test: $(STAMP)
 
 ## The database killed with SIGKILL under load, FAULT_ROUNDS times (default 6): minutes.
 faults: $(STAMP)
-	$(BIN)/python -m pytest -m faults -rA tests/test_faults.py
+	$(BIN)/python -m pytest -m faults -s tests/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -171,7 +171,7 @@ def secantusd_command() -> str:
 # - --sync-on-commit: fsync SecantusDB's journal at every commit, whatever the client
 #   asked. Without it an unjournaled write may still sit in WiredTiger's log buffer
 #   when it is acknowledged, and kill -9 of the database lost writes answered 201
-#   (tests/test_faults.py; README "Durability"). The service's own writes ask for
+#   (tests/test_faults.py; README "Guarantees"). The service's own writes ask for
 #   j:true (mongo_connector.connect), which alone held in that test; the flag makes
 #   every other writer (a shell, a script, an index build) durable too.
 # - The oplog bounds (SecantusDB keeps 100,000 entries or an hour by default): nothing

@@ -108,7 +108,7 @@ def connect(config: Config) -> MongoClient[Document]:
     # is lost to a crash or a failover. Set once on the client: every collection
     # inherits it. A DB_URI that gives `w` or `journal` itself is followed instead
     # (keyword arguments would override the URI). retryWrites stays the driver's
-    # default (on) unless DB_URI says otherwise; README "Durability" says when to.
+    # default (on) unless DB_URI says otherwise; README "Guarantees" says when to.
     given = {name.lower() for name, _ in parse_qsl(urlsplit(config.db_uri).query)}
     durable: dict[str, Any] = {} if given & {"w", "journal"} else {"w": "majority", "journal": True}
     return MongoClient(
