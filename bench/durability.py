@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bson import ObjectId
 from flask import Flask
-from report import REPO, Report  # bench/report.py, beside this script
+from report import REPO, Report, run_threads  # bench/report.py, beside this script
 
 from notification_service import embedded
 from notification_service.config import Config
@@ -98,22 +98,16 @@ class Setting:
         users = self.runtime.services.store.users
         users.insert_one({"_id": "filler", "n": 0})
 
-        def work(count: int) -> None:
-            for _ in range(count):
+        def work(_thread: int) -> None:
+            for _ in range(3000 // 8):
                 users.update_one({"_id": "filler"}, {"$inc": {"n": 1}})
 
         for done in range(3000, PREFILL + 1, 3000):
-            cpu0, t0 = cpu_seconds(self.child.process.pid), time.perf_counter()
-            threads = [threading.Thread(target=work, args=(3000 // 8,)) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            elapsed, cpu = run_threads(8, work, self.child.process.pid)
             n = 3000 // 8 * 8
-            cpu_ms = 1000 * (cpu_seconds(self.child.process.pid) - cpu0) / n
             report(
-                f"  prefill {self.key} {done:>6,} writes: {n / (time.perf_counter() - t0):5.0f} "
-                f"writes/s, {cpu_ms:5.2f} ms db CPU/write"
+                f"  prefill {self.key} {done:>6,} writes: {n / elapsed:5.0f} "
+                f"writes/s, {1000 * cpu / n:5.2f} ms db CPU/write"
             )
 
     def measure(self, endpoint: str, seconds: float) -> tuple[float, float, Counter[int]]:
@@ -136,25 +130,13 @@ class Setting:
             with lock:
                 statuses.update(mine)
 
-        cpu0, t0 = cpu_seconds(self.child.process.pid), time.perf_counter()
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-        cpu = cpu_seconds(self.child.process.pid) - cpu0
+        elapsed, cpu = run_threads(THREADS, client, self.child.process.pid)
         ok = sum(n for status, n in statuses.items() if status < 300)
         return ok / elapsed, 1000 * cpu / max(1, ok), statuses
 
     def stop(self) -> None:
         self.runtime.close()
         self.child.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def settings() -> list[Setting]:

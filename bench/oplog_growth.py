@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
-from report import REPO, Report  # bench/report.py, beside this script
+from report import REPO, Report, run_threads  # bench/report.py, beside this script
 
 from notification_service import embedded
 from notification_service.config import Config
@@ -35,11 +35,6 @@ from notification_service.outbox import Outbox
 
 THREADS = 4
 USERS = 64
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def size_mib(path: Path) -> float:
@@ -104,14 +99,7 @@ class Target:
             with lock:
                 latencies.extend(mine)
 
-        cpu0, t0 = cpu_seconds(self.child.process.pid), time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - t0
-        cpu = cpu_seconds(self.child.process.pid) - cpu0
+        elapsed, cpu = run_threads(THREADS, worker, self.child.process.pid)
         self.writes += share * THREADS
         return {
             "writes": self.writes,

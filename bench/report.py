@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -35,3 +39,21 @@ class Report:
             print(f"raw output saved to {self.path.relative_to(REPO)}", flush=True)
         else:
             print(f"incomplete run: partial output left in {self._tmp}", flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time that process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_threads(count: int, target: Callable[[int], None], pid: int) -> tuple[float, float]:
+    """Run `target(0..count-1)` in `count` threads; return the wall seconds they took
+    and the CPU seconds process `pid` (the server under test) used meanwhile."""
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - t0, cpu_seconds(pid) - cpu0
