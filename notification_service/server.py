@@ -7,6 +7,7 @@ pre-forking server each worker process gets its own client after the fork.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import hmac
 import logging
 import re
@@ -142,18 +143,20 @@ OPEN_ENDPOINTS = frozenset({"notifications.health"})
 
 
 def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
-    encoded = [key.encode("ascii") for key in keys]
+    # Digests, so that every comparison is of equal lengths: compare_digest returns at
+    # once on a length mismatch, which would tell a caller how long the keys are.
+    digests = [hashlib.sha256(key.encode("ascii")).digest() for key in keys]
 
     def check() -> None:
-        if not encoded or request.endpoint in OPEN_ENDPOINTS:
+        if not digests or request.endpoint in OPEN_ENDPOINTS:
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        candidate = given.strip().encode("utf-8", "replace")
+        candidate = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
         # Compare with every key, never stopping early: the time taken says nothing
         # about which key, or which prefix of one, came close.
         matched = False
-        for key in encoded:
-            matched |= hmac.compare_digest(candidate, key)
+        for digest in digests:
+            matched |= hmac.compare_digest(candidate, digest)
         if scheme.lower() != "bearer" or not matched:
             raise Unauthorized()
 
