@@ -76,9 +76,7 @@ class Target:
                 "id": str(ObjectId()), "timestamp": 0, "is_new": True, "user_id": user_id,
                 "key": "new_message", "target_id": None, "data": {"n": i},
             }  # fmt: skip
-            self.store.append_capped(
-                user_id, notification, require_email=False, create_with_email=None
-            )
+            self.store.append_capped(user_id, notification, require_email=False)
         else:
             record = {"kind": "custom", "to": "u@x.test", "subject": "s", "text": "t" * 200,
                       "html": None, "message_id": f"<{i}@bench>"}  # fmt: skip

@@ -151,43 +151,43 @@ class MongoConnector:
         notification: Notification,
         *,
         require_email: bool,
-        create_with_email: str | None,
     ) -> Document | None:
-        """Prepend `notification` to the user's capped array.
+        """Prepend `notification` to the user's capped array: one update.
 
         With `require_email`, return the user (without the array) as the email needs
         it; otherwise return None after a plain update, the cheapest form on any server
         (on SecantusDB find_one_and_update costs ~15 ms against ~1.5 ms; bench/README.md).
 
-        :raise UserNotFound: no such user and `create_with_email` is None.
+        :raise UserNotFound: no such user.
         :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
         """
         with self._refusals_of_the_document():
             oid = ObjectId(user_id)
             query = self._user_query(oid, require_email)
             update = self._push(notification)
-            for _ in range(2):
-                if require_email:
-                    user = self.users.find_one_and_update(
-                        query,
-                        update,
-                        projection={self.field: 0},
-                        return_document=ReturnDocument.AFTER,
-                    )
-                    if user is not None:
-                        return user
-                elif self.users.update_one(query, update).matched_count:
-                    return None
-                if create_with_email is None:
-                    break
-                profile = {"_id": oid, "email": create_with_email, self.field: [notification]}
-                try:
-                    self.users.insert_one(profile)
-                except DuplicateKeyError:
-                    continue  # created meanwhile by a concurrent request, or has no email
-                profile.pop(self.field)
-                return profile if require_email else None
+            if require_email:
+                user = self.users.find_one_and_update(
+                    query, update, projection={self.field: 0}, return_document=ReturnDocument.AFTER
+                )
+                if user is not None:
+                    return user
+            elif self.users.update_one(query, update).matched_count:
+                return None
             raise self._why_missing(oid)
+
+    @guarded
+    def ensure_user(self, user_id: str, email: str) -> None:
+        """Create the user as a profile with `email` unless it exists (test mode, EMAIL).
+
+        An existing document is left exactly as it is, whatever its email.
+        """
+        # DuplicateKeyError: two upserts raced and the other one created it, as wanted.
+        with contextlib.suppress(DuplicateKeyError):
+            self.users.update_one(
+                {"_id": ObjectId(user_id)},
+                {"$setOnInsert": {"email": email, self.field: []}},
+                upsert=True,
+            )
 
     @contextlib.contextmanager
     def _refusals_of_the_document(self) -> Iterator[None]:
@@ -211,25 +211,12 @@ class MongoConnector:
             raise
 
     @guarded
-    def find_user(self, user_id: str, *, create_with_email: str | None) -> Document:
-        """The user (without notifications), created as a profile in test mode.
+    def find_user(self, user_id: str) -> Document:
+        """The user (without notifications).
 
-        :raise UserNotFound: no such user and `create_with_email` is None.
+        :raise UserNotFound:
         """
-        oid = ObjectId(user_id)
-        if create_with_email is None:
-            user = self.users.find_one({"_id": oid}, projection={self.field: 0})
-        else:
-            try:
-                user = self.users.find_one_and_update(
-                    {"_id": oid},
-                    {"$setOnInsert": {"email": create_with_email, self.field: []}},
-                    projection={self.field: 0},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
-            except DuplicateKeyError:  # two upserts raced; the other one created it
-                user = self.users.find_one({"_id": oid}, projection={self.field: 0})
+        user = self.users.find_one({"_id": ObjectId(user_id)}, projection={self.field: 0})
         if user is None:
             raise UserNotFound()
         return user

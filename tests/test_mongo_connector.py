@@ -51,9 +51,7 @@ def test_database_name_comes_from_the_uri_path() -> None:
 def test_append_capped_returns_the_user_without_the_array(
     store: MongoConnector, user_id: str
 ) -> None:
-    user = store.append_capped(
-        user_id, notification(user_id), require_email=True, create_with_email=None
-    )
+    user = store.append_capped(user_id, notification(user_id), require_email=True)
     assert user["email"] == "user@example.com"
     assert "notifications" not in user
 
@@ -66,9 +64,7 @@ def test_append_capped_keeps_newest_first_within_the_cap(
     try:
         store = MongoConnector(database(client, config), config)
         for n in range(6):
-            store.append_capped(
-                user_id, notification(user_id, n), require_email=False, create_with_email=None
-            )
+            store.append_capped(user_id, notification(user_id, n), require_email=False)
         page = store.inbox_page(user_id, 0, 10)
     finally:
         client.close()
@@ -81,16 +77,27 @@ def test_append_capped_refuses_missing_user_and_missing_email(
 ) -> None:
     missing = str(ObjectId())
     with pytest.raises(UserNotFound):
-        store.append_capped(
-            missing, notification(missing), require_email=False, create_with_email=None
-        )
+        store.append_capped(missing, notification(missing), require_email=False)
     no_email = make_user(email=None)
     with pytest.raises(UserHasNoEmail):
-        store.append_capped(
-            no_email, notification(no_email), require_email=True, create_with_email="a@b.c"
-        )
+        store.append_capped(no_email, notification(no_email), require_email=True)
     assert db.users.find_one({"_id": ObjectId(no_email)}) == {"_id": ObjectId(no_email)}
     assert db.users.count_documents({}) == 1
+
+
+def test_ensure_user_creates_a_profile_once_and_never_changes_one(
+    store: MongoConnector, db: Any, make_user: Callable[..., str]
+) -> None:
+    new = str(ObjectId())
+    store.ensure_user(new, "test@example.com")
+    store.ensure_user(new, "other@example.com")
+    assert db.users.find_one({"_id": ObjectId(new)}, {"_id": 0}) == {
+        "email": "test@example.com",
+        "notifications": [],
+    }
+    no_email = make_user(email=None, name="kept")
+    store.ensure_user(no_email, "test@example.com")
+    assert db.users.find_one({"_id": ObjectId(no_email)}, {"_id": 0}) == {"name": "kept"}
 
 
 def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
@@ -99,7 +106,6 @@ def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
             user_id,
             notification(user_id, n, is_new=n % 2 == 0),
             require_email=False,
-            create_with_email=None,
         )
     page = store.inbox_page(user_id, 1, 2)
     assert (page["elements"], page["new"]) == (5, 3)
@@ -108,7 +114,7 @@ def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
 
 def test_mark_read_distinguishes_user_and_notification(store: MongoConnector, user_id: str) -> None:
     item = notification(user_id)
-    store.append_capped(user_id, item, require_email=False, create_with_email=None)
+    store.append_capped(user_id, item, require_email=False)
     store.mark_read(user_id, item["id"])
     store.mark_read(user_id, item["id"])
     assert store.inbox_page(user_id, 0, 1)["new"] == 0
