@@ -479,6 +479,13 @@ def test_a_slow_batch_renews_its_claim_so_no_one_sends_it_again(
     worker = threading.Thread(target=lambda: done.append(slow.dispatch_once()))
     try:
         worker.start()
+        # The rival starts once the slow one holds the batch: the test is about a claim
+        # outliving its first lease, not about who claims first (with journaled writes
+        # the rival's first claim could otherwise win the race).
+        deadline = time.monotonic() + 10
+        while not db.email_outbox.count_documents({"claimed_by": {"$regex": "^slow:"}}):
+            assert time.monotonic() < deadline, "the slow dispatcher claimed nothing"
+            time.sleep(0.01)
         stolen = 0
         while worker.is_alive():
             stolen += rival.dispatch_once()
