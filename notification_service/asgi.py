@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -28,8 +27,6 @@ from typing import Any
 
 from .config import Config
 from .errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
-
-log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

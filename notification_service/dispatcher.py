@@ -193,10 +193,7 @@ class Dispatcher:
             )
         while self._held:
             token, held = self._held[0]
-            if held is None:
-                svc.outbox.release_claim(token, svc.clock())
-            else:
-                svc.outbox.release(held, token, svc.clock())
+            svc.outbox.release(held, token, svc.clock())
             self._held.pop(0)
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:

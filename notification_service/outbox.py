@@ -151,23 +151,17 @@ class Outbox:
         return {doc["_id"] for doc in self.records.find(query, projection={"_id": 1})}
 
     @guarded
-    def release(self, email_ids: list[Any], token: str, now: datetime) -> int:
-        """Give back claimed, unattempted records so any dispatcher can take them now."""
-        result = self.records.update_many(
-            {"_id": {"$in": email_ids}, "status": "sending", "claimed_by": token},
-            {
-                "$set": {"status": "queued", "next_attempt_at": now, "claimed_by": None},
-                "$inc": {"attempts": -1},
-            },
-        )
-        return result.modified_count
+    def release(self, email_ids: list[Any] | None, token: str, now: datetime) -> int:
+        """Give back claimed, unattempted records so any dispatcher can take them now.
 
-    @guarded
-    def release_claim(self, token: str, now: datetime) -> int:
-        """Give back whatever the claim `token` still holds; only for a claim none of
-        whose emails was tried (its reply was lost, so its ids are unknown)."""
+        `email_ids` None gives back whatever the claim `token` still holds: only for a
+        claim none of whose emails was tried (its reply was lost, so its ids are unknown).
+        """
+        query: Document = {"status": "sending", "claimed_by": token}
+        if email_ids is not None:
+            query["_id"] = {"$in": email_ids}
         result = self.records.update_many(
-            {"status": "sending", "claimed_by": token},
+            query,
             {
                 "$set": {"status": "queued", "next_attempt_at": now, "claimed_by": None},
                 "$inc": {"attempts": -1},

@@ -7,6 +7,7 @@ and so that JSON parsing quirks (NaN, deep nesting, bad encodings) are handled o
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any, TypeVar
 
 from flask import Response, current_app, jsonify, request
@@ -101,8 +102,8 @@ def _object_with_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # may keep the first, so the two would act on different requests.
     value = dict(pairs)
     if len(value) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        counts = Counter(key for key, _ in pairs)
+        duplicate = next(key for key, count in counts.items() if count > 1)
         raise ValueError(f"the key {duplicate!r} appears more than once")
     return value
 

@@ -26,7 +26,7 @@ from pymongo import MongoClient
 
 from notification_service.config import Config
 from notification_service.embedded import free_port, secantusd_command
-from notification_service.server import Runtime, create_app
+from notification_service.server import Runtime, create_app, runtime_of
 
 pytest_plugins = ("smtp_fixtures",)
 
@@ -169,8 +169,7 @@ def client(app: Flask) -> FlaskClient:
 
 
 def runtime(app: Flask) -> Runtime:
-    rt: Runtime = app.extensions["notification_service"]
-    return rt
+    return runtime_of(app)
 
 
 @pytest.fixture
