@@ -4,7 +4,7 @@ Two SecantusDB processes on disk, both started with `make run`'s command line
 (`embedded.database_argv`), one of them without its --oplog-* flags (SecantusDB's
 defaults: 100,000 entries, one hour). The same writes go to both in interleaved blocks,
 through the service's own client (`connect`) and storage code: a capped `$push` of a
-notification (`MongoConnector.append_capped`, the update_one form) and an outbox insert
+notification (`InboxStore.append_capped`, the update_one form) and an outbox insert
 (`Outbox.enqueue`), alternately, from 4 threads. Each block reports writes/s, the mean
 latency of a write and the database's CPU per write (from /proc).
 
@@ -30,7 +30,7 @@ from report import REPO, Report, run_threads  # bench/report.py, beside this scr
 
 from notification_service import embedded
 from notification_service.config import Config
-from notification_service.mongo_connector import MongoConnector, connect, database
+from notification_service.mongo_connector import InboxStore, connect, database
 from notification_service.outbox import Outbox
 
 THREADS = 4
@@ -59,7 +59,7 @@ class Target:
         self.config = Config(db_uri=embedded.database_uri(port), db_timeout_ms=30_000)
         self.client = connect(self.config)
         db = database(self.client, self.config)
-        self.store = MongoConnector(db, self.config)
+        self.store = InboxStore(db, self.config)
         self.outbox = Outbox(db, self.config.outbox_collection)
         self.outbox.ensure_indexes()
         self.users = [str(ObjectId()) for _ in range(USERS)]

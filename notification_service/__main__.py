@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config import Config, ConfigError
 from .email_templates import TemplateError
-from .errors import Unavailable
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -229,9 +228,11 @@ def run_worker(config: Config, threads: int) -> int:
 
 def _log_progress(outbox: Outbox, last: dict[str, int] | None) -> dict[str, int] | None:
     """Log the outbox backlog when it changed, so a long drain shows its progress."""
+    from .mongo_connector import DatabaseUnavailable
+
     try:
         backlog = outbox.backlog()
-    except Unavailable:
+    except DatabaseUnavailable:
         log.warning("outbox backlog unknown: the database is not answering")
         return last
     if backlog != last and (last is not None or any(backlog.values())):

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
-from .errors import Unavailable
+from .mongo_connector import DatabaseUnavailable
 from .notifications import Services
 from .outbox import LastError
 
@@ -109,7 +109,7 @@ class Dispatcher:
         and the claim on the rest is renewed, so that a slow batch is never taken over
         (and sent again) while this dispatcher still works through it.
 
-        :raise Unavailable: the database did not answer (the caller waits and retries).
+        :raise DatabaseUnavailable: the database did not answer (the caller waits and retries).
         """
         svc, cfg = self.services, self.services.config
         if not self._indexed:
@@ -121,7 +121,7 @@ class Dispatcher:
         claimed_at = time.monotonic()
         try:
             pending = svc.outbox.claim_batch(token, svc.clock(), lease, cfg.dispatch_batch_size)
-        except Unavailable:
+        except DatabaseUnavailable:
             # The claim may have been stored with only its reply lost: those emails
             # would wait out the whole lease. Nothing of it was tried, so give back
             # whatever the token holds once the database answers.
@@ -165,13 +165,13 @@ class Dispatcher:
     def _settle(self, sent: list[Any], pending: list[dict[str, Any]], token: str) -> None:
         """Record what was sent and give back what was not tried, even after an error;
         what the database does not take now is kept for `_catch_up`."""
-        with contextlib.suppress(Unavailable):  # kept for _catch_up, and logged
+        with contextlib.suppress(DatabaseUnavailable):  # kept for _catch_up, and logged
             self._flush_sent(sent, token)
         if pending:
             ids = [r["_id"] for r in pending]
             try:
                 self.services.outbox.release(ids, token, self.services.clock())
-            except Unavailable:
+            except DatabaseUnavailable:
                 self._held.append((token, ids))
                 log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
 
@@ -181,7 +181,7 @@ class Dispatcher:
         lease run out, would send them again) and give back the claims it left held (or
         their emails would wait for the lease to run out).
 
-        :raise Unavailable: the database still does not answer; nothing is forgotten.
+        :raise DatabaseUnavailable: the database still does not answer; nothing is forgotten.
         """
         svc = self.services
         if self._unrecorded:
@@ -197,7 +197,7 @@ class Dispatcher:
             self._held.pop(0)
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:
-        """Record the sends in `sent` with one write; on Unavailable (after retrying
+        """Record the sends in `sent` with one write; on DatabaseUnavailable (after retrying
         while the lease lasts) they are kept for `_catch_up`, never forgotten."""
         if not sent:
             return
@@ -205,7 +205,7 @@ class Dispatcher:
         sent.clear()
         try:
             self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now))
-        except Unavailable:
+        except DatabaseUnavailable:
             self._unrecorded.extend(ids)
             log.error(
                 "dispatcher %s: %d sent emails not recorded yet; recording them when the "
@@ -238,7 +238,7 @@ class Dispatcher:
                     if self.dispatch_once():
                         continue
                     self.wake.wait(self._idle_seconds())
-                except Unavailable:
+                except DatabaseUnavailable:
                     self.stopping.wait(cfg.dispatch_poll_seconds * 4)
                 except Exception:  # a bug must not kill the thread and strand the outbox
                     log.exception("dispatcher %s: unexpected error", self.name)
@@ -247,7 +247,7 @@ class Dispatcher:
         finally:
             try:
                 self._catch_up()
-            except Unavailable:
+            except DatabaseUnavailable:
                 log.error(
                     "dispatcher %s: stopped with %d sends unrecorded (they will be sent "
                     "again after their lease) and %d claims left to run out",
@@ -360,7 +360,7 @@ class Dispatcher:
                 if not write():
                     log.warning("%s: claim lost before the outcome was stored", what)
                 return
-            except Unavailable:
+            except DatabaseUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

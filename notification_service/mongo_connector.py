@@ -2,7 +2,8 @@
 
 The only module (with outbox.py) that imports pymongo. Every call is bounded by the
 client-side operation timeout (DB_TIMEOUT_MS), and every driver error that means "the
-database did not answer" becomes errors.Unavailable (503), so no request hangs.
+database did not answer" becomes DatabaseUnavailable (which the web layer answers with
+503), so no request hangs and no background loop mistakes an outage for a bug.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pymongo.errors import (
 from .config import Config, ConfigError
 from .errors import (
     NotificationNotFound,
-    Unavailable,
     UserDocumentInvalid,
     UserHasNoEmail,
     UserNotFound,
@@ -52,8 +52,16 @@ def new_id() -> str:
     return str(ObjectId())
 
 
+class DatabaseUnavailable(Exception):
+    """The database did not answer in time (down, unreachable, or past the deadline).
+
+    A storage-level fact, not an HTTP one: server.py answers it with 503 and a
+    Retry-After, the dispatcher waits and tries again.
+    """
+
+
 def guarded(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn "the database did not answer" into Unavailable; let real bugs through as 500s."""
+    """Turn "the database did not answer" into DatabaseUnavailable; let real bugs through."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -64,7 +72,7 @@ def guarded(func: Callable[P, R]) -> Callable[P, R]:
             # timeouts; `timeout` covers the client-side operation timeout (CSOT).
             if isinstance(exc, ConnectionFailure) or exc.timeout:
                 log.warning("database unavailable in %s: %s", func.__qualname__, exc)
-                raise Unavailable() from exc
+                raise DatabaseUnavailable(str(exc)) from exc
             raise
 
     return wrapper
@@ -129,7 +137,7 @@ def database(client: MongoClient[Document], config: Config) -> Database[Document
     return client[config.database_name]
 
 
-class MongoConnector:
+class InboxStore:
     """The users collection: notifications live in an array inside each user's document."""
 
     def __init__(self, db: Database[Document], config: Config) -> None:

@@ -15,7 +15,7 @@ from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserHasNoEmail
 from .keys import KEYS
-from .mongo_connector import MongoConnector, new_id
+from .mongo_connector import InboxStore, new_id
 from .outbox import Outbox
 from .schemas import (
     CreateRequest,
@@ -38,7 +38,7 @@ def utc_now() -> datetime:
 @dataclass(frozen=True)
 class Services:
     config: Config
-    store: MongoConnector
+    store: InboxStore
     outbox: Outbox
     templates: EmailTemplates
     clock: Clock = utc_now

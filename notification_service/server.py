@@ -27,7 +27,14 @@ from .config import Config
 from .dispatcher import DispatcherPool
 from .email_templates import EmailTemplates
 from .errors import ApiError, ErrorDetail, Unauthorized, Unavailable
-from .mongo_connector import Document, MongoConnector, connect, database, deadline
+from .mongo_connector import (
+    DatabaseUnavailable,
+    Document,
+    InboxStore,
+    connect,
+    database,
+    deadline,
+)
 from .notifications import Services
 from .outbox import Outbox
 
@@ -69,13 +76,13 @@ def build_runtime(config: Config) -> Runtime:
     db = database(client, config)
     services = Services(
         config=config,
-        store=MongoConnector(db, config),
+        store=InboxStore(db, config),
         outbox=Outbox(db, config.outbox_collection),
         templates=templates,
     )
     try:
         services.outbox.ensure_indexes()
-    except Unavailable:
+    except DatabaseUnavailable:
         # Start anyway and answer 503 until the database is back; dispatchers create
         # the index again before their first claim.
         log.warning("database unavailable at start-up; indexes will be created later")
@@ -206,6 +213,10 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> tuple[Response, int]:
         return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(DatabaseUnavailable)
+    def database_unavailable(exc: DatabaseUnavailable) -> tuple[Response, int]:
+        return api_error(Unavailable())
 
     @app.errorhandler(ValidationError)
     def validation_error(exc: ValidationError) -> tuple[Response, int]:

@@ -29,8 +29,7 @@ from notification_service.config import Config
 from notification_service.dispatcher import SENT_FLUSH, Dispatcher, RateLimiter, backoff_seconds
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.email_templates import EmailTemplates
-from notification_service.errors import Unavailable
-from notification_service.mongo_connector import MongoConnector
+from notification_service.mongo_connector import DatabaseUnavailable, InboxStore
 from notification_service.notifications import Services
 from notification_service.outbox import Outbox
 
@@ -590,7 +589,7 @@ def linked_services(
         db = client[config.database_name]
         return Services(
             config=config,
-            store=MongoConnector(db, config),
+            store=InboxStore(db, config),
             outbox=Outbox(db, config.outbox_collection),
             templates=EmailTemplates(config.templates_dir),
         )
@@ -616,7 +615,7 @@ def wait_for_database(services: Services) -> None:
 def _answers(services: Services) -> bool:
     try:
         services.outbox.backlog()
-    except Unavailable:
+    except DatabaseUnavailable:
         return False
     return True
 
@@ -701,7 +700,7 @@ def test_a_claim_whose_reply_was_lost_is_given_back_when_the_database_answers(
     queue_emails(services, 2)
     d = make_dispatcher(services)
     try:
-        with pytest.raises(Unavailable):
+        with pytest.raises(DatabaseUnavailable):
             d.dispatch_once()
         db_link.heal()
         assert {r["status"] for r in outbox(db)} == {"sending"}  # held for 60 s

@@ -15,11 +15,16 @@ from pymongo.errors import AutoReconnect, OperationFailure
 from notification_service.config import Config
 from notification_service.errors import (
     NotificationNotFound,
-    Unavailable,
     UserHasNoEmail,
     UserNotFound,
 )
-from notification_service.mongo_connector import MongoConnector, connect, database, guarded
+from notification_service.mongo_connector import (
+    DatabaseUnavailable,
+    InboxStore,
+    connect,
+    database,
+    guarded,
+)
 from notification_service.schemas import Notification
 
 
@@ -36,9 +41,9 @@ def notification(user_id: str, n: int = 0, is_new: bool = True) -> Notification:
 
 
 @pytest.fixture
-def store(config: Config) -> Iterator[MongoConnector]:
+def store(config: Config) -> Iterator[InboxStore]:
     client = connect(config)
-    yield MongoConnector(database(client, config), config)
+    yield InboxStore(database(client, config), config)
     client.close()
 
 
@@ -48,9 +53,7 @@ def test_database_name_comes_from_the_uri_path() -> None:
     assert Config(db_uri="mongodb://h:1").database_name == "notifications"
 
 
-def test_append_capped_returns_the_user_without_the_array(
-    store: MongoConnector, user_id: str
-) -> None:
+def test_append_capped_returns_the_user_without_the_array(store: InboxStore, user_id: str) -> None:
     user = store.append_capped(user_id, notification(user_id), require_email=True)
     assert user["email"] == "user@example.com"
     assert "notifications" not in user
@@ -62,7 +65,7 @@ def test_append_capped_keeps_newest_first_within_the_cap(
     config = make_config(notifications_limit=4)
     client = connect(config)
     try:
-        store = MongoConnector(database(client, config), config)
+        store = InboxStore(database(client, config), config)
         for n in range(6):
             store.append_capped(user_id, notification(user_id, n), require_email=False)
         page = store.inbox_page(user_id, 0, 10)
@@ -73,7 +76,7 @@ def test_append_capped_keeps_newest_first_within_the_cap(
 
 
 def test_append_capped_refuses_missing_user_and_missing_email(
-    store: MongoConnector, db: Any, make_user: Callable[..., str]
+    store: InboxStore, db: Any, make_user: Callable[..., str]
 ) -> None:
     missing = str(ObjectId())
     with pytest.raises(UserNotFound):
@@ -86,7 +89,7 @@ def test_append_capped_refuses_missing_user_and_missing_email(
 
 
 def test_ensure_user_creates_a_profile_once_and_never_changes_one(
-    store: MongoConnector, db: Any, make_user: Callable[..., str]
+    store: InboxStore, db: Any, make_user: Callable[..., str]
 ) -> None:
     new = str(ObjectId())
     store.ensure_user(new, "test@example.com")
@@ -100,7 +103,7 @@ def test_ensure_user_creates_a_profile_once_and_never_changes_one(
     assert db.users.find_one({"_id": ObjectId(no_email)}, {"_id": 0}) == {"name": "kept"}
 
 
-def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
+def test_inbox_page_counts_unread(store: InboxStore, user_id: str) -> None:
     for n in range(5):
         store.append_capped(
             user_id,
@@ -112,7 +115,7 @@ def test_inbox_page_counts_unread(store: MongoConnector, user_id: str) -> None:
     assert [item["data"]["n"] for item in page["list"]] == [3, 2]
 
 
-def test_mark_read_distinguishes_user_and_notification(store: MongoConnector, user_id: str) -> None:
+def test_mark_read_distinguishes_user_and_notification(store: InboxStore, user_id: str) -> None:
     item = notification(user_id)
     store.append_capped(user_id, item, require_email=False)
     store.mark_read(user_id, item["id"])
@@ -188,7 +191,7 @@ def test_guarded_maps_outages_to_503_and_lets_bugs_through() -> None:
     def bug() -> None:
         raise OperationFailure("unknown operator: $foo", code=2)
 
-    with pytest.raises(Unavailable):
+    with pytest.raises(DatabaseUnavailable):
         outage()
     with pytest.raises(OperationFailure):
         bug()
