@@ -46,7 +46,13 @@ class Config:
     users_collection: str = "users"
     notifications_field: str = "notifications"
     outbox_collection: str = "email_outbox"
+    idempotency_collection: str = "idempotency_keys"
     notifications_limit: int = 100
+    # Notifications older than this are neither listed nor counted; None keeps them.
+    notifications_ttl_days: int | None = None
+    # Sent and failed outbox records are removed this long after; 0 keeps them.
+    outbox_retention_days: int = 30
+    idempotency_ttl_hours: int = 24
     list_max_limit: int = 100
     # Test mode of the original assignment: unknown users are created on /create.
     email: str | None = None
@@ -88,6 +94,17 @@ class Config:
         return path or "notifications"
 
     @property
+    def write_window_seconds(self) -> float:
+        """How long after it was received a request may still write to the database.
+
+        Every database call of a request shares one DB_TIMEOUT_MS budget from its
+        arrival (server.py), so past it nothing of the request is sent; the margin
+        covers a write already on the wire. A request older than this is over: an
+        Idempotency-Key it held may be taken over, its pending email swept.
+        """
+        return self.db_timeout_ms / 1000 + 10.0
+
+    @property
     def resolved_smtp_port(self) -> int:
         if self.smtp_port is not None:
             return self.smtp_port
@@ -124,10 +141,20 @@ class Config:
             users_collection=r.name("USERS_COLLECTION", d.users_collection),
             notifications_field=r.name("NOTIFICATIONS_FIELD", d.notifications_field),
             outbox_collection=r.name("OUTBOX_COLLECTION", d.outbox_collection),
+            idempotency_collection=r.name("IDEMPOTENCY_COLLECTION", d.idempotency_collection),
             # 500 notifications of at most 16 KiB of data each stay well inside
             # MongoDB's 16 MB document, beside whatever else the application keeps there.
             notifications_limit=r.integer("NOTIFICATIONS_LIMIT", d.notifications_limit, 1, 500),
             list_max_limit=r.integer("LIST_MAX_LIMIT", d.list_max_limit, 1, 10_000),
+            notifications_ttl_days=r.optional(
+                "NOTIFICATIONS_TTL_DAYS", lambda v: _parse_int(v, 1, 36_500)
+            ),
+            outbox_retention_days=r.integer(
+                "OUTBOX_RETENTION_DAYS", d.outbox_retention_days, 0, 36_500
+            ),
+            idempotency_ttl_hours=r.integer(
+                "IDEMPOTENCY_TTL_HOURS", d.idempotency_ttl_hours, 1, 24 * 365
+            ),
             email=r.optional("EMAIL", _check_email),
             smtp_host=r.optional("SMTP_HOST", _check_host),
             smtp_port=r.optional("SMTP_PORT", lambda v: _parse_int(v, 1, 65535)),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -50,6 +52,30 @@ _BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
 def new_id() -> str:
     """A fresh ObjectId as 24 lowercase hex characters."""
     return str(ObjectId())
+
+
+class IdBlock:
+    """The ids one request writes, all derived from one seed.
+
+    A request that is retried with its Idempotency-Key after it was cut short (a crash,
+    an outage) runs again with the same seed, so it writes the records it may already
+    have written under the same ids, and each write can tell it is a repeat. The seed
+    is an ObjectId of its own: the time, five random bytes drawn for this block (not the
+    process's, so the block never meets an id `ObjectId()` makes), a counter from 0.
+    """
+
+    def __init__(self, seed: str | None = None) -> None:
+        if seed is None:
+            stamp = int(time.time()).to_bytes(4, "big")
+            seed = (stamp + os.urandom(5) + bytes(3)).hex()
+        self.seed = seed
+        self._prefix = bytes.fromhex(seed)[:9]
+
+    def id(self, n: int) -> str:
+        """The n-th id of the block (0 <= n < 2**24), 24 lowercase hex characters."""
+        if not 0 <= n < 2**24:
+            raise ValueError(f"id {n} is outside the block")
+        return (self._prefix + n.to_bytes(3, "big")).hex()
 
 
 class DatabaseUnavailable(Exception):
@@ -228,6 +254,12 @@ class InboxStore:
         if user is None:
             raise UserNotFound()
         return user
+
+    @guarded
+    def has_notification(self, user_id: str, notification_id: str) -> bool:
+        """Whether the user's array holds the notification (the sweep of pending emails)."""
+        query = {"_id": ObjectId(user_id), f"{self.field}.id": notification_id}
+        return self.users.find_one(query, projection={"_id": 1}) is not None
 
     @guarded
     def inbox_page(self, user_id: str, skip: int, limit: int) -> Document:
