@@ -109,3 +109,25 @@ class Unavailable(ApiError):
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
+
+
+class IdempotencyKeyReused(ApiError):
+    """The Idempotency-Key was first sent with another body: replaying would mislead."""
+
+    status = 422
+    default_code = "idempotency_key_reused"
+    default_message = "This Idempotency-Key was used with a different request body."
+
+
+class IdempotencyKeyInUse(ApiError):
+    """A request with the same Idempotency-Key is still running; the client may retry."""
+
+    status = 409
+    default_code = "idempotency_key_in_use"
+    default_message = "A request with this Idempotency-Key is still running; retry shortly."
+    # A request usually finishes within milliseconds; one cut short holds the key until
+    # its lease ends (Config.write_window_seconds), and a retry then takes it over.
+    retry_after_seconds: ClassVar[int] = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from . import notifications
+from .idempotency import idempotent
 from .schemas import CreateRequest, EmailIdPath, EmailRequest, ListQuery, ReadRequest
 from .web import ok, parse_body, parse_query, parse_query_or_body, services
 
@@ -12,6 +13,7 @@ bp = Blueprint("notifications", __name__)
 
 
 @bp.post("/create")
+@idempotent("create")
 def create() -> tuple[Response, int]:
     """Record and/or queue the email of a notification. 201 with their ids."""
     request = parse_body(CreateRequest)
@@ -34,6 +36,7 @@ def read() -> tuple[Response, int]:
 
 
 @bp.post("/email")
+@idempotent("email")
 def email() -> tuple[Response, int]:
     """Queue an email with the caller's own subject and text. 202 with its id."""
     email_id = notifications.queue_email(services(), parse_body(EmailRequest))

@@ -15,7 +15,7 @@ from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserHasNoEmail
 from .keys import KEYS
-from .mongo_connector import InboxStore, new_id
+from .mongo_connector import IdempotencyStore, InboxStore, new_id
 from .outbox import Outbox
 from .schemas import (
     CreateRequest,
@@ -41,6 +41,7 @@ class Services:
     store: InboxStore
     outbox: Outbox
     templates: EmailTemplates
+    idempotency: IdempotencyStore
     clock: Clock = utc_now
 
 

@@ -30,6 +30,7 @@ from .errors import ApiError, ErrorDetail, Unauthorized, Unavailable
 from .mongo_connector import (
     DatabaseUnavailable,
     Document,
+    IdempotencyStore,
     InboxStore,
     connect,
     database,
@@ -79,12 +80,14 @@ def build_runtime(config: Config) -> Runtime:
         store=InboxStore(db, config),
         outbox=Outbox(db, config.outbox_collection),
         templates=templates,
+        idempotency=IdempotencyStore(db, config),
     )
     try:
         services.outbox.ensure_indexes()
+        services.idempotency.ensure_indexes()
     except DatabaseUnavailable:
-        # Start anyway and answer 503 until the database is back; dispatchers create
-        # the index again before their first claim.
+        # Start anyway and answer 503 until the database is back; dispatchers and the
+        # idempotency store create their indexes again before their first claim.
         log.warning("database unavailable at start-up; indexes will be created later")
     return Runtime(services=services, client=client)
 

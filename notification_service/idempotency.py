@@ -1,0 +1,182 @@
+"""Idempotent creates: the `Idempotency-Key` header of POST /create and POST /email.
+
+A client that did not get an answer (a timeout, a dropped connection, a 503) sends the
+same request again with the same key, and the service acts on it at most once:
+
+- the same key and body again: the first answer (status and JSON body), with
+  `Idempotent-Replay: true`;
+- the same key with another body: 422 `idempotency_key_reused`;
+- while the first request with the key still runs: 409 `idempotency_key_in_use`
+  with `Retry-After`.
+
+The key: 1 to 255 printable ASCII characters (0x21-0x7E, and spaces between them; HTTP
+strips them at the ends anyway), given once. Anything else is a 422
+`validation_failed` naming the `Idempotency-Key` field, and nothing is stored. A key
+is scoped by route (`create <key>`, `email <key>`) and kept in MongoDB, never in
+process memory, so it holds across processes and restarts, for
+IDEMPOTENCY_TTL_HOURS (from its first use).
+
+The body is compared by a fingerprint: SHA-256 of its canonical JSON (sorted keys,
+no whitespace), so key order and spacing do not make two requests differ.
+
+A request cut short (a crash, a 503 between two writes) leaves its key running; once
+its lease is over (Config.write_window_seconds: it can no longer write) a retry takes
+it over and runs again with the SAME ids (`request_ids()`), so the domain's writes
+repeat idempotently instead of doubling. A 503 or a bug ends the lease at once, so
+the retry does not wait. A 4xx wrote nothing, so its key is forgotten and a corrected
+request with the same key runs afresh.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any, ParamSpec
+
+from flask import Response, g, jsonify, make_response, request
+from flask.typing import ResponseReturnValue
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from .errors import (
+    ApiError,
+    ErrorDetail,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    ValidationFailed,
+)
+from .mongo_connector import DatabaseUnavailable, IdBlock, KeyClaim
+from .web import json_body, services
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+
+HEADER = "Idempotency-Key"
+REPLAY_HEADER = "Idempotent-Replay"
+MAX_KEY_LENGTH = 255
+# Printable ASCII, spaces only between visible characters (so never only spaces).
+_KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def fingerprint(body: Any) -> str:
+    """SHA-256 (hex) of `body` as canonical JSON: insensitive to key order and spacing."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key, or None without the header.
+
+    :raise ValidationFailed: the header is empty, too long, or not printable ASCII.
+    """
+    # A header sent twice reaches a WSGI app as one value, the two joined by ", ": it is
+    # one key then, the same each time the client repeats it.
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not key.strip(" "):
+        raise _bad_key("must not be empty or only spaces")
+    if len(key) > MAX_KEY_LENGTH:
+        raise _bad_key(f"must be at most {MAX_KEY_LENGTH} characters")
+    if not _KEY_RE.fullmatch(key):
+        raise _bad_key("must be printable ASCII (0x21-0x7E, with spaces only between them)")
+    return key
+
+
+def _bad_key(problem: str) -> ValidationFailed:
+    detail: ErrorDetail = {"field": HEADER, "problem": problem}
+    return ValidationFailed(details=[detail])
+
+
+def request_ids() -> tuple[IdBlock, bool]:
+    """The ids this request writes, and whether it takes over an interrupted attempt.
+
+    With an Idempotency-Key, the block comes from the key's record: the first attempt
+    and every takeover of it share one seed, hence the same ids. Without one, a fresh
+    block (the same one for every call within the request).
+    """
+    ids: tuple[IdBlock, bool] | None = g.get("idempotency_ids")
+    if ids is None:
+        ids = (IdBlock(), False)
+        g.idempotency_ids = ids
+    return ids
+
+
+def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Callable[P, Response]]:
+    """Make a JSON-body POST view honour the Idempotency-Key header, keyed per `scope`."""
+
+    def decorate(view: Callable[P, ResponseReturnValue]) -> Callable[P, Response]:
+        @functools.wraps(view)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+            key = idempotency_key()
+            if key is None:
+                return make_response(view(*args, **kwargs))
+            # Parsed first: a body that is not a JSON object is a 400 that claims nothing.
+            digest = fingerprint(json_body())
+            svc = services()
+            claim = svc.idempotency.claim(f"{scope} {key}", digest, svc.clock())
+            if claim.outcome == "replay":
+                response = jsonify(claim.body)
+                response.status_code = claim.status
+                response.headers[REPLAY_HEADER] = "true"
+                return response
+            if claim.outcome == "reused":
+                raise IdempotencyKeyReused()
+            if claim.outcome == "in_use":
+                raise IdempotencyKeyInUse()
+            g.idempotency_ids = (IdBlock(claim.seed), claim.outcome == "taken_over")
+            return _run(claim, lambda: make_response(view(*args, **kwargs)))
+
+        return wrapper
+
+    return decorate
+
+
+def _run(claim: KeyClaim, view: Callable[[], Response]) -> Response:
+    """Run the view holding `claim`, then record its outcome on the key."""
+    store = services().idempotency
+    try:
+        response = view()
+    except Exception as exc:
+        if _client_error(exc):
+            _finish("forget", lambda: store.forget(claim))
+        else:
+            _finish("release", lambda: store.release(claim, services().clock()))
+        raise  # the original error, whatever became of the key
+    status = response.status_code
+    if 200 <= status < 300:
+        try:
+            store.complete(claim, status, response.get_json())
+        except DatabaseUnavailable:
+            # The answer stands: its writes are done. The key stays running until its
+            # lease ends; a retry then takes it over with the same seed, and the
+            # domain's writes repeat without doubling.
+            log.warning("could not record the answer of idempotency key %r", claim.key)
+    elif 400 <= status < 500:
+        _finish("forget", lambda: store.forget(claim))
+    else:
+        _finish("release", lambda: store.release(claim, services().clock()))
+    return response
+
+
+def _client_error(exc: Exception) -> bool:
+    """Whether `exc` will be answered with a 4xx: the domain promises it wrote nothing."""
+    if isinstance(exc, ApiError):
+        return 400 <= exc.status < 500
+    if isinstance(exc, HTTPException):
+        return exc.code is not None and 400 <= exc.code < 500
+    return isinstance(exc, ValidationError)  # server.py answers it with 422
+
+
+def _finish(what: str, write: Callable[[], bool]) -> None:
+    # Best effort: the request's own answer (often an error) matters more. A key left
+    # running is taken over by a retry once its lease ends.
+    try:
+        write()
+    except Exception:
+        log.warning("could not %s an idempotency key", what, exc_info=True)
