@@ -196,7 +196,7 @@ def serve(config: Config) -> int:
 
 def run_worker(config: Config, threads: int) -> int:
     """Dispatch the outbox until SIGINT/SIGTERM, then finish in-flight sends."""
-    from .dispatcher import DispatcherPool
+    from .dispatcher import DispatchContext, DispatcherPool
     from .server import build_runtime
 
     runtime = build_runtime(config)
@@ -207,7 +207,11 @@ def run_worker(config: Config, threads: int) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    pool = DispatcherPool.start(runtime.services, threads)
+    services = runtime.services
+    context = DispatchContext(
+        config, services.outbox, services.clock, services.store.has_notification
+    )
+    pool = DispatcherPool.start(context, threads)
     log.info("worker dispatching with %d thread(s)", threads)
     last: dict[str, int] | None = None
     next_report = time.monotonic()

@@ -10,6 +10,10 @@ the record (at most SENT_FLUSH emails per thread), or the database to stay away 
 than what is left of the lease; a database that restarts sooner causes none: what this
 dispatcher could not record or give back meanwhile it does first when the database
 answers again (`_catch_up`).
+
+Dispatchers also settle pending emails (outbox.py) whose request ended between its
+writes: past the request's write window, the email goes if its notification was stored
+and is dropped if not (`sweep_pending`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from .config import Config
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
 from .mongo_connector import DatabaseUnavailable
-from .notifications import Services
-from .outbox import LastError
+from .outbox import LastError, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,24 @@ SenderFactory = Callable[[], SmtpSender]
 # if smaller): a few database operations per batch instead of one per email. The cost
 # is the duplicate window: a crash re-sends at most this many accepted emails.
 SENT_FLUSH = 16
+# How often a dispatcher looks for pending emails left by requests that ended between
+# their writes, and how many it settles per look.
+SWEEP_SECONDS = 10.0
+SWEEP_BATCH = 500
+
+
+@dataclass(frozen=True)
+class DispatchContext:
+    """What a dispatcher needs from the rest of the service.
+
+    `is_recorded(user_id, notification_id)`: whether the user's array holds the
+    notification (InboxStore.has_notification), which decides a pending email's fate.
+    """
+
+    config: Config
+    outbox: Outbox
+    clock: Callable[[], datetime]
+    is_recorded: Callable[[str, str], bool]
 
 
 def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) -> float:
@@ -84,7 +106,7 @@ def is_outage(error: SendError) -> bool:
 
 @dataclass
 class Dispatcher:
-    services: Services
+    context: DispatchContext
     sender: SmtpSender
     name: str
     limiter: RateLimiter
@@ -94,6 +116,7 @@ class Dispatcher:
     _smtp_was_down: bool = False
     _indexed: bool = False
     _lease_end: float = 0.0  # monotonic time at which the current claim runs out
+    _next_sweep: float = 0.0  # monotonic time of the next sweep of pending emails (0: now)
     # Left over from a database outage, done before the next claim (`_catch_up`):
     # emails the SMTP server accepted whose record could not be written...
     _unrecorded: list[Any] = field(default_factory=list)
@@ -111,16 +134,16 @@ class Dispatcher:
 
         :raise DatabaseUnavailable: the database did not answer (the caller waits and retries).
         """
-        svc, cfg = self.services, self.services.config
+        ctx, cfg = self.context, self.context.config
         if not self._indexed:
-            svc.outbox.ensure_indexes()
+            ctx.outbox.ensure_indexes()
             self._indexed = True
         self._catch_up()
         token = f"{self.name}:{uuid.uuid4().hex[:8]}"
         lease = cfg.dispatch_lease_seconds
         claimed_at = time.monotonic()
         try:
-            pending = svc.outbox.claim_batch(token, svc.clock(), lease, cfg.dispatch_batch_size)
+            pending = ctx.outbox.claim_batch(token, ctx.clock(), lease, cfg.dispatch_batch_size)
         except DatabaseUnavailable:
             # The claim may have been stored with only its reply lost: those emails
             # would wait out the whole lease. Nothing of it was tried, so give back
@@ -152,12 +175,12 @@ class Dispatcher:
 
     def _renew(self, pending: list[dict[str, Any]], token: str) -> list[dict[str, Any]]:
         """Extend the claim on the emails not yet sent; keep only those still held."""
-        svc = self.services
+        ctx = self.context
         renewed_at = time.monotonic()
-        held = svc.outbox.renew(
-            [r["_id"] for r in pending], token, svc.clock(), svc.config.dispatch_lease_seconds
+        held = ctx.outbox.renew(
+            [r["_id"] for r in pending], token, ctx.clock(), ctx.config.dispatch_lease_seconds
         )
-        self._lease_end = renewed_at + svc.config.dispatch_lease_seconds
+        self._lease_end = renewed_at + ctx.config.dispatch_lease_seconds
         if len(held) < len(pending):
             log.warning("dispatcher %s: %d claims ran out", self.name, len(pending) - len(held))
         return [r for r in pending if r["_id"] in held]
@@ -170,7 +193,7 @@ class Dispatcher:
         if pending:
             ids = [r["_id"] for r in pending]
             try:
-                self.services.outbox.release(ids, token, self.services.clock())
+                self.context.outbox.release(ids, token, self.context.clock())
             except DatabaseUnavailable:
                 self._held.append((token, ids))
                 log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
@@ -183,17 +206,17 @@ class Dispatcher:
 
         :raise DatabaseUnavailable: the database still does not answer; nothing is forgotten.
         """
-        svc = self.services
+        ctx = self.context
         if self._unrecorded:
             ids = list(self._unrecorded)
-            svc.outbox.mark_sent(ids, svc.clock())
+            ctx.outbox.mark_sent(ids, ctx.clock())
             self._unrecorded.clear()
             log.info(
                 "dispatcher %s: recorded %d sends after a database outage", self.name, len(ids)
             )
         while self._held:
             token, held = self._held[0]
-            svc.outbox.release(held, token, svc.clock())
+            ctx.outbox.release(held, token, ctx.clock())
             self._held.pop(0)
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:
@@ -201,7 +224,7 @@ class Dispatcher:
         while the lease lasts) they are kept for `_catch_up`, never forgotten."""
         if not sent:
             return
-        ids, now = list(sent), self.services.clock()
+        ids, now = list(sent), self.context.clock()
         sent.clear()
         try:
             self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now))
@@ -217,7 +240,7 @@ class Dispatcher:
             raise
 
     def _record_sent(self, ids: list[Any], now: datetime) -> bool:
-        recorded = self.services.outbox.mark_sent(ids, now)
+        recorded = self.context.outbox.mark_sent(ids, now)
         if recorded < len(ids):
             # Our own earlier try whose reply was lost, or another dispatcher's, after
             # this claim's lease ran out: either way the record now says sent.
@@ -229,12 +252,69 @@ class Dispatcher:
             )
         return True
 
+    def sweep_pending(self) -> tuple[int, int]:
+        """Settle the pending emails whose request can no longer write; return how many
+        were activated and how many discarded.
+
+        A pending email older than the write window belongs to a request that is over:
+        if its notification is in the user's array the request stored it, so the email
+        must go; if not, the request failed as a whole (its client got an error and may
+        retry, creating both anew), so the email must not. A notification that the
+        array's cap dropped within the window counts as not stored: a rare loss of that
+        email, never a duplicate.
+
+        :raise DatabaseUnavailable: the caller tries again later; nothing is half done
+            that the next sweep would not finish.
+        """
+        ctx = self.context
+        activated = discarded = 0
+        while True:
+            before = ctx.clock() - timedelta(seconds=ctx.config.write_window_seconds)
+            stale = ctx.outbox.stale_pending(before, SWEEP_BATCH)
+            go: list[str] = []
+            drop: list[str] = []
+            for record in stale:
+                (go if self._was_recorded(record) else drop).append(str(record["_id"]))
+            # Both conditional on the record still being pending: sweeps running at the
+            # same time in other dispatchers settle each email once.
+            activated += ctx.outbox.activate(go, ctx.clock())
+            discarded += ctx.outbox.discard_pending(drop)
+            if len(stale) < SWEEP_BATCH or self.stopping.is_set():
+                break
+        if activated or discarded:
+            log.info(
+                "dispatcher %s: pending emails of ended requests: %d activated, %d discarded",
+                self.name,
+                activated,
+                discarded,
+            )
+        return activated, discarded
+
+    def _was_recorded(self, record: dict[str, Any]) -> bool:
+        user_id, notification_id = record.get("user_id"), record.get("notification_id")
+        if not (isinstance(user_id, str) and isinstance(notification_id, str)):
+            # Only a notification's email is ever pending; without one, nothing shows
+            # that its request succeeded.
+            return False
+        return self.context.is_recorded(user_id, notification_id)
+
+    def _sweep_when_due(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        try:
+            self.sweep_pending()
+        except DatabaseUnavailable:
+            log.warning("dispatcher %s: pending emails not swept: database unavailable", self.name)
+            self._next_sweep = time.monotonic() + self.context.config.dispatch_poll_seconds * 4
+
     def run(self) -> None:
         """Dispatch until `stopping` is set; an in-flight send always finishes first."""
-        cfg = self.services.config
+        cfg = self.context.config
         try:
             while not self.stopping.is_set():
                 try:
+                    self._sweep_when_due()
                     if self.dispatch_once():
                         continue
                     self.wake.wait(self._idle_seconds())
@@ -259,18 +339,21 @@ class Dispatcher:
 
     def _idle_seconds(self) -> float:
         # Poll at least every DISPATCH_POLL_SECONDS (another process may enqueue), and
-        # sooner when a retry falls due before that.
-        poll = self.services.config.dispatch_poll_seconds
-        due = self.services.outbox.next_due()
+        # sooner when a retry or the next sweep falls due before that.
+        poll = min(
+            self.context.config.dispatch_poll_seconds,
+            max(0.0, self._next_sweep - time.monotonic()),
+        )
+        due = self.context.outbox.next_due()
         if due is None:
             return poll
-        return max(0.0, min(poll, (due - self.services.clock()).total_seconds()))
+        return max(0.0, min(poll, (due - self.context.clock()).total_seconds()))
 
     def _deliver(self, record: dict[str, Any], sent: list[Any]) -> Outcome:
         """Send one claimed email. A failure is stored at once; a success is added to
         `sent`, which the caller stores with one update for several (see SENT_FLUSH)."""
-        svc, cfg = self.services, self.services.config
-        now = svc.clock()
+        ctx, cfg = self.context, self.context.config
+        now = ctx.clock()
         attempts = int(record["attempts"])
         if attempts > cfg.dispatch_max_attempts or self._too_old(record, now):
             # Only claims taken over after their lease ran out get here: the sends
@@ -303,18 +386,18 @@ class Dispatcher:
         if self._smtp_was_down:
             # The server is back: what waits on a backoff from the outage goes now.
             self._smtp_was_down = False
-            released = svc.outbox.release_backoffs(svc.clock())
+            released = ctx.outbox.release_backoffs(ctx.clock())
             if released:
                 log.info("dispatcher %s: SMTP is back, %d emails retried now", self.name, released)
         return "sent"
 
     def _too_old(self, record: dict[str, Any], now: datetime) -> bool:
         age: timedelta = now - record["created_at"]
-        return age > timedelta(seconds=self.services.config.dispatch_max_age_seconds)
+        return age > timedelta(seconds=self.context.config.dispatch_max_age_seconds)
 
     def _failed(self, record: dict[str, Any], exc: SendError) -> Outcome:
-        svc, cfg = self.services, self.services.config
-        now = svc.clock()
+        ctx, cfg = self.context, self.context.config
+        now = ctx.clock()
         outage = is_outage(exc)
         error = _error(exc.code, exc.reply[:1000], permanent=exc.permanent, outage=outage)
         attempts = int(record["attempts"])
@@ -334,14 +417,14 @@ class Dispatcher:
         at = now + timedelta(seconds=delay)
         self._store(
             f"email {record['_id']}",
-            lambda: svc.outbox.mark_retry(record["_id"], record["claimed_by"], error, at),
+            lambda: ctx.outbox.mark_retry(record["_id"], record["claimed_by"], error, at),
         )
         return "outage" if outage else "retry"
 
     def _fail(self, record: dict[str, Any], error: LastError, now: datetime) -> None:
         self._store(
             f"email {record['_id']}",
-            lambda: self.services.outbox.mark_failed(
+            lambda: self.context.outbox.mark_failed(
                 record["_id"], record["claimed_by"], error, now
             ),
         )
@@ -385,9 +468,9 @@ class DispatcherPool:
 
     @classmethod
     def start(
-        cls, services: Services, count: int, sender_factory: SenderFactory | None = None
+        cls, context: DispatchContext, count: int, sender_factory: SenderFactory | None = None
     ) -> DispatcherPool:
-        cfg = services.config
+        cfg = context.config
         if sender_factory is None:
             settings = SmtpSettings.from_config(cfg)
 
@@ -401,9 +484,9 @@ class DispatcherPool:
         for i in range(count):
             wake = threading.Event()
             wakes.append(wake)
-            services.outbox.on_enqueue(wake.set)
+            context.outbox.on_enqueue(wake.set)
             dispatcher = Dispatcher(
-                services=services,
+                context=context,
                 sender=sender_factory(),
                 name=f"{prefix}:{i}",
                 limiter=limiter,

@@ -5,6 +5,16 @@ failed. While a record is sending, `claimed_by` names the claim (a token per bat
 and `next_attempt_at` is the end of its lease, so one index, (status,
 next_attempt_at), finds both what is due and what a dead dispatcher left.
 
+Without transactions (a standalone server) a `new_login` writes its email first as
+`pending`, which nothing claims or counts, and makes it `queued` (`activate`) once the
+notification is in the user's array: the email never goes out for a request that
+failed. A pending record whose request died between the steps is settled by the
+dispatchers' sweep (`stale_pending`, then `activate` or `discard_pending`).
+
+Sent and failed records leave after OUTBOX_RETENTION_DAYS through TTL indexes on
+`sent_at` and `failed_at`, each restricted to its status, so no other record is ever
+removed, whatever it holds in those fields.
+
 Every write here is journaled (the client's write concern, mongo_connector.connect),
 so an acknowledged claim or outcome survives a database crash: a claim found gone
 later was taken over after its lease ran out, never lost to the crash.
@@ -12,9 +22,10 @@ later was taken over after its lease ran out, never lost to the crash.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
@@ -22,11 +33,21 @@ from bson import ObjectId
 from pymongo import ASCENDING
 from pymongo.collection import Collection
 from pymongo.database import Database
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from .mongo_connector import Document, guarded
 
-Status = Literal["queued", "sending", "sent", "failed"]
+Status = Literal["pending", "queued", "sending", "sent", "failed"]
+# Pending records are deliberately absent: they wait for their request (or the sweep).
 CLAIMABLE: tuple[Status, ...] = ("queued", "sending")
+# (index name, date field, the only status it may remove).
+RETENTION_INDEXES: tuple[tuple[str, str, Status], ...] = (
+    ("sent_retention", "sent_at", "sent"),
+    ("failed_retention", "failed_at", "failed"),
+)
+_DUPLICATE_KEY = 11000
+_INDEX_NOT_FOUND = 27
+_INDEX_CONFLICTS = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 
 
 class LastError(TypedDict):
@@ -37,16 +58,61 @@ class LastError(TypedDict):
 
 
 class Outbox:
-    def __init__(self, db: Database[Document], collection: str) -> None:
+    def __init__(
+        self, db: Database[Document], collection: str, *, retention_days: int | None = None
+    ) -> None:
+        """`retention_days`: OUTBOX_RETENTION_DAYS, which `ensure_indexes` applies (0 keeps
+        records forever). None leaves the retention indexes as they are: for tools that
+        use an outbox without owning its settings, which must not drop them."""
         self.records: Collection[Document] = db[collection]
+        self.retention_days = retention_days
         self._listeners: list[Callable[[], None]] = []
         self._rng = random.Random()
         self._lock = threading.Lock()
 
     @guarded
     def ensure_indexes(self) -> None:
+        """Create the indexes, and bring the retention indexes to `retention_days`."""
         self.records.create_index(
             [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="due"
+        )
+        if self.retention_days is not None:
+            self._ensure_retention(self.retention_days * 86400)
+
+    def _ensure_retention(self, seconds: int) -> None:
+        existing = self.records.index_information()
+        for name, field, status in RETENTION_INDEXES:
+            current = existing.get(name)
+            if not seconds:
+                if current is not None:
+                    # Another process may have dropped it first.
+                    with _ignoring(_INDEX_NOT_FOUND):
+                        self.records.drop_index(name)
+                continue
+            if current is None:
+                try:
+                    self.records.create_index(
+                        [(field, ASCENDING)],
+                        name=name,
+                        expireAfterSeconds=seconds,
+                        # Restricted to its status: a queued, sending or pending record
+                        # is never removed, whatever date it holds.
+                        partialFilterExpression={"status": status},
+                    )
+                except OperationFailure as exc:
+                    # Another process, started with another retention, created it
+                    # between our look and our create: the latest setting wins.
+                    if exc.code not in _INDEX_CONFLICTS:
+                        raise
+                    self._set_expiry(name, seconds)
+            elif current.get("expireAfterSeconds") != seconds:
+                # The operator changed OUTBOX_RETENTION_DAYS: create_index would refuse
+                # the new value, collMod changes it in place (no rebuild).
+                self._set_expiry(name, seconds)
+
+    def _set_expiry(self, index: str, seconds: int) -> None:
+        self.records.database.command(
+            "collMod", self.records.name, index={"name": index, "expireAfterSeconds": seconds}
         )
 
     def on_enqueue(self, listener: Callable[[], None]) -> None:
@@ -54,13 +120,18 @@ class Outbox:
         with self._lock:
             self._listeners.append(listener)
 
-    @guarded
-    def enqueue(self, record: Document, now: datetime) -> str:
-        """Store a new email as queued, due now; return its id. Durable once this returns."""
-        record = {
+    def _wake(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    @staticmethod
+    def _new_record(
+        record: Document, now: datetime, email_id: str | None, pending: bool
+    ) -> Document:
+        return {
             **record,
-            "_id": ObjectId(),
-            "status": "queued",
+            "_id": ObjectId(email_id) if email_id is not None else ObjectId(),
+            "status": "pending" if pending else "queued",
             "attempts": 0,
             "created_at": now,
             "next_attempt_at": now,
@@ -68,15 +139,118 @@ class Outbox:
             "sent_at": None,
             "claimed_by": None,
         }
-        self.records.insert_one(record)
-        for listener in self._listeners:
-            listener()
-        return str(record["_id"])
+
+    @guarded
+    def enqueue(
+        self,
+        record: Document,
+        now: datetime,
+        *,
+        email_id: str | None = None,
+        pending: bool = False,
+        session: Any = None,
+    ) -> str:
+        """Store a new email, due now; return its id. Durable once this returns.
+
+        `email_id` (24 hex characters) presets the id, from the request's own IdBlock.
+        `pending` stores it as pending: not sent until `activate` (or the sweep).
+        `session`: a pymongo ClientSession whose transaction the insert joins.
+        """
+        doc = self._new_record(record, now, email_id, pending)
+        try:
+            self.records.insert_one(doc, session=session)
+        except DuplicateKeyError:
+            # A preset id comes from the request's own id block, so the record is this
+            # request's earlier attempt (cut short, or its reply lost): already done.
+            # In a transaction the error must abort it, so it goes to the caller.
+            if session is not None or email_id is None:
+                raise
+        if not pending:
+            self._wake()
+        return str(doc["_id"])
+
+    @guarded
+    def enqueue_many(
+        self,
+        records: list[Document],
+        now: datetime,
+        *,
+        email_ids: list[str],
+        pending: bool = False,
+        session: Any = None,
+    ) -> list[str]:
+        """Store several new emails with one insert; return their ids (`email_ids`).
+
+        `email_ids` (24 hex characters each, one per record, in order) are preset ids
+        from the request's IdBlock, so a retry of the request inserts nothing twice:
+        without a session, records found already stored are taken as its earlier
+        attempt. `pending` and `session` as for `enqueue`.
+        """
+        docs = [
+            self._new_record(record, now, email_id, pending)
+            for record, email_id in zip(records, email_ids, strict=True)
+        ]
+        if not docs:
+            return []
+        try:
+            # Unordered: after a duplicate the rest are still inserted.
+            self.records.insert_many(docs, ordered=False, session=session)
+        except BulkWriteError as exc:
+            if session is not None or not _only_duplicates(exc):
+                raise
+        if not pending:
+            self._wake()
+        return [str(doc["_id"]) for doc in docs]
+
+    @guarded
+    def activate(self, email_ids: list[str], now: datetime) -> int:
+        """Make pending emails queued and due now; return how many were pending."""
+        if not email_ids:
+            return 0
+        result = self.records.update_many(
+            {"_id": {"$in": _object_ids(email_ids)}, "status": "pending"},
+            {"$set": {"status": "queued", "next_attempt_at": now}},
+        )
+        if result.modified_count:
+            self._wake()
+        return result.modified_count
+
+    @guarded
+    def stale_pending(self, before: datetime, limit: int) -> list[Document]:
+        """Up to `limit` pending records written at or before `before`, oldest first:
+        `_id`, `user_id` and `notification_id` (what the sweep needs to settle them)."""
+        cursor = (
+            self.records.find(
+                {"status": "pending", "next_attempt_at": {"$lte": before}},
+                projection={"_id": 1, "user_id": 1, "notification_id": 1},
+            )
+            .sort("next_attempt_at", ASCENDING)
+            .limit(limit)
+        )
+        return list(cursor)
+
+    @guarded
+    def discard_pending(self, email_ids: list[str]) -> int:
+        """Delete these emails if they are still pending; return how many were."""
+        if not email_ids:
+            return 0
+        result = self.records.delete_many(
+            {"_id": {"$in": _object_ids(email_ids)}, "status": "pending"}
+        )
+        return result.deleted_count
 
     @guarded
     def get(self, email_id: str) -> Document | None:
         """The record of `email_id` (24 hex characters, validated by the caller)."""
         return self.records.find_one({"_id": ObjectId(email_id)})
+
+    @guarded
+    def existing(self, email_ids: list[str]) -> set[str]:
+        """Which of these emails are stored, in any status (a retried request's check)."""
+        if not email_ids:
+            return set()
+        found = self.records.find({"_id": {"$in": _object_ids(email_ids)}}, projection={"_id": 1})
+        return {str(doc["_id"]) for doc in found}
 
     @guarded
     def claim_batch(
@@ -107,7 +281,10 @@ class Outbox:
             )
             if won.modified_count:
                 claimed = self.records.find({"_id": {"$in": ids}, "claimed_by": token})
-                return sorted(claimed, key=lambda doc: doc["next_attempt_at"])
+                # In the candidates' (due) order: the claim gave them all one lease end,
+                # and ids preset from requests' id blocks say nothing about age.
+                order = {email_id: n for n, email_id in enumerate(ids)}
+                return sorted(claimed, key=lambda doc: order[doc["_id"]])
             # Every candidate went to another dispatcher first: look again at once,
             # rather than idling as if nothing were due.
         return []
@@ -122,7 +299,8 @@ class Outbox:
         room = limit - len(stale)
         queued = self._due_ids("queued", now, 2 * room) if room else []
         if len(queued) > room:
-            queued = self._rng.sample(queued, room)
+            kept = sorted(self._rng.sample(range(len(queued)), room))
+            queued = [queued[n] for n in kept]
         return stale + queued
 
     def _due_ids(self, status: Status, now: datetime, limit: int) -> list[Any]:
@@ -239,3 +417,26 @@ class Outbox:
     def backlog(self) -> dict[str, int]:
         """How many emails wait (queued) and are being sent, counted on the index."""
         return {status: self.records.count_documents({"status": status}) for status in CLAIMABLE}
+
+
+def _object_ids(email_ids: list[str]) -> list[ObjectId]:
+    return [ObjectId(email_id) for email_id in email_ids]
+
+
+def _only_duplicates(exc: BulkWriteError) -> bool:
+    """Whether an insert failed only on records that exist already (and was durable)."""
+    errors = exc.details.get("writeErrors", [])
+    return (
+        bool(errors)
+        and all(error.get("code") == _DUPLICATE_KEY for error in errors)
+        and not exc.details.get("writeConcernErrors")
+    )
+
+
+@contextlib.contextmanager
+def _ignoring(code: int) -> Iterator[None]:
+    try:
+        yield
+    except OperationFailure as exc:
+        if exc.code != code:
+            raise

@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from . import notification_handler
 from .asgi import EDGE_ERROR, RECEIVED_AT
 from .config import Config
-from .dispatcher import DispatcherPool
+from .dispatcher import DispatchContext, DispatcherPool
 from .email_templates import EmailTemplates
 from .errors import ApiError, ErrorDetail, Unauthorized, Unavailable
 from .mongo_connector import (
@@ -78,7 +78,7 @@ def build_runtime(config: Config) -> Runtime:
     services = Services(
         config=config,
         store=InboxStore(db, config),
-        outbox=Outbox(db, config.outbox_collection),
+        outbox=Outbox(db, config.outbox_collection, retention_days=config.outbox_retention_days),
         templates=templates,
         idempotency=IdempotencyStore(db, config),
     )
@@ -101,7 +101,15 @@ def create_app(config: Config | None = None) -> Flask:
     )
     runtime = build_runtime(config)
     if config.dispatcher_threads > 0:
-        runtime.dispatchers = DispatcherPool.start(runtime.services, config.dispatcher_threads)
+        runtime.dispatchers = DispatcherPool.start(
+            DispatchContext(
+                config,
+                runtime.services.outbox,
+                runtime.services.clock,
+                runtime.services.store.has_notification,
+            ),
+            config.dispatcher_threads,
+        )
         # Gunicorn and granian workers exit through sys.exit on SIGTERM/SIGINT, which
         # runs atexit: in-flight sends finish and their outcome is stored.
         atexit.register(runtime.close)

@@ -26,20 +26,38 @@ from pymongo import MongoClient, monitoring
 from smtp_fixtures import SmtpServer
 
 from notification_service.config import Config
-from notification_service.dispatcher import SENT_FLUSH, Dispatcher, RateLimiter, backoff_seconds
+from notification_service.dispatcher import (
+    SENT_FLUSH,
+    DispatchContext,
+    Dispatcher,
+    RateLimiter,
+    backoff_seconds,
+)
 from notification_service.email_sender import SmtpSender, SmtpSettings
-from notification_service.email_templates import EmailTemplates
 from notification_service.mongo_connector import DatabaseUnavailable, InboxStore
-from notification_service.notifications import Services
+from notification_service.notifications import utc_now
 from notification_service.outbox import Outbox
 
 FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
 
 
-def make_dispatcher(services: Services, name: str = "test", per_second: float = 0) -> Dispatcher:
+def context_of(app: Flask, **settings: Any) -> DispatchContext:
+    """The app's own dispatch context, with `settings` changed in its config."""
+    services = runtime(app).services
+    return DispatchContext(
+        config=replace(services.config, **settings),
+        outbox=services.outbox,
+        clock=services.clock,
+        is_recorded=services.store.has_notification,
+    )
+
+
+def make_dispatcher(
+    context: DispatchContext, name: str = "test", per_second: float = 0
+) -> Dispatcher:
     return Dispatcher(
-        services=services,
-        sender=SmtpSender(SmtpSettings.from_config(services.config)),
+        context=context,
+        sender=SmtpSender(SmtpSettings.from_config(context.config)),
         name=name,
         limiter=RateLimiter(per_second),
         wake=threading.Event(),
@@ -65,7 +83,7 @@ def mail_setup(
 
     def make(server: SmtpServer, **overrides: Any) -> tuple[FlaskClient, Dispatcher]:
         app = make_app(make_config(**server.config_kwargs(), **{**FAST_RETRY, **overrides}))
-        made.append(make_dispatcher(runtime(app).services))
+        made.append(make_dispatcher(context_of(app)))
         return app.test_client(), made[-1]
 
     yield make
@@ -75,7 +93,7 @@ def mail_setup(
 
 @pytest.fixture
 def dispatcher(mail_app: Flask) -> Iterator[Dispatcher]:
-    d = make_dispatcher(runtime(mail_app).services)
+    d = make_dispatcher(context_of(mail_app))
     yield d
     d.sender.close()
 
@@ -218,7 +236,7 @@ def test_smtp_down_then_up_delivers_each_email_once(
 
 def test_unbuildable_record_fails_permanently(dispatcher: Dispatcher, db: Any) -> None:
     now = datetime.now(UTC)
-    dispatcher.services.outbox.enqueue(
+    dispatcher.context.outbox.enqueue(
         {"kind": "custom", "to": "a@b.c\r\nBcc: x@evil.test", "subject": "s", "text": "t",
          "html": None, "message_id": "<x@y>"},
         now,
@@ -295,9 +313,7 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
     [claimed] = outbox(db)
     assert claimed["attempts"] == 1
 
-    d = make_dispatcher(
-        replace(services, config=replace(services.config, dispatch_lease_seconds=8)), "rescuer"
-    )
+    d = make_dispatcher(context_of(mail_app, dispatch_lease_seconds=8), "rescuer")
     try:
         assert not d.dispatch_once()  # the lease still holds
         wait_until(d.dispatch_once, 10, "the lease to run out")
@@ -467,13 +483,12 @@ def test_one_address_greylisted_neither_stops_the_batch_nor_loses_its_backoff(
 def test_a_slow_batch_renews_its_claim_so_no_one_sends_it_again(
     mail_app: Flask, smtp_server: SmtpServer, db: Any
 ) -> None:
-    services = runtime(mail_app).services
-    services = replace(services, config=replace(services.config, dispatch_lease_seconds=2))
+    context = context_of(mail_app, dispatch_lease_seconds=2)
     client = mail_app.test_client()
     for i in range(5):
         client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
-    slow = make_dispatcher(services, "slow", per_second=2)  # 5 sends take about 2 s
-    rival = make_dispatcher(services, "rival")
+    slow = make_dispatcher(context, "slow", per_second=2)  # 5 sends take about 2 s
+    rival = make_dispatcher(context, "rival")
     done: list[int] = []
     worker = threading.Thread(target=lambda: done.append(slow.dispatch_once()))
     try:
@@ -504,7 +519,7 @@ def test_a_slow_batch_renews_its_claim_so_no_one_sends_it_again(
 def test_an_email_whose_claims_keep_running_out_is_given_up(
     dispatcher: Dispatcher, smtp_server: SmtpServer, db: Any
 ) -> None:
-    max_attempts = dispatcher.services.config.dispatch_max_attempts
+    max_attempts = dispatcher.context.config.dispatch_max_attempts
     now = datetime.now(UTC)
     db.email_outbox.insert_one(
         {"_id": ObjectId(), "kind": "custom", "to": "x@example.com", "subject": "s",
@@ -567,15 +582,16 @@ def sets_status(status: str) -> Callable[[dict[str, Any]], bool]:
     return matches
 
 
+LinkedContext = Callable[[Config, monitoring.CommandListener], DispatchContext]
+
+
 @pytest.fixture
-def linked_services(
-    db_link: DatabaseLink,
-) -> Iterator[Callable[[Config, monitoring.CommandListener], Services]]:
-    """Services whose client reaches the database through `db_link` and reports its
-    commands to a listener (the service's own client options otherwise)."""
+def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
+    """A dispatch context whose client reaches the database through `db_link` and reports
+    its commands to a listener (the service's own client options otherwise)."""
     clients: list[MongoClient[dict[str, Any]]] = []
 
-    def make(config: Config, listener: monitoring.CommandListener) -> Services:
+    def make(config: Config, listener: monitoring.CommandListener) -> DispatchContext:
         client: MongoClient[dict[str, Any]] = MongoClient(
             db_link.uri(config.database_name),
             tz_aware=True,
@@ -587,11 +603,11 @@ def linked_services(
         )
         clients.append(client)
         db = client[config.database_name]
-        return Services(
+        return DispatchContext(
             config=config,
-            store=InboxStore(db, config),
             outbox=Outbox(db, config.outbox_collection),
-            templates=EmailTemplates(config.templates_dir),
+            clock=utc_now,
+            is_recorded=InboxStore(db, config).has_notification,
         )
 
     yield make
@@ -599,22 +615,22 @@ def linked_services(
         client.close()
 
 
-def queue_emails(services: Services, n: int) -> None:
+def queue_emails(outbox: Outbox, n: int) -> None:
     for i in range(n):
-        services.outbox.enqueue(
+        outbox.enqueue(
             {"kind": "custom", "to": f"u{i}@example.com", "subject": "s", "text": "t",
              "html": None, "message_id": f"<{uuid.uuid4().hex}@test>"},
             datetime.now(UTC),
         )  # fmt: skip
 
 
-def wait_for_database(services: Services) -> None:
-    wait_until(lambda: _answers(services), 20, "the database to answer again")
+def wait_for_database(outbox: Outbox) -> None:
+    wait_until(lambda: _answers(outbox), 20, "the database to answer again")
 
 
-def _answers(services: Services) -> bool:
+def _answers(outbox: Outbox) -> bool:
     try:
-        services.outbox.backlog()
+        outbox.backlog()
     except DatabaseUnavailable:
         return False
     return True
@@ -623,13 +639,13 @@ def _answers(services: Services) -> bool:
 def test_sends_are_recorded_even_when_the_claim_was_lost_meanwhile(
     mail_app: Flask, smtp_server: SmtpServer, db: Any
 ) -> None:
-    services = runtime(mail_app).services
+    context = context_of(mail_app)
     client = mail_app.test_client()
     for i in range(4):
         client.post("/email", json={"to": f"u{i}@example.com", "subject": "s", "text": "t"})
-    slow = make_dispatcher(services, "slow", per_second=5)  # 4 sends take about 0.6 s
+    slow = make_dispatcher(context, "slow", per_second=5)  # 4 sends take about 0.6 s
     worker = threading.Thread(target=slow.dispatch_once)
-    rival = make_dispatcher(services, "rival")
+    rival = make_dispatcher(context, "rival")
     try:
         worker.start()
         smtp_server.wait_for_messages(2)
@@ -654,7 +670,7 @@ def test_sends_are_recorded_even_when_the_claim_was_lost_meanwhile(
 
 
 def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
-    linked_services: Callable[[Config, monitoring.CommandListener], Services],
+    linked_context: LinkedContext,
     make_config: Callable[..., Config],
     db_link: DatabaseLink,
     smtp_server: SmtpServer,
@@ -665,9 +681,9 @@ def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
     )
     # The database becomes unreachable just as the sends are to be recorded, and stays
     # so past the end of the claim's lease.
-    services = linked_services(config, OnCommand(sets_status("sent"), db_link.cut))
-    queue_emails(services, 3)
-    d = make_dispatcher(services)
+    context = linked_context(config, OnCommand(sets_status("sent"), db_link.cut))
+    queue_emails(context.outbox, 3)
+    d = make_dispatcher(context)
     try:
         assert d.dispatch_once() == 3
         assert len(smtp_server.wait_for_messages(3)) == 3
@@ -676,7 +692,7 @@ def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
             max(0.0, min(r["next_attempt_at"] for r in outbox(db)).timestamp() - time.time())
         )
         db_link.heal()
-        wait_for_database(services)
+        wait_for_database(context.outbox)
         # The lease has run out: the emails are due again. What was sent is recorded
         # first, so nothing is sent twice.
         assert drain(d) == 0
@@ -688,7 +704,7 @@ def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
 
 
 def test_a_claim_whose_reply_was_lost_is_given_back_when_the_database_answers(
-    linked_services: Callable[[Config, monitoring.CommandListener], Services],
+    linked_context: LinkedContext,
     make_config: Callable[..., Config],
     db_link: DatabaseLink,
     smtp_server: SmtpServer,
@@ -696,15 +712,15 @@ def test_a_claim_whose_reply_was_lost_is_given_back_when_the_database_answers(
 ) -> None:
     config = make_config(**smtp_server.config_kwargs(), db_timeout_ms=500)
     # The claim reaches the database and is stored; its reply is lost.
-    services = linked_services(config, OnCommand(sets_status("sending"), db_link.drop_replies))
-    queue_emails(services, 2)
-    d = make_dispatcher(services)
+    context = linked_context(config, OnCommand(sets_status("sending"), db_link.drop_replies))
+    queue_emails(context.outbox, 2)
+    d = make_dispatcher(context)
     try:
         with pytest.raises(DatabaseUnavailable):
             d.dispatch_once()
         db_link.heal()
         assert {r["status"] for r in outbox(db)} == {"sending"}  # held for 60 s
-        wait_for_database(services)
+        wait_for_database(context.outbox)
         # Nothing of that claim was tried: it is given back and sent now, not after
         # its lease.
         assert drain(d) == 2
@@ -712,3 +728,106 @@ def test_a_claim_whose_reply_was_lost_is_given_back_when_the_database_answers(
         d.sender.close()
     assert {(r["status"], r["attempts"]) for r in outbox(db)} == {("sent", 1)}
     assert len(smtp_server.wait_for_messages(2)) == 2
+
+
+# --- pending emails of requests that ended between their writes ---------------------------
+
+
+def login_email(user_id: str, notification_id: str) -> dict[str, Any]:
+    return {"kind": "notification", "to": "user@example.com", "subject": "New login",
+            "text": "t", "html": None, "message_id": f"<{uuid.uuid4().hex}@test>",
+            "user_id": user_id, "notification_id": notification_id, "key": "new_login"}  # fmt: skip
+
+
+@pytest.fixture
+def stored_notification(make_user: Callable[..., str]) -> tuple[str, str]:
+    """A user whose array holds one notification: (user_id, notification_id)."""
+    notification_id = str(ObjectId())
+    user_id = make_user(notifications=[{"id": notification_id, "key": "new_login"}])
+    return user_id, notification_id
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_the_sweep_sends_what_was_recorded_drops_what_was_not_and_waits_for_the_young(
+    mail_app: Flask, smtp_server: SmtpServer, stored_notification: tuple[str, str], db: Any
+) -> None:
+    user_id, notification_id = stored_notification
+    start = datetime.now(UTC)
+    clock = FakeClock(start)
+    context = replace(context_of(mail_app), clock=clock)
+    outbox, window = context.outbox, timedelta(seconds=context.config.write_window_seconds)
+    recorded = outbox.enqueue(login_email(user_id, notification_id), start, pending=True)
+    failed = outbox.enqueue(login_email(user_id, str(ObjectId())), start, pending=True)
+    young = outbox.enqueue(login_email(user_id, notification_id), start + window, pending=True)
+    d = make_dispatcher(context)
+    try:
+        clock.now = start + window - timedelta(seconds=1)  # no request is over yet
+        assert d.sweep_pending() == (0, 0)
+        clock.now = start + window + timedelta(seconds=1)
+        assert d.sweep_pending() == (1, 1)
+        state = {str(r["_id"]): r["status"] for r in outbox.records.find()}
+        assert state == {recorded: "queued", young: "pending"}
+        assert failed not in state
+        assert drain(d) == 1
+    finally:
+        d.sender.close()
+    [received] = smtp_server.wait_for_messages(1)
+    [sent] = outbox.records.find({"status": "sent"})
+    assert received.message["Message-ID"] == sent["message_id"]
+    assert str(sent["_id"]) == recorded
+
+
+def test_a_running_dispatcher_sweeps_as_it_starts(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    stored_notification: tuple[str, str],
+    db: Any,
+) -> None:
+    user_id, notification_id = stored_notification
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    Outbox(db, "email_outbox").enqueue(
+        login_email(user_id, notification_id), an_hour_ago, pending=True
+    )
+    make_app(make_config(**smtp_server.config_kwargs(), dispatcher_threads=1))
+    assert len(smtp_server.wait_for_messages(1, timeout=5)) == 1
+
+
+def test_a_sweep_the_database_did_not_answer_is_tried_again(
+    linked_context: LinkedContext,
+    make_config: Callable[..., Config],
+    db_link: DatabaseLink,
+    smtp_server: SmtpServer,
+    stored_notification: tuple[str, str],
+    db: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    user_id, notification_id = stored_notification
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    email_id = Outbox(db, "email_outbox").enqueue(
+        login_email(user_id, notification_id), an_hour_ago, pending=True
+    )
+    config = make_config(
+        **smtp_server.config_kwargs(), db_timeout_ms=300, dispatch_poll_seconds=0.1
+    )
+    context = linked_context(config, OnCommand(lambda command: False, lambda: None))
+    db_link.cut()
+    d = make_dispatcher(context)
+    thread = threading.Thread(target=d.run)
+    thread.start()
+    try:
+        wait_until(lambda: "pending emails not swept" in caplog.text, 10, "a failed sweep")
+        db_link.heal()
+        assert len(smtp_server.wait_for_messages(1, timeout=10)) == 1
+    finally:
+        d.stopping.set()
+        d.wake.set()
+        thread.join(10)
+    assert db.email_outbox.find_one({"_id": ObjectId(email_id)})["status"] == "sent"

@@ -30,7 +30,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from notification_service import embedded
 from notification_service.config import Config
-from notification_service.dispatcher import Dispatcher, RateLimiter
+from notification_service.dispatcher import DispatchContext, Dispatcher, RateLimiter
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.server import create_app
 
@@ -183,7 +183,9 @@ def test_every_write_carries_the_write_concern_on_every_path(
         assert client.post("/email", json=email).status_code == 202
         services = runtime(app).services
         dispatcher = Dispatcher(
-            services=services,
+            context=DispatchContext(
+                config, services.outbox, services.clock, services.store.has_notification
+            ),
             sender=SmtpSender(SmtpSettings.from_config(config)),
             name="wc",
             limiter=RateLimiter(0),

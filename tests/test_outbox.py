@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from bson import ObjectId
+from pymongo import MongoClient
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from notification_service.config import Config
-from notification_service.mongo_connector import connect, database
+from notification_service.mongo_connector import Document, connect, database, new_id
 from notification_service.outbox import LastError, Outbox
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+DAY = 86400
 
 
 @pytest.fixture
-def outbox(config: Config) -> Iterator[Outbox]:
+def service_db(config: Config) -> Iterator[Database[Document]]:
+    """The test's database through the service's own client (journaled writes)."""
     client = connect(config)
-    box = Outbox(database(client, config), config.outbox_collection)
-    box.ensure_indexes()
-    yield box
+    yield database(client, config)
     client.close()
+
+
+@pytest.fixture
+def outbox(service_db: Database[Document], config: Config) -> Outbox:
+    box = Outbox(service_db, config.outbox_collection)
+    box.ensure_indexes()
+    return box
 
 
 def queue(outbox: Outbox, n: int, at: datetime = T0) -> list[str]:
@@ -52,6 +64,15 @@ def test_claim_batch_takes_from_the_oldest_due_and_sets_a_lease(outbox: Outbox) 
 
 def test_a_small_batch_comes_in_due_order(outbox: Outbox) -> None:
     ids = queue(outbox, 3)
+    batch = outbox.claim_batch("a", T0 + timedelta(seconds=10), 60, 3)
+    assert [str(r["_id"]) for r in batch] == ids
+
+
+def test_a_batch_comes_in_due_order_whatever_its_ids(outbox: Outbox) -> None:
+    # Preset ids (a request's id block) can sort in any order against their due times.
+    ids = sorted((new_id() for _ in range(3)), reverse=True)
+    for n, email_id in enumerate(ids):
+        outbox.enqueue(email(n), T0 + timedelta(seconds=n), email_id=email_id)
     batch = outbox.claim_batch("a", T0 + timedelta(seconds=10), 60, 3)
     assert [str(r["_id"]) for r in batch] == ids
 
@@ -165,3 +186,204 @@ def test_renew_extends_only_what_the_claim_still_holds(outbox: Outbox) -> None:
     renewed = outbox.records.find_one({"_id": a["_id"]})
     assert renewed is not None
     assert renewed["next_attempt_at"] == T0 + timedelta(seconds=22)
+
+
+# --- pending emails (a new_login's email before its notification is stored) -----------
+
+
+def email(n: int = 0, **fields: Any) -> Document:
+    return {"kind": "notification", "to": f"u{n}@example.com", "subject": "s", "text": "t",
+            "html": None, "message_id": f"<{uuid.uuid4().hex}@test>", "user_id": None,
+            "notification_id": None, "key": "new_login", **fields}  # fmt: skip
+
+
+def test_a_pending_email_is_neither_claimed_nor_counted_nor_due(outbox: Outbox) -> None:
+    outbox.enqueue(email(), T0, pending=True)
+    later = T0 + timedelta(days=1)
+    assert outbox.claim_batch("a", later, 60, 10) == []
+    assert outbox.backlog() == {"queued": 0, "sending": 0}
+    assert outbox.next_due() is None
+    assert outbox.release_backoffs(later) == 0
+
+
+def test_activate_makes_pending_emails_claimable_and_wakes_dispatchers(outbox: Outbox) -> None:
+    woken: list[None] = []
+    outbox.on_enqueue(lambda: woken.append(None))
+    a = outbox.enqueue(email(0), T0, pending=True)
+    b = outbox.enqueue(email(1), T0, pending=True)
+    assert woken == []  # nothing to send yet
+    now = T0 + timedelta(seconds=5)
+    assert outbox.activate([a, b], now) == 2
+    assert len(woken) == 1
+    assert outbox.activate([a, b], now) == 0  # only pending records change
+    assert len(woken) == 1
+    batch = outbox.claim_batch("w", now, 60, 10)
+    assert {str(r["_id"]) for r in batch} == {a, b}
+
+
+def test_enqueue_with_a_preset_id_twice_returns_it_and_stores_one_record(
+    outbox: Outbox,
+) -> None:
+    email_id = new_id()
+    first = email()
+    assert outbox.enqueue(first, T0, email_id=email_id, pending=True) == email_id
+    # The request's retry: same id, the earlier attempt's record is kept as it was.
+    assert outbox.enqueue(email(), T0 + timedelta(seconds=1), email_id=email_id) == email_id
+    [record] = outbox.records.find()
+    assert record["_id"] == ObjectId(email_id)
+    assert (record["status"], record["message_id"]) == ("pending", first["message_id"])
+
+
+def test_a_duplicate_preset_id_in_a_transaction_aborts_it(
+    outbox: Outbox, service_db: Database[Document]
+) -> None:
+    email_id = outbox.enqueue(email(0), T0, email_id=new_id())
+    other = new_id()
+    with (
+        service_db.client.start_session() as session,
+        pytest.raises(DuplicateKeyError),
+        session.start_transaction(),
+    ):
+        outbox.enqueue(email(1), T0, email_id=other, session=session)
+        outbox.enqueue(email(2), T0, email_id=email_id, session=session)
+    assert [str(r["_id"]) for r in outbox.records.find()] == [email_id]
+
+
+def test_enqueue_many_stores_each_record_once_across_a_retry(outbox: Outbox) -> None:
+    woken: list[None] = []
+    outbox.on_enqueue(lambda: woken.append(None))
+    ids = [new_id() for _ in range(3)]
+    # The first attempt stored two of the three (then the request was cut short).
+    assert outbox.enqueue_many([email(0), email(1)], T0, email_ids=ids[:2]) == ids[:2]
+    retried = outbox.enqueue_many(
+        [email(0), email(1), email(2)], T0 + timedelta(seconds=1), email_ids=ids
+    )
+    assert retried == ids
+    records = {str(r["_id"]): r for r in outbox.records.find()}
+    assert sorted(records) == sorted(ids)
+    assert {r["status"] for r in records.values()} == {"queued"}
+    assert records[ids[2]]["created_at"] == T0 + timedelta(seconds=1)
+    assert len(woken) == 2
+
+
+def test_enqueue_many_pending_stores_pending_records_and_wakes_no_one(outbox: Outbox) -> None:
+    woken: list[None] = []
+    outbox.on_enqueue(lambda: woken.append(None))
+    ids = outbox.enqueue_many(
+        [email(0), email(1)], T0, email_ids=[new_id(), new_id()], pending=True
+    )
+    assert {(str(r["_id"]), r["status"]) for r in outbox.records.find()} == {
+        (ids[0], "pending"),
+        (ids[1], "pending"),
+    }
+    assert woken == []
+
+
+def test_existing_names_the_stored_emails_whatever_their_status(outbox: Outbox) -> None:
+    pending = outbox.enqueue(email(0), T0, pending=True)
+    queued = outbox.enqueue(email(1), T0)
+    assert outbox.existing([pending, queued, new_id()]) == {pending, queued}
+    assert outbox.existing([]) == set()
+
+
+def test_stale_pending_lists_old_pending_records_with_their_notification(
+    outbox: Outbox,
+) -> None:
+    old = outbox.enqueue(email(0, user_id="u", notification_id="n"), T0, pending=True)
+    outbox.enqueue(email(1), T0 + timedelta(seconds=30), pending=True)  # too young
+    outbox.enqueue(email(2), T0)  # queued: not the sweep's
+    [stale] = outbox.stale_pending(T0 + timedelta(seconds=10), 10)
+    assert stale == {"_id": ObjectId(old), "user_id": "u", "notification_id": "n"}
+
+
+def test_discard_pending_deletes_only_pending_records(outbox: Outbox) -> None:
+    pending = outbox.enqueue(email(0), T0, pending=True)
+    queued = outbox.enqueue(email(1), T0)
+    assert outbox.discard_pending([pending, queued]) == 1
+    assert [str(r["_id"]) for r in outbox.records.find()] == [queued]
+
+
+# --- retention (OUTBOX_RETENTION_DAYS) ---------------------------------------------------
+
+
+def retention_indexes(outbox: Outbox) -> dict[str, Any]:
+    return {
+        name: (info["key"], info.get("expireAfterSeconds"), dict(info["partialFilterExpression"]))
+        for name, info in outbox.records.index_information().items()
+        if name.endswith("_retention")
+    }
+
+
+@pytest.fixture
+def retained(service_db: Database[Document], config: Config) -> Callable[[int | None], Outbox]:
+    """An outbox with `retention_days` whose indexes are ensured, as at start-up."""
+
+    def make(days: int | None) -> Outbox:
+        box = Outbox(service_db, config.outbox_collection, retention_days=days)
+        box.ensure_indexes()
+        return box
+
+    return make
+
+
+def test_retention_indexes_expire_only_sent_and_failed_records(
+    retained: Callable[[int | None], Outbox],
+) -> None:
+    assert retention_indexes(retained(30)) == {
+        "sent_retention": ([("sent_at", 1)], 30 * DAY, {"status": "sent"}),
+        "failed_retention": ([("failed_at", 1)], 30 * DAY, {"status": "failed"}),
+    }
+
+
+def test_a_changed_retention_is_applied_to_the_existing_indexes(
+    retained: Callable[[int | None], Outbox],
+) -> None:
+    retained(30)
+    outbox = retained(7)  # the operator changed OUTBOX_RETENTION_DAYS and restarted
+    assert {name: ttl for name, (_, ttl, _) in retention_indexes(outbox).items()} == {
+        "sent_retention": 7 * DAY,
+        "failed_retention": 7 * DAY,
+    }
+    retained(7)  # unchanged: nothing to do, and no error
+
+
+def test_retention_zero_drops_the_retention_indexes(
+    retained: Callable[[int | None], Outbox],
+) -> None:
+    retained(30)
+    assert retention_indexes(retained(0)) == {}
+    assert retention_indexes(retained(0)) == {}  # and stays without them
+    assert "due" in retained(0).records.index_information()
+
+
+def test_an_outbox_without_retention_settings_leaves_the_indexes_alone(
+    retained: Callable[[int | None], Outbox],
+) -> None:
+    retained(30)
+    assert len(retention_indexes(retained(None))) == 2
+
+
+def test_records_past_retention_are_removed_and_unfinished_ones_never(
+    retained: Callable[[int | None], Outbox], mongo_admin: MongoClient[Document]
+) -> None:
+    retained(30)
+    outbox = retained(1)  # through collMod: the changed value is the one that expires
+    now = datetime.now(UTC)
+    long_ago = now - timedelta(days=400)
+    gone = [
+        email(0, status="sent", sent_at=now - timedelta(days=2)),
+        email(1, status="failed", failed_at=now - timedelta(days=2)),
+    ]
+    kept = [
+        email(2, status="sent", sent_at=now - timedelta(hours=1)),
+        email(3, status="queued", created_at=long_ago, next_attempt_at=long_ago, sent_at=None),
+        # Whatever dates an unfinished record holds, it stays.
+        email(4, status="queued", created_at=long_ago, sent_at=long_ago, failed_at=long_ago),
+        email(5, status="sending", created_at=long_ago, sent_at=long_ago),
+        email(6, status="pending", created_at=long_ago, failed_at=long_ago),
+    ]
+    outbox.records.insert_many(gone + kept)
+    # The pass SecantusDB's TTL monitor makes every 60 s (as mongod's does), run now
+    # rather than waited for.
+    assert mongo_admin.admin.command("secantusAdmin.pruneTtl")["pruned"] >= len(gone)
+    assert {r["to"] for r in outbox.records.find()} == {r["to"] for r in kept}
