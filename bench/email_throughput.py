@@ -9,7 +9,7 @@ rounds:
 * ceiling: plain smtplib, one persistent connection, sending the N messages prebuilt
   (build_message, as bytes) back to back: MAIL, RCPT, DATA per message;
 * dispatcher: the N emails are put in a fresh outbox first (not timed), then the real
-  `DispatcherPool.start(services, threads)` runs with the default settings until the
+  `DispatcherPool.start(context, threads)` runs with the default settings until the
   outbox holds N `sent` records; for 1, 2 and 4 threads in this one process.
 
 Each dispatcher measurement is preceded by a ceiling measurement and compared with it
@@ -368,7 +368,7 @@ def outbox_documents(emails: list[Email]) -> list[dict[str, Any]]:
     documents: list[dict[str, Any]] = []
 
     class Collection:
-        def insert_one(self, document: dict[str, Any]) -> None:
+        def insert_one(self, document: dict[str, Any], session: Any = None) -> None:
             documents.append(document)
 
     outbox = Outbox({"email_outbox": Collection()}, "email_outbox")  # type: ignore[arg-type]
@@ -460,7 +460,7 @@ def measure_dispatcher(
     """Fill a fresh outbox, then time DispatcherPool until every email is `sent`."""
     from notification_service import dispatcher as dispatcher_module
     from notification_service.config import Config
-    from notification_service.dispatcher import DispatcherPool
+    from notification_service.dispatcher import DispatchContext, DispatcherPool
     from notification_service.email_sender import SmtpSender, SmtpSettings
     from notification_service.server import build_runtime
 
@@ -532,7 +532,8 @@ def measure_dispatcher(
 
         cpu = CpuMeter({"bench": None, "sink": sink.process.pid, "database": db_pid})
         start = time.perf_counter()
-        pool = DispatcherPool.start(services, threads, lambda: TimedSender(settings))
+        context = DispatchContext(config, outbox, services.clock, services.store.has_notification)
+        pool = DispatcherPool.start(context, threads, lambda: TimedSender(settings))
         if not done.wait(timeout):
             raise RuntimeError(f"{what}: only {sent[0]} of {count} sent after {timeout:g}s")
         seconds = finished_at[0] - start

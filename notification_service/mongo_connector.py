@@ -21,10 +21,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pymongo
 from bson import ObjectId
-from pymongo import MongoClient, ReturnDocument, uri_parser
+from pymongo import MongoClient, ReturnDocument, UpdateOne, uri_parser
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
+    BulkWriteError,
     ConnectionFailure,
     DuplicateKeyError,
     OperationFailure,
@@ -166,50 +167,644 @@ def database(client: MongoClient[Document], config: Config) -> Database[Document
 
 
 class InboxStore:
-    """The users collection: notifications live in an array inside each user's document."""
+    """The users collection: each user's notifications live in an array in their own
+    document, newest first and capped, beside a small `<field>_counts` sub-document
+    ({elements, new, version, changed}) that every write keeps exact.
+
+    Every write is one atomic update of the user's document (an update pipeline), so
+    counts and array never disagree, and concurrent writes to one user lose nothing
+    but what the cap drops. The counts let /count and /list answer without reading
+    through the array. Reads fall back to counting the array when the counts are not
+    there yet (a document written before them) or when, with NOTIFICATIONS_TTL_DAYS,
+    its oldest notification has expired since the last write.
+
+    Where SecantusDB and mongod differ, the forms both accept are used: `"$F.id"` (a
+    path through an array of documents) evaluates to nothing on SecantusDB, so ids are
+    taken with `$map`; `$slice` gets a positive count.
+    """
 
     def __init__(self, db: Database[Document], config: Config) -> None:
         self.users: Collection[Document] = db[config.users_collection]
         self.field = config.notifications_field
+        self.counts_field = f"{config.notifications_field}_counts"
         self.limit = config.notifications_limit
+        days = config.notifications_ttl_days
+        self.ttl_seconds = days * 86400 if days else None
+        self._transactions: bool | None = None
 
-    def _push(self, notification: Notification) -> Document:
-        # Newest first and capped in one atomic update: concurrent creates for one user
-        # lose nothing but what the cap drops.
+    # -- expressions -------------------------------------------------------------------
+
+    def _items(self) -> Document:
+        # A missing field is an empty inbox; a field that is not an array is refused by
+        # the writes (409) and reads as empty.
+        return {"$cond": [{"$isArray": f"${self.field}"}, f"${self.field}", []]}
+
+    def _cutoff(self, now: datetime) -> int | None:
+        """Notifications stamped at or before this second have expired."""
+        if self.ttl_seconds is None:
+            return None
+        return int(now.timestamp()) - self.ttl_seconds
+
+    def _live(self, items: Any, cutoff: int | None) -> Any:
+        if cutoff is None:
+            return items
         return {
-            "$push": {self.field: {"$each": [notification], "$position": 0, "$slice": self.limit}}
+            "$filter": {
+                "input": items,
+                "as": "n",
+                "cond": {"$gt": ["$$n.timestamp", {"$literal": cutoff}]},
+            }
         }
+
+    def _fresh(self, items: Any, cutoff: int | None) -> Any:
+        """True when nothing in the array has expired: the last (oldest) one has not.
+
+        Clocks of different servers may disagree by a few seconds, so a notification
+        may outlive its TTL by that much; after the next write it is gone exactly.
+        """
+        if cutoff is None:
+            return True
+        oldest = {"$arrayElemAt": [items, -1]}
+        return {
+            "$or": [
+                {"$eq": [{"$size": items}, 0]},
+                {"$gt": [{"$let": {"vars": {"o": oldest}, "in": "$$o.timestamp"}}, cutoff]},
+            ]
+        }
+
+    @staticmethod
+    def _count_new(items: Any) -> Document:
+        return {
+            "$size": {"$filter": {"input": items, "as": "n", "cond": {"$eq": ["$$n.is_new", True]}}}
+        }
+
+    def _counts(self, cutoff: int | None) -> Document:
+        """The user's {elements, new}: stored ones when they are exact, else counted."""
+        items = self._items()
+        stored = f"${self.counts_field}"
+        exact = {"$and": [{"$eq": [{"$type": stored}, "object"]}, self._fresh(items, cutoff)]}
+        return {
+            "$cond": [
+                exact,
+                {"elements": f"{stored}.elements", "new": f"{stored}.new"},
+                {
+                    "$let": {
+                        "vars": {"live": self._live(items, cutoff)},
+                        "in": {"elements": {"$size": "$$live"}, "new": self._count_new("$$live")},
+                    }
+                },
+            ]
+        }
+
+    def _live_items(self, cutoff: int | None) -> Any:
+        """The array without expired notifications, filtered only when one has expired."""
+        items = self._items()
+        if cutoff is None:
+            return items
+        return {"$cond": [self._fresh(items, cutoff), items, self._live(items, cutoff)]}
+
+    def _version(self) -> Document:
+        return {"$ifNull": [f"${self.counts_field}.version", 0]}
+
+    def _rewrite(
+        self,
+        cutoff: int | None,
+        new_array: Callable[[str], Any],
+        measure: Callable[[Any], Any],
+    ) -> list[Document]:
+        """An update pipeline: the array becomes `new_array($$live)`, the counts are
+        counted again, and `changed` is how much `measure` (a count) went down."""
+        live = self._live_items(cutoff)
+        counts = f"${self.counts_field}"
+        return [
+            {
+                "$set": {
+                    self.field: {"$let": {"vars": {"live": live}, "in": new_array("$$live")}},
+                    self.counts_field: {
+                        "version": {"$add": [self._version(), 1]},
+                        "before": {"$let": {"vars": {"live": live}, "in": measure("$$live")}},
+                    },
+                }
+            },
+            {
+                "$set": {
+                    self.counts_field: {
+                        "elements": {"$size": f"${self.field}"},
+                        "new": self._count_new(f"${self.field}"),
+                        "version": f"{counts}.version",
+                        "changed": {"$subtract": [f"{counts}.before", measure(f"${self.field}")]},
+                    }
+                }
+            },
+        ]
+
+    def _prepend(self, notification: Notification, cutoff: int | None) -> list[Document]:
+        """The update pipeline that records a notification: newest first, capped.
+
+        The counts are carried forward without reading through the array (one look at
+        the element the cap drops) when they are exact; otherwise counted again.
+        """
+        items = self._items()
+        counts = f"${self.counts_field}"
+        size = {"$size": items}
+        dropped = {"$arrayElemAt": [items, self.limit - 1]}
+        drops_new = {
+            "$and": [
+                {"$gte": [size, self.limit]},
+                {"$eq": [{"$let": {"vars": {"d": dropped}, "in": "$$d.is_new"}}, True]},
+            ]
+        }
+        carried = {
+            "$and": [
+                {"$eq": [{"$type": counts}, "object"]},
+                {"$lte": [size, self.limit]},
+                self._fresh(items, cutoff),
+            ]
+        }
+        # $literal: the notification's data is the caller's, and a string like "$email"
+        # inside a pipeline would otherwise be read as a field of the user's document.
+        entry = {"$literal": notification}
+        return [
+            {
+                "$set": {
+                    self.field: {
+                        "$slice": [
+                            {"$concatArrays": [[entry], self._live_items(cutoff)]},
+                            self.limit,
+                        ]
+                    },
+                    self.counts_field: {
+                        "elements": {
+                            "$cond": [carried, {"$min": [{"$add": [size, 1]}, self.limit]}, None]
+                        },
+                        "new": {
+                            "$cond": [
+                                carried,
+                                {
+                                    "$add": [
+                                        f"{counts}.new",
+                                        1 if notification["is_new"] else 0,
+                                        {"$cond": [drops_new, -1, 0]},
+                                    ]
+                                },
+                                None,
+                            ]
+                        },
+                        "version": {"$add": [self._version(), 1]},
+                        "changed": 1,
+                    },
+                }
+            },
+            {
+                "$set": {
+                    self.counts_field: {
+                        "$cond": [
+                            {"$eq": [{"$type": f"{counts}.new"}, "null"]},
+                            {
+                                "elements": {"$size": f"${self.field}"},
+                                "new": self._count_new(f"${self.field}"),
+                                "version": f"{counts}.version",
+                                "changed": 1,
+                            },
+                            counts,
+                        ]
+                    }
+                }
+            },
+        ]
+
+    def _holding(self, cutoff: int | None, **fields: Any) -> Document:
+        """A query for a user with a live (unexpired) notification with these fields."""
+        if cutoff is not None:
+            fields["timestamp"] = {"$gt": cutoff}
+        return {self.field: {"$elemMatch": fields}}
+
+    def _ids(self, items: Any) -> Document:
+        return {"$map": {"input": items, "as": "n", "in": "$$n.id"}}
+
+    def _projection(self, full_user: bool) -> Document:
+        # The user without the array when the email needs them; else the counts alone.
+        return {self.field: 0} if full_user else {"_id": 0, self.counts_field: 1}
+
+    def _create_query(self, oid: ObjectId, require_email: bool, repeat_of: str | None) -> Document:
+        query: Document = {
+            "_id": oid,
+            "$or": [{self.field: {"$exists": False}}, {self.field: {"$type": "array"}}],
+        }
+        if require_email:
+            query["email"] = {"$type": "string", "$ne": ""}
+        if repeat_of is not None:
+            # A retry of a request that may have recorded it already (same id block).
+            query[f"{self.field}.id"] = {"$ne": repeat_of}
+        return query
+
+    # -- writes ------------------------------------------------------------------------
 
     @guarded
     def append_capped(
         self,
         user_id: str,
         notification: Notification,
+        now: datetime,
         *,
         require_email: bool,
-    ) -> Document | None:
-        """Prepend `notification` to the user's capped array: one update.
+        repeat: bool = False,
+        session: Any = None,
+    ) -> Document:
+        """Prepend `notification` to the user's capped array in one update; return the
+        user's document after it (the whole user, without the array, with
+        `require_email`; otherwise the counts alone), `counts` under "counts".
 
-        With `require_email`, return the user (without the array) as the email needs
-        it; otherwise return None after a plain update, the cheapest form on any server
-        (on SecantusDB find_one_and_update costs ~15 ms against ~1.5 ms; bench/README.md).
+        With `repeat`, the notification may be there already (a retried request): then
+        nothing is written and the user's document is returned as it is.
 
         :raise UserNotFound: no such user.
         :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
+        :raise UserDocumentInvalid: the field is not an array, or the document is full.
         """
+        oid = ObjectId(user_id)
+        query = self._create_query(oid, require_email, notification["id"] if repeat else None)
         with self._refusals_of_the_document():
-            oid = ObjectId(user_id)
-            query = self._user_query(oid, require_email)
-            update = self._push(notification)
-            if require_email:
-                user = self.users.find_one_and_update(
-                    query, update, projection={self.field: 0}, return_document=ReturnDocument.AFTER
-                )
-                if user is not None:
-                    return user
-            elif self.users.update_one(query, update).matched_count:
-                return None
-            raise self._why_missing(oid)
+            user = self.users.find_one_and_update(
+                query,
+                self._prepend(notification, self._cutoff(now)),
+                projection=self._projection(require_email),
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+        if user is None:
+            user = self._why_not_appended(
+                oid, require_email, notification["id"] if repeat else None, now
+            )
+        return self._with_counts(user)
+
+    def _with_counts(self, user: Document) -> Document:
+        counts = user.pop(self.counts_field, None) or {}
+        user["counts"] = {"elements": counts.get("elements", 0), "new": counts.get("new", 0)}
+        return user
+
+    def _why_not_appended(
+        self, oid: ObjectId, require_email: bool, repeat_of: str | None, now: datetime
+    ) -> Document:
+        """Why the create's query matched nothing; the user as it is when it was a repeat.
+
+        :raise UserNotFound: / :raise UserHasNoEmail: / :raise UserDocumentInvalid:
+        """
+        user = self.users.find_one({"_id": oid}, projection={self.field: {"$slice": 1}})
+        if user is None:
+            raise UserNotFound()
+        items = user.pop(self.field, [])
+        if not isinstance(items, list):
+            raise self._not_an_array()
+        if require_email and not _has_email(user):
+            raise UserHasNoEmail()
+        if repeat_of is None:
+            # Matched nothing, yet matches now: it changed in between (deleted and made
+            # again, or its field fixed). Rare enough to answer as a conflict.
+            raise UserDocumentInvalid("The user's document changed during the request; retry.")
+        # The earlier attempt recorded it: answer with the counts as they are now.
+        state = self._state(oid, None, now)
+        user[self.counts_field] = state
+        return user if require_email else {self.counts_field: state}
+
+    def _not_an_array(self) -> UserDocumentInvalid:
+        return UserDocumentInvalid(
+            f"The user's {self.field!r} field is not an array.",
+            details=[{"field": self.field, "problem": "is not an array"}],
+        )
+
+    @guarded
+    def append_many(
+        self,
+        entries: list[tuple[str, Notification]],
+        now: datetime,
+        *,
+        require_email: bool,
+        repeat: bool = False,
+        session: Any = None,
+    ) -> set[str]:
+        """Record one notification for each (user_id, notification) in ONE bulk write;
+        return the user ids that hold theirs afterwards.
+
+        Users that do not exist, have no email (with `require_email`) or whose field
+        is not an array are left out, the others are written all the same.
+        """
+        if not entries:
+            return set()
+        cutoff = self._cutoff(now)
+        requests = [
+            UpdateOne(
+                self._create_query(
+                    ObjectId(user_id), require_email, notification["id"] if repeat else None
+                ),
+                self._prepend(notification, cutoff),
+            )
+            for user_id, notification in entries
+        ]
+        try:
+            result = self.users.bulk_write(requests, ordered=False, session=session)
+            matched = result.matched_count
+        except BulkWriteError as exc:
+            # A document over 16 MB refuses its write; the others went through.
+            matched = -1
+            log.warning("fan-out: %d writes refused", len(exc.details.get("writeErrors", [])))
+        if matched == len(entries) and not repeat:
+            return {user_id for user_id, _ in entries}
+        # Which users hold their notification (a user gone, or a repeat): one query.
+        holders = self.users.find(
+            {
+                "$or": [
+                    {"_id": ObjectId(user_id), f"{self.field}.id": notification["id"]}
+                    for user_id, notification in entries
+                ]
+            },
+            projection={"_id": 1},
+            session=session,
+        )
+        return {str(doc["_id"]) for doc in holders}
+
+    @guarded
+    def mark_read(self, user_id: str, notification_id: str, now: datetime) -> Document:
+        """Set is_new to false; reading a read notification is a success too. Returns
+        {elements, new, version, changed}.
+
+        :raise UserNotFound: / :raise NotificationNotFound:
+        """
+        oid = ObjectId(user_id)
+        target = {"$literal": notification_id}
+
+        def read_it(live: str) -> Any:
+            return {
+                "$map": {
+                    "input": live,
+                    "as": "n",
+                    "in": {
+                        "$cond": [
+                            {"$eq": ["$$n.id", target]},
+                            {"$mergeObjects": ["$$n", {"is_new": False}]},
+                            "$$n",
+                        ]
+                    },
+                }
+            }
+
+        cutoff = self._cutoff(now)
+        return self._write(
+            {"_id": oid, **self._holding(cutoff, id=notification_id, is_new=True)},
+            self._rewrite(cutoff, read_it, self._count_new),
+            oid,
+            now,
+            must_hold=notification_id,
+        )
+
+    @guarded
+    def mark_all_read(self, user_id: str, up_to: str | None, now: datetime) -> Document:
+        """Mark every notification read, or only `up_to` and the older ones: one update.
+
+        :raise UserNotFound: / :raise NotificationNotFound: `up_to` is not in the array.
+        """
+        oid = ObjectId(user_id)
+        cutoff = self._cutoff(now)
+        wanted = [self._holding(cutoff, is_new=True)]
+        if up_to is not None:
+            wanted.append(self._holding(cutoff, id=up_to))
+        query: Document = {"_id": oid, "$and": wanted}
+
+        def read_them(live: str) -> Any:
+            # Newest first: the watermark's position splits the array; from it on, all
+            # are read. Without one, everything from position 0.
+            start: Any = 0
+            if up_to is not None:
+                start = {"$indexOfArray": [self._ids(live), {"$literal": up_to}]}
+            return {
+                "$let": {
+                    "vars": {"start": start},
+                    "in": {
+                        "$map": {
+                            "input": {"$range": [0, {"$size": live}]},
+                            "as": "i",
+                            "in": {
+                                "$let": {
+                                    "vars": {"n": {"$arrayElemAt": [live, "$$i"]}},
+                                    "in": {
+                                        "$cond": [
+                                            {
+                                                "$and": [
+                                                    {"$gte": ["$$start", 0]},
+                                                    {"$gte": ["$$i", "$$start"]},
+                                                ]
+                                            },
+                                            {"$mergeObjects": ["$$n", {"is_new": False}]},
+                                            "$$n",
+                                        ]
+                                    },
+                                }
+                            },
+                        }
+                    },
+                }
+            }
+
+        return self._write(
+            query,
+            self._rewrite(cutoff, read_them, self._count_new),
+            oid,
+            now,
+            must_hold=up_to,
+        )
+
+    @guarded
+    def delete(self, user_id: str, notification_id: str, now: datetime) -> Document:
+        """Remove one notification; removing one that is gone changes nothing (changed 0).
+
+        :raise UserNotFound:
+        """
+        oid = ObjectId(user_id)
+        target = {"$literal": notification_id}
+
+        def without(live: str) -> Any:
+            return {"$filter": {"input": live, "as": "n", "cond": {"$ne": ["$$n.id", target]}}}
+
+        cutoff = self._cutoff(now)
+        return self._write(
+            {"_id": oid, **self._holding(cutoff, id=notification_id)},
+            self._rewrite(cutoff, without, _size),
+            oid,
+            now,
+        )
+
+    @guarded
+    def delete_all(self, user_id: str, only_read: bool, now: datetime) -> Document:
+        """Remove every notification, or only the read ones.
+
+        :raise UserNotFound:
+        """
+        oid = ObjectId(user_id)
+        query: Document = {"_id": oid}
+        if only_read:
+            query[self.field] = {"$elemMatch": {"is_new": False}}
+        else:
+            query[f"{self.field}.0"] = {"$exists": True}
+
+        def kept(live: str) -> Any:
+            if not only_read:
+                return {"$literal": []}
+            return {"$filter": {"input": live, "as": "n", "cond": {"$eq": ["$$n.is_new", True]}}}
+
+        return self._write(query, self._rewrite(self._cutoff(now), kept, _size), oid, now)
+
+    def _write(
+        self,
+        query: Document,
+        pipeline: list[Document],
+        oid: ObjectId,
+        now: datetime,
+        must_hold: str | None = None,
+    ) -> Document:
+        """Run a pipeline update that returns the counts; when its query matched nothing
+        (nothing to change), answer from a read: changed 0, or why it is a 404."""
+        with self._refusals_of_the_document():
+            user = self.users.find_one_and_update(
+                query,
+                pipeline,
+                projection={"_id": 0, self.counts_field: 1},
+                return_document=ReturnDocument.AFTER,
+            )
+        if user is not None:
+            counts: Document = user[self.counts_field]
+            return counts
+        state = self._state(oid, must_hold, now)
+        if state is None:
+            raise UserNotFound()
+        if must_hold is not None and not state["holds"]:
+            raise NotificationNotFound()
+        return {**state, "changed": 0}
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _state(self, oid: ObjectId, notification_id: str | None, now: datetime) -> Document | None:
+        """The user's counts and version, and whether `notification_id` is in the array."""
+        cutoff = self._cutoff(now)
+        holds: Any = {"$literal": False}  # a bare false in $project would exclude
+        if notification_id is not None:
+            holds = {"$in": [{"$literal": notification_id}, self._ids(self._live_items(cutoff))]}
+        pipeline = [
+            {"$match": {"_id": oid}},
+            {
+                "$project": {
+                    "_id": 0,
+                    "counts": self._counts(cutoff),
+                    "version": self._version(),
+                    "holds": holds,
+                }
+            },
+        ]
+        for doc in self.users.aggregate(pipeline):
+            return {**doc.pop("counts"), **doc}
+        return None
+
+    @guarded
+    def counts(self, user_id: str, now: datetime) -> Document:
+        """{elements, new, version} from the stored counts: one small read.
+
+        :raise UserNotFound:
+        """
+        state = self._state(ObjectId(user_id), None, now)
+        if state is None:
+            raise UserNotFound()
+        return state
+
+    @guarded
+    def inbox_page(
+        self,
+        user_id: str,
+        skip: int,
+        limit: int,
+        now: datetime,
+        *,
+        is_new: bool | None = None,
+        key: str | None = None,
+    ) -> Document:
+        """Counts and one page, newest first, in one round trip; with a filter, the page
+        is of the matching ones and `matched` says how many match.
+
+        :raise UserNotFound: no such user.
+        """
+        cutoff = self._cutoff(now)
+        live = self._live_items(cutoff)
+        conditions = []
+        if is_new is not None:
+            conditions.append({"$eq": ["$$n.is_new", is_new]})
+        if key is not None:
+            conditions.append({"$eq": ["$$n.key", {"$literal": key}]})
+        if conditions:
+            live = {"$filter": {"input": live, "as": "n", "cond": {"$and": conditions}}}
+        # $slice's count must be positive, so a zero limit asks for the counts alone.
+        # $slice takes 32-bit arguments; no array is anywhere near that long, so a
+        # larger skip gives the same (empty) page instead of a server error.
+        position = min(skip, 2**31 - 1)
+        page: Any = {"$slice": ["$$m", position, limit]} if limit > 0 else {"$literal": []}
+        pipeline: list[Document] = [
+            {"$match": {"_id": ObjectId(user_id)}},
+            {
+                "$project": {
+                    "_id": 0,
+                    "counts": self._counts(cutoff),
+                    "version": self._version(),
+                    "found": {
+                        "$let": {
+                            "vars": {"m": live},
+                            "in": {
+                                "matched": {"$size": "$$m"} if conditions else None,
+                                "list": page,
+                            },
+                        }
+                    },
+                }
+            },
+        ]
+        for result in self.users.aggregate(pipeline):
+            counts, found = result["counts"], result["found"]
+            matched = found["matched"] if conditions else counts["elements"]
+            return {
+                **counts,
+                "version": result["version"],
+                "matched": matched,
+                "list": found["list"],
+            }
+        raise UserNotFound()
+
+    @guarded
+    def find_user(self, user_id: str) -> Document:
+        """The user (without notifications).
+
+        :raise UserNotFound:
+        """
+        user = self.users.find_one({"_id": ObjectId(user_id)}, projection={self.field: 0})
+        if user is None:
+            raise UserNotFound()
+        return user
+
+    @guarded
+    def find_users(self, user_ids: list[str]) -> dict[str, Document]:
+        """The users among `user_ids` that exist (without notifications), by id, with
+        `holds_array` saying whether their field can take a notification: one query."""
+        found = self.users.find(
+            {"_id": {"$in": [ObjectId(u) for u in user_ids]}},
+            projection={self.field: {"$slice": 1}},
+        )
+        users = {}
+        for user in found:
+            items = user.pop(self.field, [])
+            user["holds_array"] = isinstance(items, list)
+            users[str(user["_id"])] = user
+        return users
+
+    @guarded
+    def has_notification(self, user_id: str, notification_id: str) -> bool:
+        """Whether the user's array holds the notification (the sweep of pending emails)."""
+        query = {"_id": ObjectId(user_id), f"{self.field}.id": notification_id}
+        return self.users.find_one(query, projection={"_id": 1}) is not None
 
     @guarded
     def ensure_user(self, user_id: str, email: str) -> None:
@@ -225,108 +820,69 @@ class InboxStore:
                 upsert=True,
             )
 
+    @guarded
+    def ensure_users(self, user_ids: list[str], email: str) -> None:
+        """`ensure_user` for many users in one bulk write (test mode fan-out)."""
+        requests = [
+            UpdateOne(
+                {"_id": ObjectId(u)},
+                {"$setOnInsert": {"email": email, self.field: []}},
+                upsert=True,
+            )
+            for u in user_ids
+        ]
+        try:
+            self.users.bulk_write(requests, ordered=False)
+        except BulkWriteError as exc:
+            # Only races between upserts (duplicate keys) are expected, and harmless.
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != 11000 for error in errors):
+                raise
+
+    # -- transactions ------------------------------------------------------------------
+
+    @guarded
+    def supports_transactions(self) -> bool:
+        """Whether the deployment runs multi-document transactions: a replica set or a
+        sharded cluster, not a standalone server. Asked once per process."""
+        if self._transactions is None:
+            hello = self.users.database.client.admin.command("hello")
+            self._transactions = "setName" in hello or hello.get("msg") == "isdbgrid"
+        return self._transactions
+
+    @guarded
+    def in_transaction(self, work: Callable[[Any], R]) -> R:
+        """Run `work(session)` in one transaction (retried on transient errors, within
+        the request's deadline); every write inside commits together or not at all."""
+        with self.users.database.client.start_session() as session:
+            return session.with_transaction(work)
+
     @contextlib.contextmanager
     def _refusals_of_the_document(self) -> Iterator[None]:
         """Turn the server refusing the user's document into UserDocumentInvalid (409).
 
-        The users collection is the application's: its document may hold something
-        other than an array in our field, or be at MongoDB's 16 MB limit.
+        The users collection is the application's: its document may be at MongoDB's
+        16 MB limit.
         """
         try:
             yield
         except OperationFailure as exc:  # WriteError, or findAndModify's failure
             if exc.code == _BAD_VALUE:
-                raise UserDocumentInvalid(
-                    f"The user's {self.field!r} field is not an array.",
-                    details=[{"field": self.field, "problem": "is not an array"}],
-                ) from exc
+                raise self._not_an_array() from exc
             if exc.code in _TOO_LARGE:
                 raise UserDocumentInvalid(
                     "The user's document is too large to take another notification."
                 ) from exc
             raise
 
-    @guarded
-    def find_user(self, user_id: str) -> Document:
-        """The user (without notifications).
 
-        :raise UserNotFound:
-        """
-        user = self.users.find_one({"_id": ObjectId(user_id)}, projection={self.field: 0})
-        if user is None:
-            raise UserNotFound()
-        return user
+def _size(items: Any) -> Document:
+    return {"$size": items}
 
-    @guarded
-    def has_notification(self, user_id: str, notification_id: str) -> bool:
-        """Whether the user's array holds the notification (the sweep of pending emails)."""
-        query = {"_id": ObjectId(user_id), f"{self.field}.id": notification_id}
-        return self.users.find_one(query, projection={"_id": 1}) is not None
 
-    @guarded
-    def inbox_page(self, user_id: str, skip: int, limit: int) -> Document:
-        """Counts and one page, newest first, in one round trip.
-
-        :raise UserNotFound: no such user.
-        """
-        # A document whose field is missing or not an array lists as empty.
-        items = {"$cond": [{"$isArray": f"${self.field}"}, f"${self.field}", []]}
-        # $slice's count must be positive, so a zero limit asks for the counts alone.
-        # $slice takes 32-bit arguments; no array is anywhere near that long, so a
-        # larger skip gives the same (empty) page instead of a server error.
-        position = min(skip, 2**31 - 1)
-        page: Any = {"$slice": [items, position, limit]} if limit > 0 else {"$literal": []}
-        pipeline = [
-            {"$match": {"_id": ObjectId(user_id)}},
-            {
-                "$project": {
-                    "_id": 0,
-                    "elements": {"$size": items},
-                    "new": {
-                        "$size": {
-                            "$filter": {
-                                "input": items,
-                                "as": "n",
-                                "cond": {"$eq": ["$$n.is_new", True]},
-                            }
-                        }
-                    },
-                    "list": page,
-                }
-            },
-        ]
-        for result in self.users.aggregate(pipeline):
-            return result
-        raise UserNotFound()
-
-    @guarded
-    def mark_read(self, user_id: str, notification_id: str) -> None:
-        """Set is_new to false; reading a read notification is a success too.
-
-        :raise UserNotFound: / :raise NotificationNotFound:
-        """
-        oid = ObjectId(user_id)
-        # update_one, not find_one_and_update: SecantusDB refuses the positional `$` in
-        # find_one_and_update, and both it and mongod accept this form.
-        result = self.users.update_one(
-            {"_id": oid, f"{self.field}.id": notification_id},
-            {"$set": {f"{self.field}.$.is_new": False}},
-        )
-        if result.matched_count:
-            return
-        if self.users.find_one({"_id": oid}, projection={"_id": 1}) is None:
-            raise UserNotFound()
-        raise NotificationNotFound()
-
-    def _user_query(self, oid: ObjectId, require_email: bool) -> Document:
-        query: Document = {"_id": oid}
-        if require_email:
-            query["email"] = {"$type": "string", "$ne": ""}
-        return query
-
-    def _why_missing(self, oid: ObjectId) -> UserNotFound | UserHasNoEmail:
-        exists = self.users.find_one({"_id": oid}, projection={"_id": 1}) is not None
-        return UserHasNoEmail() if exists else UserNotFound()
+def _has_email(user: Document) -> bool:
+    address = user.get("email")
+    return isinstance(address, str) and address != ""
 
 
 # --- Idempotency-Key records --------------------------------------------------------

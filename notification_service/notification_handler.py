@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response
+from flask import request as http_request
 
 from . import notifications
-from .idempotency import idempotent
-from .schemas import CreateRequest, EmailIdPath, EmailRequest, ListQuery, ReadRequest
-from .web import ok, parse_body, parse_query, parse_query_or_body, services
+from .idempotency import idempotent, request_ids
+from .schemas import (
+    Counts,
+    CreateRequest,
+    DeleteAllRequest,
+    DeleteRequest,
+    EmailIdPath,
+    EmailRequest,
+    ListQuery,
+    ReadAllRequest,
+    ReadRequest,
+    UserQuery,
+)
+from .web import not_modified, ok, parse_body, parse_query, parse_query_or_body, services
 
 bp = Blueprint("notifications", __name__)
 
@@ -15,9 +27,14 @@ bp = Blueprint("notifications", __name__)
 @bp.post("/create")
 @idempotent("create")
 def create() -> tuple[Response, int]:
-    """Record and/or queue the email of a notification. 201 with their ids."""
+    """Record and/or queue the email of a notification for one user (201 with the ids
+    and the user's counts) or for each of `user_ids` (an outcome per user)."""
     request = parse_body(CreateRequest)
-    return ok(notifications.create_notification(services(), request), 201)
+    ids, repeat = request_ids()
+    if request.user_ids is None:
+        return ok(notifications.create_notification(services(), request, ids, repeat=repeat), 201)
+    result = notifications.fan_out(services(), request, ids, repeat=repeat)
+    return ok(result, 201 if result["totals"]["created"] else 200)
 
 
 @bp.get("/list")
@@ -28,18 +45,54 @@ def list_() -> tuple[Response, int]:
     return ok(notifications.list_notifications(svc, query))
 
 
+@bp.get("/count")
+def count() -> tuple[Response, int]:
+    """The user's totals from one small read, with an ETag: 304 while they are the same."""
+    counts = notifications.count(services(), parse_query(UserQuery))
+    tag = etag(counts)
+    if http_request.if_none_match.contains_weak(tag):
+        return not_modified(tag)
+    response, status = ok(counts)
+    response.set_etag(tag)
+    # Cached copies must be checked each time (a 304 is cheap): counts change any time.
+    response.headers["Cache-Control"] = "no-cache"
+    return response, status
+
+
+def etag(counts: Counts) -> str:
+    """The tag of the counts themselves, so it changes exactly when they do."""
+    return f"{counts['elements']}-{counts['new']}"
+
+
 @bp.post("/read")
 def read() -> tuple[Response, int]:
     """Mark a notification read (query parameters, as the seed says, or a JSON body)."""
-    notifications.mark_read(services(), parse_query_or_body(ReadRequest))
-    return ok()
+    return ok(notifications.mark_read(services(), parse_query_or_body(ReadRequest)))
+
+
+@bp.post("/read-all")
+def read_all() -> tuple[Response, int]:
+    """Mark all read, or only `up_to` and the older ones; how many changed and the counts."""
+    return ok(notifications.mark_all_read(services(), parse_query_or_body(ReadAllRequest)))
+
+
+@bp.post("/delete")
+def delete() -> tuple[Response, int]:
+    """Remove one notification; one already gone answers `deleted: 0`."""
+    return ok(notifications.delete(services(), parse_query_or_body(DeleteRequest)))
+
+
+@bp.post("/delete-all")
+def delete_all() -> tuple[Response, int]:
+    """Remove all of a user's notifications, or with `read=true` only the read ones."""
+    return ok(notifications.delete_all(services(), parse_query_or_body(DeleteAllRequest)))
 
 
 @bp.post("/email")
 @idempotent("email")
 def email() -> tuple[Response, int]:
     """Queue an email with the caller's own subject and text. 202 with its id."""
-    email_id = notifications.queue_email(services(), parse_body(EmailRequest))
+    email_id = notifications.queue_email(services(), parse_body(EmailRequest), request_ids()[0])
     return ok({"email_id": email_id}, 202)
 
 

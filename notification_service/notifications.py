@@ -1,4 +1,4 @@
-"""The domain: what creating, listing and reading a notification means.
+"""The domain: what creating, listing, reading and deleting notifications means.
 
 Plain functions that take their collaborators (storage, outbox, templates, clock) in a
 `Services` bundle, so tests pass real ones and may fake only the clock.
@@ -15,17 +15,27 @@ from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserHasNoEmail
 from .keys import KEYS
-from .mongo_connector import IdempotencyStore, InboxStore, new_id
+from .mongo_connector import Document, IdBlock, IdempotencyStore, InboxStore, new_id
 from .outbox import Outbox
 from .schemas import (
+    Counts,
     CreateRequest,
     CreateResult,
+    DeleteAllRequest,
+    DeleteRequest,
+    DeleteResult,
     EmailRequest,
     EmailState,
+    FanOutOutcome,
+    FanOutResult,
     InboxPage,
     ListQuery,
+    ListRequestEcho,
     Notification,
+    ReadAllRequest,
+    ReadAllResult,
     ReadRequest,
+    UserQuery,
 )
 
 Clock = Callable[[], datetime]
@@ -45,40 +55,190 @@ class Services:
     clock: Clock = utc_now
 
 
-def create_notification(svc: Services, request: CreateRequest) -> CreateResult:
-    """Record and/or email a notification as its key says; the email is queued durably.
+def create_notification(
+    svc: Services, request: CreateRequest, ids: IdBlock, *, repeat: bool = False
+) -> CreateResult:
+    """Record and/or email a notification to one user as its key says.
+
+    `ids` are the request's ids; `repeat` says an earlier attempt with the same ids may
+    have written part of it (a retried Idempotency-Key): each write then completes what
+    is missing and doubles nothing.
 
     :raise UserNotFound: unknown user outside test mode (EMAIL unset).
     :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
+    :raise UserDocumentInvalid: the user's field cannot take a notification.
     """
+    assert request.user_id is not None  # the model requires user_id or user_ids
+    user_id = request.user_id
     route = KEYS[request.key]
     now = svc.clock()
-    notification: Notification = {
-        "id": new_id(),
-        "timestamp": int(now.timestamp()),
-        "is_new": True,
-        "user_id": request.user_id,
-        "key": request.key,
-        "target_id": request.target_id,
-        "data": request.data,
-    }
+    notification = _notification(request, user_id, ids.id(0), now)
+    email_id = ids.id(1)
     if svc.config.email is not None:
         # Test mode of the original assignment: the user is made first, so that storing
-        # the notification stays one update (that a bulk write can mirror).
-        svc.store.ensure_user(request.user_id, svc.config.email)
-    user = None
-    if route.record:
-        user = svc.store.append_capped(request.user_id, notification, require_email=route.email)
-    elif route.email:
-        user = svc.store.find_user(request.user_id)
-    email_id = None
-    if route.email:
-        assert user is not None  # returned by both calls above when the key sends email
-        email_id = _queue_notification_email(svc, notification, user, now)
+        # the notification stays one update.
+        svc.store.ensure_user(user_id, svc.config.email)
+    counts: Counts | None = None
+    if route.record and route.email:
+        counts = _record_with_email(svc, notification, email_id, now, repeat)
+    elif route.record:
+        user = svc.store.append_capped(
+            user_id, notification, now, require_email=False, repeat=repeat
+        )
+        counts = user["counts"]
+    else:
+        user = svc.store.find_user(user_id)
+        svc.outbox.enqueue(_notification_email(svc, notification, user), now, email_id=email_id)
     return {
         "notification_id": notification["id"] if route.record else None,
-        "email_id": email_id,
+        "email_id": email_id if route.email else None,
+        "elements": counts["elements"] if counts else None,
+        "new": counts["new"] if counts else None,
     }
+
+
+def _record_with_email(
+    svc: Services, notification: Notification, email_id: str, now: datetime, repeat: bool
+) -> Counts:
+    """Store the notification and queue its email so that neither happens without the other.
+
+    With transactions (a replica set), both writes commit together. On a standalone
+    server the email is stored first as pending (never sent as such), then the
+    notification, then the email is released. Cut short between them, a retry with
+    the same Idempotency-Key completes the steps left; without one, the dispatcher's
+    sweep releases a pending email whose notification was stored and drops one whose
+    notification was not (the request failed as a whole, as a transaction would).
+    """
+    user_id = notification["user_id"]
+    if svc.store.supports_transactions():
+        if repeat and svc.outbox.get(email_id) is not None:
+            return _counts(svc.store.counts(user_id, now))  # the first attempt committed
+
+        def both(session: Any) -> Counts:
+            user = svc.store.append_capped(
+                user_id, notification, now, require_email=True, session=session
+            )
+            email = _notification_email(svc, notification, user)
+            svc.outbox.enqueue(email, now, email_id=email_id, session=session)
+            return _counts(user["counts"])
+
+        return svc.store.in_transaction(both)
+    # The email is rendered from the user as read before the writes: the address and
+    # whatever the templates use. A user without an address is refused before any write.
+    email = _notification_email(svc, notification, svc.store.find_user(user_id))
+    svc.outbox.enqueue(email, now, email_id=email_id, pending=True)
+    user = svc.store.append_capped(user_id, notification, now, require_email=True, repeat=repeat)
+    if not svc.outbox.activate([email_id], now) and svc.outbox.get(email_id) is None:
+        # The sweep dropped the pending email while this request (a late retry) was
+        # still to store the notification: it is stored now, so queue the email again.
+        svc.outbox.enqueue(email, now, email_id=email_id)
+    return _counts(user["counts"])
+
+
+def fan_out(
+    svc: Services, request: CreateRequest, ids: IdBlock, *, repeat: bool = False
+) -> FanOutResult:
+    """The notification for each of `request.user_ids`: one bulk write for the records,
+    one insert for the emails, whatever the number of users. A user that is missing,
+    has no address (for a key that emails) or cannot take notifications gets that
+    outcome; the others are written all the same.
+
+    The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
+    """
+    assert request.user_ids is not None
+    route = KEYS[request.key]
+    now = svc.clock()
+    if svc.config.email is not None:
+        svc.store.ensure_users(request.user_ids, svc.config.email)
+    users = svc.store.find_users(request.user_ids)
+    outcomes: dict[str, FanOutOutcome] = {}
+    targets: list[tuple[str, Notification, Document | None, str]] = []
+    for i, user_id in enumerate(request.user_ids):
+        user = users.get(user_id)
+        problem = _fan_out_problem(user, route.record, route.email)
+        if problem is not None:
+            outcomes[user_id] = {"user_id": user_id, "status": problem}
+            continue
+        assert user is not None
+        notification = _notification(request, user_id, ids.id(2 * i), now)
+        email = _notification_email(svc, notification, user) if route.email else None
+        targets.append((user_id, notification, email, ids.id(2 * i + 1)))
+    done = _write_fan_out(svc, targets, route.record, route.email, now, repeat)
+    for user_id, notification, _, email_id in targets:
+        if user_id in done:
+            outcomes[user_id] = {
+                "user_id": user_id,
+                "status": "created",
+                "notification_id": notification["id"] if route.record else None,
+                "email_id": email_id if route.email else None,
+            }
+        else:  # gone (or its document changed) between the read and the write
+            outcomes[user_id] = {"user_id": user_id, "status": "user_not_found"}
+    results = [outcomes[user_id] for user_id in request.user_ids]
+    totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
+    for outcome in results:
+        totals[outcome["status"]] += 1
+    return {"results": results, "totals": totals}
+
+
+FAN_OUT_STATUSES = ("created", "user_not_found", "user_has_no_email", "user_document_invalid")
+
+
+def _fan_out_problem(user: Document | None, record: bool, email: bool) -> str | None:
+    if user is None:
+        return "user_not_found"
+    if record and not user["holds_array"]:
+        return "user_document_invalid"
+    if email and not _has_address(user):
+        return "user_has_no_email"
+    return None
+
+
+def _write_fan_out(
+    svc: Services,
+    targets: list[tuple[str, Notification, Document | None, str]],
+    record: bool,
+    email: bool,
+    now: datetime,
+    repeat: bool,
+) -> set[str]:
+    """Write the fan-out's records and emails; return the users that got theirs."""
+    entries = [(user_id, notification) for user_id, notification, _, _ in targets]
+    emails = {user_id: (message, email_id) for user_id, _, message, email_id in targets}
+
+    def queue(user_ids: set[str], *, pending: bool = False, session: Any = None) -> None:
+        chosen = [emails[u] for u, _ in entries if u in user_ids]
+        svc.outbox.enqueue_many(
+            [message for message, _ in chosen if message is not None],  # all, for email keys
+            now,
+            email_ids=[email_id for _, email_id in chosen],
+            pending=pending,
+            session=session,
+        )
+
+    everyone = set(emails)
+    if not record:
+        queue(everyone)
+        return everyone
+    if not email:
+        return svc.store.append_many(entries, now, require_email=False, repeat=repeat)
+    if svc.store.supports_transactions():
+        if repeat:
+            stored = svc.outbox.existing([email_id for _, email_id in emails.values()])
+            if stored:  # the first attempt committed
+                return {u for u, (_, email_id) in emails.items() if email_id in stored}
+
+        def both(session: Any) -> set[str]:
+            done = svc.store.append_many(entries, now, require_email=True, session=session)
+            queue(done, session=session)
+            return done
+
+        return svc.store.in_transaction(both)
+    queue(everyone, pending=True)
+    done = svc.store.append_many(entries, now, require_email=True, repeat=repeat)
+    svc.outbox.activate([emails[u][1] for u in done], now)
+    svc.outbox.discard_pending([emails[u][1] for u in everyone - done])
+    return done
 
 
 def list_notifications(svc: Services, query: ListQuery) -> InboxPage:
@@ -86,25 +246,70 @@ def list_notifications(svc: Services, query: ListQuery) -> InboxPage:
 
     :raise UserNotFound:
     """
-    result = svc.store.inbox_page(query.user_id, query.skip, query.limit)
+    result = svc.store.inbox_page(
+        query.user_id, query.skip, query.limit, svc.clock(), is_new=query.is_new, key=query.key
+    )
+    echo: ListRequestEcho = {"user_id": query.user_id, "skip": query.skip, "limit": query.limit}
+    # The filters are echoed when given: a seed client sees the seed's echo exactly.
+    if query.is_new is not None:
+        echo["is_new"] = query.is_new
+    if query.key is not None:
+        echo["key"] = query.key
     return {
         "elements": result["elements"],
         "new": result["new"],
-        "request": {"user_id": query.user_id, "skip": query.skip, "limit": query.limit},
+        "request": echo,
         "list": result["list"],
+        "matched": result["matched"],
     }
 
 
-def mark_read(svc: Services, request: ReadRequest) -> None:
-    """Mark one notification read; idempotent.
+def count(svc: Services, query: UserQuery) -> Counts:
+    """The user's totals, from the stored counts.
+
+    :raise UserNotFound:
+    """
+    return _counts(svc.store.counts(query.user_id, svc.clock()))
+
+
+def mark_read(svc: Services, request: ReadRequest) -> Counts:
+    """Mark one notification read; idempotent. Returns the user's counts after it.
 
     :raise UserNotFound: / :raise NotificationNotFound:
     """
-    svc.store.mark_read(request.user_id, request.notification_id)
+    return _counts(svc.store.mark_read(request.user_id, request.notification_id, svc.clock()))
 
 
-def queue_email(svc: Services, request: EmailRequest) -> str:
-    """Queue an email with the caller's own subject and text; return its id.
+def mark_all_read(svc: Services, request: ReadAllRequest) -> ReadAllResult:
+    """Mark every notification read, or only `up_to` and the older ones.
+
+    :raise UserNotFound: / :raise NotificationNotFound: `up_to` is not in the inbox.
+    """
+    result = svc.store.mark_all_read(request.user_id, request.up_to, svc.clock())
+    return {"changed": result["changed"], **_counts(result)}
+
+
+def delete(svc: Services, request: DeleteRequest) -> DeleteResult:
+    """Remove one notification; one already gone is `deleted: 0`.
+
+    :raise UserNotFound:
+    """
+    result = svc.store.delete(request.user_id, request.notification_id, svc.clock())
+    return {"deleted": result["changed"], **_counts(result)}
+
+
+def delete_all(svc: Services, request: DeleteAllRequest) -> DeleteResult:
+    """Remove every notification, or only the read ones.
+
+    :raise UserNotFound:
+    """
+    result = svc.store.delete_all(request.user_id, request.read, svc.clock())
+    return {"deleted": result["changed"], **_counts(result)}
+
+
+def queue_email(svc: Services, request: EmailRequest, ids: IdBlock) -> str:
+    """Queue an email with the caller's own subject and text; return its id (the
+    block's first: a retry with the same Idempotency-Key stores it once).
 
     :raise UserNotFound: / :raise UserHasNoEmail: when addressed by user_id.
     """
@@ -113,7 +318,8 @@ def queue_email(svc: Services, request: EmailRequest) -> str:
         to = _address(svc.store.find_user(request.user_id))
     assert to is not None  # the model requires exactly one of user_id and to
     content = EmailContent(subject=request.subject, text=request.text, html=request.html)
-    return _enqueue(svc, "custom", to, content, svc.clock(), user_id=request.user_id)
+    email = _email_record(svc, "custom", to, content, user_id=request.user_id)
+    return svc.outbox.enqueue(email, svc.clock(), email_id=ids.id(0))
 
 
 def email_state(svc: Services, email_id: str) -> EmailState:
@@ -151,14 +357,37 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _address(user: dict[str, Any]) -> str:
-    address = user.get("email")
+def _address(user: Document) -> str:
     # Same rule as the storage query that guards the record (a non-empty string), so a
     # create is refused before anything is written. A malformed address is the SMTP
     # server's to judge: it ends as a failed outbox record, visible at GET /email/<id>.
-    if not isinstance(address, str) or not address:
+    if not _has_address(user):
         raise UserHasNoEmail()
+    address: str = user["email"]
     return address
+
+
+def _has_address(user: Document) -> bool:
+    address = user.get("email")
+    return isinstance(address, str) and address != ""
+
+
+def _counts(state: Document) -> Counts:
+    return {"elements": state["elements"], "new": state["new"]}
+
+
+def _notification(
+    request: CreateRequest, user_id: str, notification_id: str, now: datetime
+) -> Notification:
+    return {
+        "id": notification_id,
+        "timestamp": int(now.timestamp()),
+        "is_new": True,
+        "user_id": user_id,
+        "key": request.key,
+        "target_id": request.target_id,
+        "data": request.data,
+    }
 
 
 def message_id(config: Config) -> str:
@@ -167,46 +396,43 @@ def message_id(config: Config) -> str:
     return f"<{new_id()}.notification-service@{domain}>"
 
 
-def _queue_notification_email(
-    svc: Services, notification: Notification, user: dict[str, Any], now: datetime
-) -> str:
+def _notification_email(svc: Services, notification: Notification, user: Document) -> Document:
+    """The outbox record of a notification's email, rendered for `user`.
+
+    :raise UserHasNoEmail:
+    """
     address = _address(user)
     content = svc.templates.render(notification, user)
-    return _enqueue(
+    return _email_record(
         svc,
         "notification",
         address,
         content,
-        now,
         user_id=notification["user_id"],
         notification_id=notification["id"],
         key=notification["key"],
     )
 
 
-def _enqueue(
+def _email_record(
     svc: Services,
     kind: str,
     to: str,
     content: EmailContent,
-    now: datetime,
     *,
     user_id: str | None,
     notification_id: str | None = None,
     key: str | None = None,
-) -> str:
-    """Queue one rendered email: the one place that says what an outbox record holds."""
-    return svc.outbox.enqueue(
-        {
-            "kind": kind,
-            "to": to,
-            "subject": content.subject,
-            "text": content.text,
-            "html": content.html,
-            "message_id": message_id(svc.config),
-            "user_id": user_id,
-            "notification_id": notification_id,
-            "key": key,
-        },
-        now,
-    )
+) -> Document:
+    """The one place that says what an outbox record holds."""
+    return {
+        "kind": kind,
+        "to": to,
+        "subject": content.subject,
+        "text": content.text,
+        "html": content.html,
+        "message_id": message_id(svc.config),
+        "user_id": user_id,
+        "notification_id": notification_id,
+        "key": key,
+    }

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, TypedDict
+from collections import Counter
+from typing import Annotated, Any, NotRequired, TypedDict
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -21,11 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import ValidationFailed
 from .keys import NotificationKey
 
 DATA_MAX_BYTES = 16 * 1024
 DATA_MAX_DEPTH = 32
 DEFAULT_LIST_MAX_LIMIT = 100
+FAN_OUT_MAX_USERS = 1000
 # BSON integers are signed 64-bit; a larger JSON number would fail only at the driver.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{24}")
@@ -106,7 +110,26 @@ def _one_line(value: str) -> str:
     return value
 
 
+def _true_or_false(value: Any) -> Any:
+    # Only the words JSON itself uses: pydantic's lax booleans would also take "yes",
+    # "on", "1" or "f" from a query string, and a typo should not pass for a filter.
+    if isinstance(value, str):
+        if value not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value == "true"
+    return value
+
+
+def _distinct(values: list[str]) -> list[str]:
+    # After each id is validated (and lowercased), so "AB…" and "ab…" are one user.
+    repeated = [value for value, count in Counter(values).items() if count > 1]
+    if repeated:
+        raise ValueError(f"lists {repeated[0]} more than once")
+    return values
+
+
 ObjectIdStr = Annotated[str, AfterValidator(_object_id)]
+Flag = Annotated[bool, BeforeValidator(_true_or_false)]
 EmailAddress = Annotated[str, AfterValidator(_email_address)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 Text = Annotated[str, AfterValidator(_valid_text)]
@@ -123,16 +146,40 @@ class _Query(BaseModel):
 
 
 class CreateRequest(_Body):
-    user_id: ObjectIdStr
+    """One notification for one user (`user_id`), or for each of `user_ids` (fan-out)."""
+
+    user_id: ObjectIdStr | None = None
+    user_ids: (
+        Annotated[
+            list[ObjectIdStr],
+            Field(min_length=1, max_length=FAN_OUT_MAX_USERS),
+            AfterValidator(_distinct),
+        ]
+        | None
+    ) = None
     key: NotificationKey
     target_id: ObjectIdStr | None = None
     data: JsonObject = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_audience(self) -> CreateRequest:
+        if (self.user_id is None) == (self.user_ids is None):
+            # Raised as is (pydantic wraps only ValueError), so the error names a field.
+            raise ValidationFailed(
+                details=[
+                    {"field": "user_id", "problem": "give exactly one of user_id and user_ids"}
+                ]
+            )
+        return self
 
 
 class ListQuery(_Query):
     user_id: ObjectIdStr
     skip: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
     limit: Annotated[int, Field(ge=0)] = 10
+    # Filters: `elements` and `new` stay the user's totals, `matched` counts these.
+    is_new: Flag | None = None
+    key: NotificationKey | None = None
 
     @field_validator("limit")
     @classmethod
@@ -147,6 +194,26 @@ class ListQuery(_Query):
 class ReadRequest(_Query):
     user_id: ObjectIdStr
     notification_id: ObjectIdStr
+
+
+class UserQuery(_Query):
+    user_id: ObjectIdStr
+
+
+class ReadAllRequest(_Query):
+    user_id: ObjectIdStr
+    # The watermark: this notification and the older ones are marked, newer ones not.
+    up_to: ObjectIdStr | None = None
+
+
+class DeleteRequest(_Query):
+    user_id: ObjectIdStr
+    notification_id: ObjectIdStr
+
+
+class DeleteAllRequest(_Query):
+    user_id: ObjectIdStr
+    read: Flag = False  # true: only the read ones
 
 
 SUBJECT_MAX_CHARS = 998  # RFC 5322's line limit
@@ -216,6 +283,8 @@ class ListRequestEcho(TypedDict):
     user_id: str
     skip: int
     limit: int
+    is_new: NotRequired[bool]
+    key: NotRequired[str]
 
 
 class InboxPage(TypedDict):
@@ -223,8 +292,43 @@ class InboxPage(TypedDict):
     new: int
     request: ListRequestEcho
     list: list[Notification]
+    matched: int  # how many match the filters (all of them without one)
+
+
+class Counts(TypedDict):
+    """The user's totals: every listed notification, and the unread ones."""
+
+    elements: int
+    new: int
+
+
+class ReadAllResult(TypedDict):
+    changed: int
+    elements: int
+    new: int
+
+
+class DeleteResult(TypedDict):
+    deleted: int
+    elements: int
+    new: int
 
 
 class CreateResult(TypedDict):
     notification_id: str | None
     email_id: str | None
+    # The user's counts after it; null for a key that records nothing.
+    elements: int | None
+    new: int | None
+
+
+class FanOutOutcome(TypedDict, total=False):
+    user_id: str
+    status: str  # created | user_not_found | user_has_no_email | user_document_invalid
+    notification_id: str | None
+    email_id: str | None
+
+
+class FanOutResult(TypedDict):
+    results: list[FanOutOutcome]
+    totals: dict[str, int]

@@ -31,6 +31,14 @@ def ok(data: Any = None, status: int = 200) -> tuple[Response, int]:
     return jsonify(body), status
 
 
+def not_modified(etag: str) -> tuple[Response, int]:
+    """304: the client's copy is current; no body, the tag again."""
+    response = Response(status=304)
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = "no-cache"
+    return response, 304
+
+
 def json_body() -> dict[str, Any]:
     """The request body as a JSON object.
 

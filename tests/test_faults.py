@@ -103,7 +103,11 @@ class Load:
 
 
 class WriteLog(monitoring.CommandListener):
-    """The write concern of every write command to one database, while recording."""
+    """The write concern of every write command to one database, while recording.
+
+    A write inside a transaction carries none (the server refuses one there): its
+    durability is the commit's, so the commit is recorded in its place.
+    """
 
     WRITES = frozenset({"insert", "update", "delete", "findAndModify", "createIndexes"})
 
@@ -112,7 +116,13 @@ class WriteLog(monitoring.CommandListener):
         self.seen: list[tuple[str, dict[str, Any] | None]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.database_name == self.database and event.command_name in self.WRITES:
+        if self.database is None:
+            return
+        if event.command_name == "commitTransaction" or (
+            event.database_name == self.database
+            and event.command_name in self.WRITES
+            and "autocommit" not in event.command  # not inside a transaction
+        ):
             self.seen.append((event.command_name, event.command.get("writeConcern")))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
@@ -207,6 +217,8 @@ def test_every_write_carries_the_write_concern_on_every_path(
     kinds = {command for command, _ in write_log.seen}
     # Records, user profiles, outbox inserts, claims, retries and sends all went out.
     assert {"insert", "update", "findAndModify", "createIndexes"} <= kinds
+    # new_login's record and email commit together where transactions exist.
+    assert ("commitTransaction" in kinds) == (topology == "replica set")
     assert [(c, wc) for c, wc in write_log.seen if wc != expected] == []
 
 

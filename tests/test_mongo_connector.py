@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -26,6 +27,8 @@ from notification_service.mongo_connector import (
     guarded,
 )
 from notification_service.schemas import Notification
+
+NOW = datetime(2026, 11, 28, tzinfo=UTC)
 
 
 def notification(user_id: str, n: int = 0, is_new: bool = True) -> Notification:
@@ -54,7 +57,7 @@ def test_database_name_comes_from_the_uri_path() -> None:
 
 
 def test_append_capped_returns_the_user_without_the_array(store: InboxStore, user_id: str) -> None:
-    user = store.append_capped(user_id, notification(user_id), require_email=True)
+    user = store.append_capped(user_id, notification(user_id), NOW, require_email=True)
     assert user["email"] == "user@example.com"
     assert "notifications" not in user
 
@@ -67,8 +70,8 @@ def test_append_capped_keeps_newest_first_within_the_cap(
     try:
         store = InboxStore(database(client, config), config)
         for n in range(6):
-            store.append_capped(user_id, notification(user_id, n), require_email=False)
-        page = store.inbox_page(user_id, 0, 10)
+            store.append_capped(user_id, notification(user_id, n), NOW, require_email=False)
+        page = store.inbox_page(user_id, 0, 10, NOW)
     finally:
         client.close()
     assert [item["data"]["n"] for item in page["list"]] == [5, 4, 3, 2]
@@ -80,10 +83,10 @@ def test_append_capped_refuses_missing_user_and_missing_email(
 ) -> None:
     missing = str(ObjectId())
     with pytest.raises(UserNotFound):
-        store.append_capped(missing, notification(missing), require_email=False)
+        store.append_capped(missing, notification(missing), NOW, require_email=False)
     no_email = make_user(email=None)
     with pytest.raises(UserHasNoEmail):
-        store.append_capped(no_email, notification(no_email), require_email=True)
+        store.append_capped(no_email, notification(no_email), NOW, require_email=True)
     assert db.users.find_one({"_id": ObjectId(no_email)}) == {"_id": ObjectId(no_email)}
     assert db.users.count_documents({}) == 1
 
@@ -108,23 +111,24 @@ def test_inbox_page_counts_unread(store: InboxStore, user_id: str) -> None:
         store.append_capped(
             user_id,
             notification(user_id, n, is_new=n % 2 == 0),
+            NOW,
             require_email=False,
         )
-    page = store.inbox_page(user_id, 1, 2)
+    page = store.inbox_page(user_id, 1, 2, NOW)
     assert (page["elements"], page["new"]) == (5, 3)
     assert [item["data"]["n"] for item in page["list"]] == [3, 2]
 
 
 def test_mark_read_distinguishes_user_and_notification(store: InboxStore, user_id: str) -> None:
     item = notification(user_id)
-    store.append_capped(user_id, item, require_email=False)
-    store.mark_read(user_id, item["id"])
-    store.mark_read(user_id, item["id"])
-    assert store.inbox_page(user_id, 0, 1)["new"] == 0
+    store.append_capped(user_id, item, NOW, require_email=False)
+    store.mark_read(user_id, item["id"], NOW)
+    store.mark_read(user_id, item["id"], NOW)
+    assert store.inbox_page(user_id, 0, 1, NOW)["new"] == 0
     with pytest.raises(NotificationNotFound):
-        store.mark_read(user_id, str(ObjectId()))
+        store.mark_read(user_id, str(ObjectId()), NOW)
     with pytest.raises(UserNotFound):
-        store.mark_read(str(ObjectId()), item["id"])
+        store.mark_read(str(ObjectId()), item["id"], NOW)
 
 
 # --- faults: bounded waits, 503 with Retry-After, recovery --------------------------

@@ -387,7 +387,9 @@ def test_list_answers_the_seed_shape(client: FlaskClient, db: Any, user_id: str)
     assert list(body) == ["success", "data"]
     assert body["success"] is True
     data = body["data"]
-    assert list(data) == ["elements", "new", "request", "list"]
+    # The seed's fields in the seed's order; `matched` (the filtered count) is added.
+    assert list(data) == ["elements", "new", "request", "list", "matched"]
+    assert data["matched"] == 23
     assert data["elements"] == 23
     assert data["new"] == 12
     assert data["request"] == {"user_id": user_id, "skip": 0, "limit": 10}
@@ -481,7 +483,8 @@ def test_read_marks_one_notification_and_is_idempotent(
     for _ in range(2):
         response = client.post(f"/read?user_id={user_id}&notification_id={first}")
         assert response.status_code == 200
-        assert response.get_json() == {"success": True}
+        # The seed answered {"success": true}; the user's counts are added.
+        assert response.get_json() == {"success": True, "data": {"elements": 2, "new": 1}}
     flags = {n["id"]: n["is_new"] for n in stored(db, user_id)}
     assert flags[first] is False
     assert sorted(flags.values()) == [False, True]

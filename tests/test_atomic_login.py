@@ -1,0 +1,197 @@
+"""No half-done new_login: a request cut short between storing the notification and
+queuing its email is completed or undone, never left half done, on both server modes.
+
+Interrupted for real: the server's `failCommand` fail point (SecantusDB's
+--enable-test-commands) closes the connection on the chosen command, so the request
+answers 503 with one write done and the next not.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from conftest import MongoServer
+from flask import Flask
+from pymongo import MongoClient
+
+from notification_service.config import Config
+from notification_service.dispatcher import DispatchContext, Dispatcher, RateLimiter
+from notification_service.email_sender import SmtpSender, SmtpSettings
+from notification_service.server import runtime_of
+
+
+@pytest.fixture(scope="module", params=["replica set", "standalone"])
+def server(request: pytest.FixtureRequest) -> Iterator[MongoServer]:
+    flags = ["--enable-test-commands"]
+    if request.param == "standalone":
+        flags.append("--standalone")
+    started = MongoServer.start(*flags)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def mode(server: MongoServer) -> str:
+    with MongoClient(server.uri("admin"), directConnection=True) as client:
+        return "replica set" if "setName" in client.admin.command("hello") else "standalone"
+
+
+@pytest.fixture
+def database(server: MongoServer) -> Iterator[tuple[str, Any]]:
+    name = f"t_{ObjectId()}"
+    with MongoClient(server.uri(name), directConnection=True) as client:
+        yield name, client[name]
+        client.drop_database(name)
+
+
+@pytest.fixture
+def app(server: MongoServer, database: tuple[str, Any], make_app: Callable[..., Flask]) -> Flask:
+    name, _ = database
+    config = Config(
+        db_uri=server.uri(name) + "?directConnection=true&retryWrites=false",
+        dispatcher_threads=0,
+        db_timeout_ms=1500,
+    )
+    return make_app(config)
+
+
+@pytest.fixture
+def user_id(database: tuple[str, Any]) -> str:
+    _, db = database
+    oid = ObjectId()
+    db.users.insert_one({"_id": oid, "email": "someone@example.com", "notifications": []})
+    return str(oid)
+
+
+def fail(server: MongoServer, command: str, times: int | None = None) -> None:
+    """The next `times` (default: every) `command` loses its connection (until `heal`)."""
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode="alwaysOn" if times is None else {"times": times},
+            data={"failCommands": [command], "closeConnection": True},
+        )
+
+
+def heal(server: MongoServer) -> None:
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+def state(db: Any, user_id: str) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """The user's notification ids, and every outbox record's (status, notification_id)."""
+    user = db.users.find_one({"_id": ObjectId(user_id)})
+    emails = [(r["status"], r.get("notification_id")) for r in db.email_outbox.find()]
+    return [n["id"] for n in user["notifications"]], emails
+
+
+def login(client: Any, user_id: str, key: str | None = None) -> Any:
+    headers = {"Idempotency-Key": key} if key else {}
+    return client.post("/create", json={"user_id": user_id, "key": "new_login"}, headers=headers)
+
+
+def sweep_later(app: Flask) -> tuple[int, int]:
+    """Run the dispatcher's sweep of pending emails as it would run once the request's
+    write window is over (the clock moved on; nothing else faked)."""
+    services = runtime_of(app).services
+    config = services.config
+    later = services.clock() + timedelta(seconds=config.write_window_seconds + 1)
+    dispatcher = Dispatcher(
+        context=DispatchContext(
+            config, services.outbox, lambda: later, services.store.has_notification
+        ),
+        sender=SmtpSender(SmtpSettings.from_config(replace(config, smtp_host="127.0.0.1"))),
+        name="sweeper",
+        limiter=RateLimiter(0),
+        wake=threading.Event(),
+        stopping=threading.Event(),
+        rng=random.Random(1),
+    )
+    return dispatcher.sweep_pending()
+
+
+# The second write of each mode: the outbox insert inside the transaction; on a
+# standalone server the update that releases the pending email.
+SECOND_WRITE = {"replica set": "insert", "standalone": "update"}
+
+
+def test_cut_after_the_record_leaves_nothing_half_done(
+    app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
+) -> None:
+    _, db = database
+    client = app.test_client()
+    fail(server, SECOND_WRITE[mode])
+    try:
+        assert login(client, user_id).status_code == 503
+    finally:
+        heal(server)
+    ids, emails = state(db, user_id)
+    if mode == "replica set":
+        assert (ids, emails) == ([], [])  # the transaction took neither
+    else:
+        # Stored, with its email held back as pending: the sweep releases it.
+        assert len(ids) == 1
+        assert emails == [("pending", ids[0])]
+        assert sweep_later(app) == (1, 0)
+        assert state(db, user_id)[1] == [("queued", ids[0])]
+
+
+def test_cut_before_the_record_is_undone(
+    app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
+) -> None:
+    _, db = database
+    client = app.test_client()
+    fail(server, "findAndModify")  # the write of the notification itself
+    try:
+        assert login(client, user_id).status_code == 503
+    finally:
+        heal(server)
+    ids, emails = state(db, user_id)
+    assert ids == []
+    if mode == "standalone":
+        assert [status for status, _ in emails] == ["pending"]
+        # The request failed as a whole: its email must never go out alone.
+        assert sweep_later(app) == (0, 1)
+    assert state(db, user_id) == ([], [])
+
+
+@pytest.mark.parametrize("command", ["findAndModify", "second write"])
+def test_a_retry_with_the_same_key_completes_it_once(
+    app: Flask,
+    server: MongoServer,
+    database: tuple[str, Any],
+    user_id: str,
+    mode: str,
+    command: str,
+) -> None:
+    _, db = database
+    client = app.test_client()
+    if command == "second write" and mode == "standalone":
+        # Only the release of the email: the key's own record is updated too.
+        fail(server, "update", times=1)
+    else:
+        fail(server, SECOND_WRITE[mode] if command == "second write" else command)
+    try:
+        assert login(client, user_id, key="login-1").status_code == 503
+    finally:
+        heal(server)
+    retry = login(client, user_id, key="login-1")
+    assert retry.status_code == 201, retry.get_json()
+    data = retry.get_json()["data"]
+    ids, emails = state(db, user_id)
+    assert ids == [data["notification_id"]]
+    assert emails == [("queued", data["notification_id"])]
+    # Nothing is left for the sweep, and a third call replays the answer.
+    assert sweep_later(app) == (0, 0)
+    replay = login(client, user_id, key="login-1")
+    assert replay.headers.get("Idempotent-Replay") == "true"
+    assert replay.get_json()["data"] == data
+    assert state(db, user_id) == (ids, emails)
