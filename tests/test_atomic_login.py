@@ -90,7 +90,7 @@ def state(db: Any, user_id: str) -> tuple[list[str], list[tuple[str, str | None]
     """The user's notification ids, and every outbox record's (status, notification_id)."""
     user = db.users.find_one({"_id": ObjectId(user_id)})
     emails = [(r["status"], r.get("notification_id")) for r in db.email_outbox.find()]
-    return [n["id"] for n in user["notifications"]], emails
+    return [n["id"] for n in user.get("notifications", [])], emails
 
 
 def login(client: Any, user_id: str, key: str | None = None) -> Any:
@@ -195,3 +195,58 @@ def test_a_retry_with_the_same_key_completes_it_once(
     assert replay.headers.get("Idempotent-Replay") == "true"
     assert replay.get_json()["data"] == data
     assert state(db, user_id) == (ids, emails)
+
+
+def fan_out(client: Any, user_ids: list[str], key: str | None = None) -> Any:
+    headers = {"Idempotency-Key": key} if key else {}
+    body = {"user_ids": user_ids, "key": "new_login"}
+    return client.post("/create", json=body, headers=headers)
+
+
+def make_users(db: Any, n: int) -> list[str]:
+    oids = [ObjectId() for _ in range(n)]
+    db.users.insert_many([{"_id": o, "email": f"u{i}@example.com"} for i, o in enumerate(oids)])
+    return [str(o) for o in oids]
+
+
+def test_fan_out_of_new_login_records_and_queues_each(
+    app: Flask, database: tuple[str, Any]
+) -> None:
+    _, db = database
+    users = make_users(db, 5)
+    response = fan_out(app.test_client(), users)
+    assert response.status_code == 201
+    results = response.get_json()["data"]["results"]
+    for user_id, result in zip(users, results, strict=True):
+        assert state(db, user_id)[0] == [result["notification_id"]]
+    queued = {r["notification_id"]: r["status"] for r in db.email_outbox.find()}
+    assert queued == {r["notification_id"]: "queued" for r in results}
+
+
+def test_a_cut_fan_out_is_all_or_nothing_then_completed_by_its_retry(
+    app: Flask, server: MongoServer, database: tuple[str, Any], mode: str
+) -> None:
+    _, db = database
+    users = make_users(db, 4)
+    client = app.test_client()
+    # The emails' insert inside the transaction; on a standalone server the first
+    # update, the bulk write of the records (the emails are already in, pending).
+    fail(server, SECOND_WRITE[mode], times=None if mode == "replica set" else 1)
+    try:
+        assert fan_out(client, users, key="post-1").status_code == 503
+    finally:
+        heal(server)
+    stored = [n for u in users for n in state(db, u)[0]]
+    statuses = [r["status"] for r in db.email_outbox.find()]
+    if mode == "replica set":
+        assert (stored, statuses) == ([], [])
+    else:
+        assert (stored, statuses) == ([], ["pending"] * 4)
+    retry = fan_out(client, users, key="post-1")
+    assert retry.status_code == 201, retry.get_json()
+    results = retry.get_json()["data"]["results"]
+    assert [r["status"] for r in results] == ["created"] * 4
+    for user_id, result in zip(users, results, strict=True):
+        assert state(db, user_id)[0] == [result["notification_id"]]
+    assert sorted(r["status"] for r in db.email_outbox.find()) == ["queued"] * 4
+    assert sweep_later(app) == (0, 0)
