@@ -207,6 +207,13 @@ class Config:
                 "DISPATCH_LEASE_SECONDS: must be at least four times SMTP_TIMEOUT "
                 f"({config.dispatch_lease_seconds:g} < 4 x {config.smtp_timeout:g})"
             )
+        if 0 < config.outbox_retention_days * 24 < config.idempotency_ttl_hours:
+            # A retried key whose email record is gone could not tell that its first
+            # attempt committed, and would write it all again.
+            raise ConfigError(
+                "IDEMPOTENCY_TTL_HOURS: must be at most OUTBOX_RETENTION_DAYS x 24 "
+                f"({config.idempotency_ttl_hours} > {config.outbox_retention_days * 24})"
+            )
         if config.smtp_host is None and (config.smtp_login or config.smtp_port):
             raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
         if config.db_uri is not None and config.smtp_host is None and not config.dev_mail_sink:

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pymongo
 from bson import ObjectId
-from pymongo import MongoClient, ReturnDocument, UpdateOne, uri_parser
+from pymongo import MongoClient, UpdateOne, uri_parser
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
@@ -50,11 +50,21 @@ Document = dict[str, Any]
 _BAD_VALUE = 2  # e.g. "$push: the field must be an array"
 _TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
 _BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
+_ID_BATCH = 50  # ids per `$in` (see InboxStore._in_batches)
+_LOG_SIZE = 8  # writes whose change a user's counts remember (see InboxStore._log)
 
 
 def new_id() -> str:
     """A fresh ObjectId as 24 lowercase hex characters."""
     return str(ObjectId())
+
+
+class RefusedWrites(Exception):
+    """Some users' documents refused their write of a bulk write in a transaction."""
+
+    def __init__(self, user_ids: set[str]) -> None:
+        super().__init__(f"{len(user_ids)} documents refused the write")
+        self.user_ids = user_ids
 
 
 class IdBlock:
@@ -242,7 +252,15 @@ class InboxStore:
         """The user's {elements, new}: stored ones when they are exact, else counted."""
         items = self._items()
         stored = f"${self.counts_field}"
-        exact = {"$and": [{"$eq": [{"$type": stored}, "object"]}, self._fresh(items, cutoff)]}
+        exact = {
+            "$and": [
+                {"$eq": [{"$type": stored}, "object"]},
+                # Someone else rewrote the array (the application, an older release of
+                # this service): the counts are counted again rather than trusted.
+                {"$eq": [f"{stored}.elements", {"$size": items}]},
+                self._fresh(items, cutoff),
+            ]
+        }
         return {
             "$cond": [
                 exact,
@@ -271,9 +289,11 @@ class InboxStore:
         cutoff: int | None,
         new_array: Callable[[str], Any],
         measure: Callable[[Any], Any],
+        token: str,
     ) -> list[Document]:
         """An update pipeline: the array becomes `new_array($$live)`, the counts are
-        counted again, and `changed` is how much `measure` (a count) went down."""
+        counted again, and how much `measure` (a count) went down is logged under
+        `token`, for the read that follows the write to find (`_state`)."""
         live = self._live_items(cutoff)
         counts = f"${self.counts_field}"
         return [
@@ -283,6 +303,7 @@ class InboxStore:
                     self.counts_field: {
                         "version": {"$add": [self._version(), 1]},
                         "before": {"$let": {"vars": {"live": live}, "in": measure("$$live")}},
+                        "log": self._log(),
                     },
                 }
             },
@@ -292,11 +313,46 @@ class InboxStore:
                         "elements": {"$size": f"${self.field}"},
                         "new": self._count_new(f"${self.field}"),
                         "version": f"{counts}.version",
-                        "changed": {"$subtract": [f"{counts}.before", measure(f"${self.field}")]},
+                        "log": {
+                            "$slice": [
+                                {
+                                    "$concatArrays": [
+                                        [
+                                            {
+                                                "by": {"$literal": token},
+                                                "changed": {
+                                                    "$subtract": [
+                                                        f"{counts}.before",
+                                                        measure(f"${self.field}"),
+                                                    ]
+                                                },
+                                            }
+                                        ],
+                                        f"{counts}.log",
+                                    ]
+                                },
+                                _LOG_SIZE,
+                            ]
+                        },
                     }
                 }
             },
+            # mongod merges an object literal given to `$set` into an embedded document
+            # already there (SecantusDB replaces it), so the scratch field is removed.
+            {"$unset": f"{self.counts_field}.before"},
         ]
+
+    def _log(self) -> Document:
+        """The log of recent writes' changes, as it was (empty on an older document).
+
+        Writes are update_one and the answer's numbers come from a read right after
+        (findAndModify would do both at once, but SecantusDB answers it with a scan
+        of the whole collection: 100 ms at 2,000 users against 5 ms). A concurrent
+        write may come in between, so each write logs how much it changed under its
+        own token, and the read picks its own entry out of the last few.
+        """
+        log_field = f"${self.counts_field}.log"
+        return {"$cond": [{"$isArray": log_field}, log_field, []]}
 
     def _prepend(self, notification: Notification, cutoff: int | None) -> list[Document]:
         """The update pipeline that records a notification: newest first, capped.
@@ -317,6 +373,7 @@ class InboxStore:
         carried = {
             "$and": [
                 {"$eq": [{"$type": counts}, "object"]},
+                {"$eq": [f"{counts}.elements", size]},
                 {"$lte": [size, self.limit]},
                 self._fresh(items, cutoff),
             ]
@@ -324,47 +381,48 @@ class InboxStore:
         # $literal: the notification's data is the caller's, and a string like "$email"
         # inside a pipeline would otherwise be read as a field of the user's document.
         entry = {"$literal": notification}
+        # The application's document may hold something else in the field: then it is
+        # left exactly as it is (the caller sees the field in the answer and says 409).
+        # Checked here, not in the query: SecantusDB answers an `$or` beside `_id` with
+        # a collection scan (24 ms at 1,000 users, where `_id` alone costs 1 ms).
+        takes = self._takes()
+
+        def unless_refused(value: Any, field: str) -> Any:
+            return {"$cond": [takes, value, f"${field}"]}
+
         return [
             {
                 "$set": {
-                    self.field: {
-                        "$slice": [
-                            {"$concatArrays": [[entry], self._live_items(cutoff)]},
-                            self.limit,
-                        ]
-                    },
-                    self.counts_field: {
-                        "elements": {
-                            "$cond": [carried, {"$min": [{"$add": [size, 1]}, self.limit]}, None]
-                        },
-                        "new": {
-                            "$cond": [
-                                carried,
-                                {
-                                    "$add": [
-                                        f"{counts}.new",
-                                        1 if notification["is_new"] else 0,
-                                        {"$cond": [drops_new, -1, 0]},
-                                    ]
-                                },
-                                None,
+                    self.field: unless_refused(
+                        {
+                            "$slice": [
+                                {"$concatArrays": [[entry], self._live_items(cutoff)]},
+                                self.limit,
                             ]
                         },
-                        "version": {"$add": [self._version(), 1]},
-                        "changed": 1,
-                    },
+                        self.field,
+                    ),
+                    self.counts_field: unless_refused(
+                        self._carried_counts(notification, carried, size, drops_new),
+                        self.counts_field,
+                    ),
                 }
             },
             {
                 "$set": {
                     self.counts_field: {
                         "$cond": [
-                            {"$eq": [{"$type": f"{counts}.new"}, "null"]},
+                            {
+                                "$and": [
+                                    {"$isArray": f"${self.field}"},
+                                    {"$eq": [{"$type": f"{counts}.new"}, "null"]},
+                                ]
+                            },
                             {
                                 "elements": {"$size": f"${self.field}"},
                                 "new": self._count_new(f"${self.field}"),
                                 "version": f"{counts}.version",
-                                "changed": 1,
+                                "log": f"{counts}.log",
                             },
                             counts,
                         ]
@@ -372,6 +430,40 @@ class InboxStore:
                 }
             },
         ]
+
+    def _takes(self) -> Document:
+        """Whether the user's field can take a notification: an array, or not there."""
+        return {
+            "$or": [
+                {"$isArray": f"${self.field}"},
+                {"$eq": [{"$type": f"${self.field}"}, "missing"]},
+            ]
+        }
+
+    def _carried_counts(
+        self, notification: Notification, carried: Any, size: Any, drops_new: Any
+    ) -> Document:
+        """The counts after prepending, carried forward when `carried`; else nulls that
+        the pipeline's second stage replaces by counting the array."""
+        counts = f"${self.counts_field}"
+        return {
+            "elements": {"$cond": [carried, {"$min": [{"$add": [size, 1]}, self.limit]}, None]},
+            "new": {
+                "$cond": [
+                    carried,
+                    {
+                        "$add": [
+                            f"{counts}.new",
+                            1 if notification["is_new"] else 0,
+                            {"$cond": [drops_new, -1, 0]},
+                        ]
+                    },
+                    None,
+                ]
+            },
+            "version": {"$add": [self._version(), 1]},
+            "log": self._log(),
+        }
 
     def _holding(self, cutoff: int | None, **fields: Any) -> Document:
         """A query for a user with a live (unexpired) notification with these fields."""
@@ -383,14 +475,17 @@ class InboxStore:
         return {"$map": {"input": items, "as": "n", "in": "$$n.id"}}
 
     def _projection(self, full_user: bool) -> Document:
-        # The user without the array when the email needs them; else the counts alone.
-        return {self.field: 0} if full_user else {"_id": 0, self.counts_field: 1}
+        # The whole user when the email needs them, else the counts alone; and the
+        # field's first element, which shows whether the field took the notification.
+        if full_user:
+            return {self.field: {"$slice": 1}}
+        return {"_id": 0, self.counts_field: 1, self.field: {"$slice": 1}}
 
     def _create_query(self, oid: ObjectId, require_email: bool, repeat_of: str | None) -> Document:
-        query: Document = {
-            "_id": oid,
-            "$or": [{self.field: {"$exists": False}}, {self.field: {"$type": "array"}}],
-        }
+        # `_id` and plain field conditions only: SecantusDB serves these from the _id
+        # index, and scans the collection for `$or`, `$and` or `$nor` (1 ms against
+        # 24 ms per call with 1,000 users; bench/README.md).
+        query: Document = {"_id": oid}
         if require_email:
             query["email"] = {"$type": "string", "$ne": ""}
         if repeat_of is not None:
@@ -425,17 +520,22 @@ class InboxStore:
         oid = ObjectId(user_id)
         query = self._create_query(oid, require_email, notification["id"] if repeat else None)
         with self._refusals_of_the_document():
-            user = self.users.find_one_and_update(
-                query,
-                self._prepend(notification, self._cutoff(now)),
-                projection=self._projection(require_email),
-                return_document=ReturnDocument.AFTER,
-                session=session,
+            # update_one, then a read by _id (see `_log` for why not findAndModify).
+            result = self.users.update_one(
+                query, self._prepend(notification, self._cutoff(now)), session=session
             )
-        if user is None:
-            user = self._why_not_appended(
+        if not result.matched_count:
+            as_it_is = self._why_not_appended(
                 oid, require_email, notification["id"] if repeat else None, now
             )
+            return self._with_counts(as_it_is)
+        user = self.users.find_one(
+            {"_id": oid}, projection=self._projection(require_email), session=session
+        )
+        if user is None:
+            raise UserNotFound()  # deleted by the application right after the write
+        if not isinstance(user.pop(self.field, []), list):
+            raise self._not_an_array()  # the pipeline left the document as it was
         return self._with_counts(user)
 
     def _with_counts(self, user: Document) -> Document:
@@ -482,15 +582,19 @@ class InboxStore:
         require_email: bool,
         repeat: bool = False,
         session: Any = None,
-    ) -> set[str]:
+    ) -> tuple[set[str], set[str]]:
         """Record one notification for each (user_id, notification) in ONE bulk write;
-        return the user ids that hold theirs afterwards.
+        return the user ids that hold theirs afterwards, and those whose document
+        refused the write (at MongoDB's 16 MB, or a validator of the application's).
 
         Users that do not exist, have no email (with `require_email`) or whose field
         is not an array are left out, the others are written all the same.
+
+        :raise RefusedWrites: some documents refused, inside a transaction (`session`):
+            the server has aborted it; run it again without them.
         """
         if not entries:
-            return set()
+            return set(), set()
         cutoff = self._cutoff(now)
         requests = [
             UpdateOne(
@@ -501,27 +605,42 @@ class InboxStore:
             )
             for user_id, notification in entries
         ]
+        refused: set[str] = set()
         try:
             result = self.users.bulk_write(requests, ordered=False, session=session)
             matched = result.matched_count
         except BulkWriteError as exc:
-            # A document over 16 MB refuses its write; the others went through.
-            matched = -1
-            log.warning("fan-out: %d writes refused", len(exc.details.get("writeErrors", [])))
+            errors = exc.details.get("writeErrors", [])
+            refused = {entries[error["index"]][0] for error in errors}
+            log.warning("fan-out: %d writes refused", len(refused))
+            if session is not None:
+                raise RefusedWrites(refused) from exc
+            matched = -1  # unordered: the others went through
         if matched == len(entries) and not repeat:
-            return {user_id for user_id, _ in entries}
-        # Which users hold their notification (a user gone, or a repeat): one query.
-        holders = self.users.find(
-            {
-                "$or": [
-                    {"_id": ObjectId(user_id), f"{self.field}.id": notification["id"]}
-                    for user_id, notification in entries
-                ]
-            },
-            projection={"_id": 1},
-            session=session,
-        )
-        return {str(doc["_id"]) for doc in holders}
+            return {user_id for user_id, _ in entries}, refused
+        # Which users hold their notification (a user gone, or a repeat).
+        wanted = {user_id: notification["id"] for user_id, notification in entries}
+        pipeline = [{"$project": {"ids": self._ids(self._items())}}]
+        held = self._in_batches(list(wanted), pipeline, session)
+        done = {user_id for user_id, doc in held.items() if wanted[user_id] in doc["ids"]}
+        return done, refused
+
+    def _in_batches(
+        self, user_ids: list[str], stages: list[Document], session: Any = None
+    ) -> dict[str, Document]:
+        """The users among `user_ids` that exist, as `stages` shape them, by id.
+
+        Asked `_ID_BATCH` ids at a time: SecantusDB's cost for `_id: {$in: [...]}`
+        grows faster than the list (one list of 1,000: 2.3 s; 20 lists of 50: 0.5 s).
+        On mongod one list would do; 20 round trips for 1,000 users cost little there.
+        """
+        found: dict[str, Document] = {}
+        for start in range(0, len(user_ids), _ID_BATCH):
+            batch = [ObjectId(u) for u in user_ids[start : start + _ID_BATCH]]
+            pipeline = [{"$match": {"_id": {"$in": batch}}}, *stages]
+            for doc in self.users.aggregate(pipeline, session=session):
+                found[str(doc["_id"])] = doc
+        return found
 
     @guarded
     def mark_read(self, user_id: str, notification_id: str, now: datetime) -> Document:
@@ -551,7 +670,9 @@ class InboxStore:
         cutoff = self._cutoff(now)
         return self._write(
             {"_id": oid, **self._holding(cutoff, id=notification_id, is_new=True)},
-            self._rewrite(cutoff, read_it, self._count_new),
+            cutoff,
+            read_it,
+            self._count_new,
             oid,
             now,
             must_hold=notification_id,
@@ -565,10 +686,12 @@ class InboxStore:
         """
         oid = ObjectId(user_id)
         cutoff = self._cutoff(now)
-        wanted = [self._holding(cutoff, is_new=True)]
+        # One condition on the array (SecantusDB scans the collection for an `$and`): the
+        # watermark must be there; without one, something must be unread.
         if up_to is not None:
-            wanted.append(self._holding(cutoff, id=up_to))
-        query: Document = {"_id": oid, "$and": wanted}
+            query: Document = {"_id": oid, **self._holding(cutoff, id=up_to)}
+        else:
+            query = {"_id": oid, **self._holding(cutoff, is_new=True)}
 
         def read_them(live: str) -> Any:
             # Newest first: the watermark's position splits the array; from it on, all
@@ -607,7 +730,9 @@ class InboxStore:
 
         return self._write(
             query,
-            self._rewrite(cutoff, read_them, self._count_new),
+            cutoff,
+            read_them,
+            self._count_new,
             oid,
             now,
             must_hold=up_to,
@@ -628,7 +753,9 @@ class InboxStore:
         cutoff = self._cutoff(now)
         return self._write(
             {"_id": oid, **self._holding(cutoff, id=notification_id)},
-            self._rewrite(cutoff, without, _size),
+            cutoff,
+            without,
+            _size,
             oid,
             now,
         )
@@ -644,50 +771,63 @@ class InboxStore:
         if only_read:
             query[self.field] = {"$elemMatch": {"is_new": False}}
         else:
+            # An array with a first element (`F.0` alone would also match a document
+            # with a key "0", which the pipeline must not overwrite).
             query[f"{self.field}.0"] = {"$exists": True}
+            query[self.field] = {"$type": "array"}
 
         def kept(live: str) -> Any:
             if not only_read:
                 return {"$literal": []}
             return {"$filter": {"input": live, "as": "n", "cond": {"$eq": ["$$n.is_new", True]}}}
 
-        return self._write(query, self._rewrite(self._cutoff(now), kept, _size), oid, now)
+        return self._write(query, self._cutoff(now), kept, _size, oid, now)
 
     def _write(
         self,
         query: Document,
-        pipeline: list[Document],
+        cutoff: int | None,
+        new_array: Callable[[str], Any],
+        measure: Callable[[Any], Any],
         oid: ObjectId,
         now: datetime,
         must_hold: str | None = None,
     ) -> Document:
-        """Run a pipeline update that returns the counts; when its query matched nothing
-        (nothing to change), answer from a read: changed 0, or why it is a 404."""
+        """Rewrite the array where `query` matches (`_rewrite`), then read the counts
+        and what this write changed; when the query matched nothing (nothing to
+        change), answer from the read: changed 0, or why it is a 404."""
+        token = new_id()
         with self._refusals_of_the_document():
-            user = self.users.find_one_and_update(
-                query,
-                pipeline,
-                projection={"_id": 0, self.counts_field: 1},
-                return_document=ReturnDocument.AFTER,
-            )
-        if user is not None:
-            counts: Document = user[self.counts_field]
-            return counts
-        state = self._state(oid, must_hold, now)
+            result = self.users.update_one(query, self._rewrite(cutoff, new_array, measure, token))
+        state = self._state(oid, must_hold, now, token if result.matched_count else None)
         if state is None:
             raise UserNotFound()
+        if result.matched_count:
+            # Our own entry, unless more than _LOG_SIZE writes came in between.
+            return {**state, "changed": state["changed"] if state["changed"] is not None else 0}
         if must_hold is not None and not state["holds"]:
             raise NotificationNotFound()
         return {**state, "changed": 0}
 
     # -- reads -------------------------------------------------------------------------
 
-    def _state(self, oid: ObjectId, notification_id: str | None, now: datetime) -> Document | None:
-        """The user's counts and version, and whether `notification_id` is in the array."""
+    def _state(
+        self, oid: ObjectId, notification_id: str | None, now: datetime, token: str | None = None
+    ) -> Document | None:
+        """The user's counts and version, whether `notification_id` is in the array, and
+        what the write logged under `token` changed (None when it is not in the log)."""
         cutoff = self._cutoff(now)
         holds: Any = {"$literal": False}  # a bare false in $project would exclude
         if notification_id is not None:
             holds = {"$in": [{"$literal": notification_id}, self._ids(self._live_items(cutoff))]}
+        mine = {
+            "$filter": {
+                "input": self._log(),
+                "as": "e",
+                "cond": {"$eq": ["$$e.by", {"$literal": token}]},
+            }
+        }
+        changed = {"$arrayElemAt": [{"$map": {"input": mine, "as": "e", "in": "$$e.changed"}}, 0]}
         pipeline = [
             {"$match": {"_id": oid}},
             {
@@ -696,6 +836,7 @@ class InboxStore:
                     "counts": self._counts(cutoff),
                     "version": self._version(),
                     "holds": holds,
+                    "changed": {"$ifNull": [changed, None]},
                 }
             },
         ]
@@ -788,17 +929,12 @@ class InboxStore:
     @guarded
     def find_users(self, user_ids: list[str]) -> dict[str, Document]:
         """The users among `user_ids` that exist (without notifications), by id, with
-        `holds_array` saying whether their field can take a notification: one query."""
-        found = self.users.find(
-            {"_id": {"$in": [ObjectId(u) for u in user_ids]}},
-            projection={self.field: {"$slice": 1}},
-        )
-        users = {}
-        for user in found:
-            items = user.pop(self.field, [])
-            user["holds_array"] = isinstance(items, list)
-            users[str(user["_id"])] = user
-        return users
+        `holds_array` saying whether their field can take a notification."""
+        stages: list[Document] = [
+            {"$set": {"holds_array": self._takes()}},
+            {"$project": {self.field: 0, self.counts_field: 0}},
+        ]
+        return self._in_batches(user_ids, stages)
 
     @guarded
     def has_notification(self, user_id: str, notification_id: str) -> bool:

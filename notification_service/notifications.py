@@ -13,9 +13,16 @@ from typing import Any
 
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
-from .errors import EmailNotFound, UserHasNoEmail
+from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail
 from .keys import KEYS
-from .mongo_connector import Document, IdBlock, IdempotencyStore, InboxStore, new_id
+from .mongo_connector import (
+    Document,
+    IdBlock,
+    IdempotencyStore,
+    InboxStore,
+    RefusedWrites,
+    new_id,
+)
 from .outbox import Outbox
 from .schemas import (
     Counts,
@@ -163,9 +170,11 @@ def fan_out(
         notification = _notification(request, user_id, ids.id(2 * i), now)
         email = _notification_email(svc, notification, user) if route.email else None
         targets.append((user_id, notification, email, ids.id(2 * i + 1)))
-    done = _write_fan_out(svc, targets, route.record, route.email, now, repeat)
+    done, refused = _write_fan_out(svc, targets, route.record, route.email, now, repeat)
     for user_id, notification, _, email_id in targets:
-        if user_id in done:
+        if user_id in refused:
+            outcomes[user_id] = {"user_id": user_id, "status": "user_document_invalid"}
+        elif user_id in done:
             outcomes[user_id] = {
                 "user_id": user_id,
                 "status": "created",
@@ -201,8 +210,9 @@ def _write_fan_out(
     email: bool,
     now: datetime,
     repeat: bool,
-) -> set[str]:
-    """Write the fan-out's records and emails; return the users that got theirs."""
+) -> tuple[set[str], set[str]]:
+    """Write the fan-out's records and emails; return the users that got theirs, and
+    those whose document refused the write."""
     entries = [(user_id, notification) for user_id, notification, _, _ in targets]
     emails = {user_id: (message, email_id) for user_id, _, message, email_id in targets}
 
@@ -219,26 +229,44 @@ def _write_fan_out(
     everyone = set(emails)
     if not record:
         queue(everyone)
-        return everyone
+        return everyone, set()
     if not email:
         return svc.store.append_many(entries, now, require_email=False, repeat=repeat)
     if svc.store.supports_transactions():
         if repeat:
             stored = svc.outbox.existing([email_id for _, email_id in emails.values()])
             if stored:  # the first attempt committed
-                return {u for u, (_, email_id) in emails.items() if email_id in stored}
+                return {u for u, (_, email_id) in emails.items() if email_id in stored}, set()
+        refused: set[str] = set()
+        for _ in range(3):
+            kept = [(u, n) for u, n in entries if u not in refused]
 
-        def both(session: Any) -> set[str]:
-            done = svc.store.append_many(entries, now, require_email=True, session=session)
-            queue(done, session=session)
-            return done
+            def both(session: Any, kept: list[tuple[str, Notification]] = kept) -> set[str]:
+                done, _ = svc.store.append_many(kept, now, require_email=True, session=session)
+                queue(done, session=session)
+                return done
 
-        return svc.store.in_transaction(both)
+            try:
+                return svc.store.in_transaction(both), refused
+            except RefusedWrites as exc:
+                # The server aborted the transaction: again, without those users.
+                refused |= exc.user_ids
+        raise UserDocumentInvalid("Users' documents kept refusing the notification.")
     queue(everyone, pending=True)
-    done = svc.store.append_many(entries, now, require_email=True, repeat=repeat)
-    svc.outbox.activate([emails[u][1] for u in done], now)
+    done, refused = svc.store.append_many(entries, now, require_email=True, repeat=repeat)
+    released = [emails[u][1] for u in done]
+    if svc.outbox.activate(released, now) < len(released):
+        # A sweep dropped some pending emails while this request (a late retry) was
+        # still to store their notifications: queue those again.
+        missing = set(released) - svc.outbox.existing(released)
+        again = [(message, eid) for message, eid in emails.values() if eid in missing]
+        svc.outbox.enqueue_many(
+            [message for message, _ in again if message is not None],
+            now,
+            email_ids=[eid for _, eid in again],
+        )
     svc.outbox.discard_pending([emails[u][1] for u in everyone - done])
-    return done
+    return done, refused
 
 
 def list_notifications(svc: Services, query: ListQuery) -> InboxPage:

@@ -12,7 +12,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -70,13 +70,13 @@ def user_id(database: tuple[str, Any]) -> str:
     return str(oid)
 
 
-def fail(server: MongoServer, command: str, times: int | None = None) -> None:
-    """The next `times` (default: every) `command` loses its connection (until `heal`)."""
+def fail(server: MongoServer, command: str, skip: int = 0) -> None:
+    """Every `command` but the first `skip` loses its connection (until `heal`)."""
     with MongoClient(server.uri("admin"), directConnection=True) as admin:
         admin.admin.command(
             "configureFailPoint",
             "failCommand",
-            mode="alwaysOn" if times is None else {"times": times},
+            mode={"skip": skip} if skip else "alwaysOn",
             data={"failCommands": [command], "closeConnection": True},
         )
 
@@ -118,9 +118,15 @@ def sweep_later(app: Flask) -> tuple[int, int]:
     return dispatcher.sweep_pending()
 
 
-# The second write of each mode: the outbox insert inside the transaction; on a
-# standalone server the update that releases the pending email.
-SECOND_WRITE = {"replica set": "insert", "standalone": "update"}
+# Each write of a new_login, as (command, how many of it to let through first): the
+# notification is an update; then, in the transaction, the outbox insert; on a
+# standalone server (pending email inserted before) the update that releases it.
+RECORD = ("update", 0)
+SECOND_WRITE = {"replica set": ("insert", 0), "standalone": ("update", 1)}
+
+
+def cut(server: MongoServer, write: tuple[str, int]) -> None:
+    fail(server, write[0], skip=write[1])
 
 
 def test_cut_after_the_record_leaves_nothing_half_done(
@@ -128,7 +134,7 @@ def test_cut_after_the_record_leaves_nothing_half_done(
 ) -> None:
     _, db = database
     client = app.test_client()
-    fail(server, SECOND_WRITE[mode])
+    cut(server, SECOND_WRITE[mode])
     try:
         assert login(client, user_id).status_code == 503
     finally:
@@ -149,7 +155,7 @@ def test_cut_before_the_record_is_undone(
 ) -> None:
     _, db = database
     client = app.test_client()
-    fail(server, "findAndModify")  # the write of the notification itself
+    cut(server, RECORD)
     try:
         assert login(client, user_id).status_code == 503
     finally:
@@ -163,7 +169,7 @@ def test_cut_before_the_record_is_undone(
     assert state(db, user_id) == ([], [])
 
 
-@pytest.mark.parametrize("command", ["findAndModify", "second write"])
+@pytest.mark.parametrize("command", ["record", "second write"])
 def test_a_retry_with_the_same_key_completes_it_once(
     app: Flask,
     server: MongoServer,
@@ -174,15 +180,14 @@ def test_a_retry_with_the_same_key_completes_it_once(
 ) -> None:
     _, db = database
     client = app.test_client()
-    if command == "second write" and mode == "standalone":
-        # Only the release of the email: the key's own record is updated too.
-        fail(server, "update", times=1)
-    else:
-        fail(server, SECOND_WRITE[mode] if command == "second write" else command)
+    cut(server, SECOND_WRITE[mode] if command == "second write" else RECORD)
     try:
         assert login(client, user_id, key="login-1").status_code == 503
     finally:
         heal(server)
+    # The fail point also refused the update that ends the key's lease at once: a
+    # client would wait the lease out (DB_TIMEOUT_MS + 10 s); the test ends it.
+    db.idempotency_keys.update_many({}, {"$set": {"lease_until": datetime(2000, 1, 1, tzinfo=UTC)}})
     retry = login(client, user_id, key="login-1")
     assert retry.status_code == 201, retry.get_json()
     data = retry.get_json()["data"]
@@ -229,13 +234,14 @@ def test_a_cut_fan_out_is_all_or_nothing_then_completed_by_its_retry(
     _, db = database
     users = make_users(db, 4)
     client = app.test_client()
-    # The emails' insert inside the transaction; on a standalone server the first
-    # update, the bulk write of the records (the emails are already in, pending).
-    fail(server, SECOND_WRITE[mode], times=None if mode == "replica set" else 1)
+    # The emails' insert in the transaction; on a standalone server the first update,
+    # the bulk write of the records (the emails are already in, pending).
+    cut(server, SECOND_WRITE[mode] if mode == "replica set" else RECORD)
     try:
         assert fan_out(client, users, key="post-1").status_code == 503
     finally:
         heal(server)
+    db.idempotency_keys.update_many({}, {"$set": {"lease_until": datetime(2000, 1, 1, tzinfo=UTC)}})
     stored = [n for u in users for n in state(db, u)[0]]
     statuses = [r["status"] for r in db.email_outbox.find()]
     if mode == "replica set":
@@ -250,3 +256,26 @@ def test_a_cut_fan_out_is_all_or_nothing_then_completed_by_its_retry(
         assert state(db, user_id)[0] == [result["notification_id"]]
     assert sorted(r["status"] for r in db.email_outbox.find()) == ["queued"] * 4
     assert sweep_later(app) == (0, 0)
+
+
+def test_a_document_that_refuses_the_write_fails_only_its_user(
+    app: Flask, database: tuple[str, Any]
+) -> None:
+    _, db = database
+    users = make_users(db, 2)
+    full = ObjectId()
+    # Just under MongoDB's 16 MiB: one more notification with this data cannot fit.
+    db.users.insert_one(
+        {"_id": full, "email": "full@example.com", "pad": "x" * (16 * 1024 * 1024 - 8 * 1024)}
+    )
+    body = {
+        "user_ids": [users[0], str(full), users[1]],
+        "key": "new_login",
+        "data": {"t": "y" * 12000},
+    }
+    response = app.test_client().post("/create", json=body)
+    assert response.status_code == 201, response.get_json()
+    statuses = [r["status"] for r in response.get_json()["data"]["results"]]
+    assert statuses == ["created", "user_document_invalid", "created"]
+    assert sorted(r["status"] for r in db.email_outbox.find()) == ["queued", "queued"]
+    assert "notifications" not in db.users.find_one({"_id": full}, {"pad": 0})

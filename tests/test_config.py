@@ -93,6 +93,12 @@ def test_dotenv_is_read_and_the_environment_wins(
         ({"DISPATCHER_THREADS": "many"}, "DISPATCHER_THREADS"),
         ({"DISPATCH_LEASE_SECONDS": "30", "SMTP_TIMEOUT": "10"}, "DISPATCH_LEASE_SECONDS"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"NOTIFICATIONS_TTL_DAYS": "0"}, "NOTIFICATIONS_TTL_DAYS"),
+        ({"OUTBOX_RETENTION_DAYS": "-1"}, "OUTBOX_RETENTION_DAYS"),
+        ({"IDEMPOTENCY_TTL_HOURS": "0"}, "IDEMPOTENCY_TTL_HOURS"),
+        ({"IDEMPOTENCY_COLLECTION": "a b"}, "IDEMPOTENCY_COLLECTION"),
+        # A key must not outlive the email records that tell a retry what was done.
+        ({"OUTBOX_RETENTION_DAYS": "1", "IDEMPOTENCY_TTL_HOURS": "25"}, "IDEMPOTENCY_TTL_HOURS"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], variable: str) -> None:
