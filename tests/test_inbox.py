@@ -393,3 +393,14 @@ def test_expired_notifications_are_neither_listed_nor_counted(
     stored = db.users.find_one({"_id": ObjectId(user_id)})
     assert [n["id"] for n in stored["notifications"]] == [recent]
     assert stored["notifications_counts"]["elements"] == 1
+
+
+def test_the_stored_counts_keep_no_scratch_fields(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    nid = create(client, user_id)
+    client.post(f"/read-all?user_id={user_id}")
+    client.post(f"/delete?user_id={user_id}&notification_id={nid}")
+    stored = stored_counts(db, user_id)
+    assert set(stored) == {"elements", "new", "version", "log"}
+    assert [entry["changed"] for entry in stored["log"]] == [1, 1]  # the delete, the read-all
