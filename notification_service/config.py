@@ -24,6 +24,9 @@ _SECURITIES: tuple[SmtpSecurity, ...] = ("auto", "ssl", "starttls", "none")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+FAN_OUT_TIMEOUT_FACTOR = 10  # see Config.fan_out_timeout_seconds
+
+
 class ConfigError(ValueError):
     """A variable has a value the service cannot start with; the message names it."""
 
@@ -94,15 +97,22 @@ class Config:
         return path or "notifications"
 
     @property
+    def fan_out_timeout_seconds(self) -> float:
+        """The database budget of a fan-out request: DB_TIMEOUT_MS per 100 users it
+        may hold (1,000 at most), a batch job's rather than a click's."""
+        return self.db_timeout_ms / 1000 * FAN_OUT_TIMEOUT_FACTOR
+
+    @property
     def write_window_seconds(self) -> float:
         """How long after it was received a request may still write to the database.
 
-        Every database call of a request shares one DB_TIMEOUT_MS budget from its
-        arrival (server.py), so past it nothing of the request is sent; the margin
-        covers a write already on the wire. A request older than this is over: an
-        Idempotency-Key it held may be taken over, its pending email swept.
+        Every database call of a request shares one budget from its arrival
+        (server.py): DB_TIMEOUT_MS, or `fan_out_timeout_seconds` for a fan-out; past it
+        nothing of the request is sent; the margin covers a write already on the wire.
+        A request older than this is over: an Idempotency-Key it held may be taken
+        over, its pending email swept.
         """
-        return self.db_timeout_ms / 1000 + 10.0
+        return self.fan_out_timeout_seconds + 10.0
 
     @property
     def resolved_smtp_port(self) -> int:

@@ -9,6 +9,7 @@ database did not answer" becomes DatabaseUnavailable (which the web layer answer
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -1164,6 +1165,21 @@ class IdempotencyStore:
             {**self._held(claim), "state": "running"}, {"$set": {"lease_until": _millis(now)}}
         )
         return result.modified_count == 1
+
+
+def with_own_deadline(seconds: float, work: Callable[[], R]) -> R:
+    """Run `work` with a database budget of its own, not what is left of the caller's.
+
+    A `pymongo.timeout` inside another can only shorten it; this starts from a fresh
+    context (so `work` must not need the caller's context variables: pass it what it
+    uses).
+    """
+
+    def run() -> R:
+        with pymongo.timeout(seconds):
+            return work()
+
+    return contextvars.Context().run(run)
 
 
 def deadline(seconds: float) -> contextlib.AbstractContextManager[Any]:

@@ -7,6 +7,7 @@ from flask import request as http_request
 
 from . import notifications
 from .idempotency import idempotent, request_ids
+from .mongo_connector import with_own_deadline
 from .schemas import (
     Counts,
     CreateRequest,
@@ -31,9 +32,14 @@ def create() -> tuple[Response, int]:
     and the user's counts) or for each of `user_ids` (an outcome per user)."""
     request = parse_body(CreateRequest)
     ids, repeat = request_ids()
+    svc = services()
     if request.user_ids is None:
-        return ok(notifications.create_notification(services(), request, ids, repeat=repeat), 201)
-    result = notifications.fan_out(services(), request, ids, repeat=repeat)
+        return ok(notifications.create_notification(svc, request, ids, repeat=repeat), 201)
+    # Up to 1,000 users: a batch job's database budget, not a click's.
+    result = with_own_deadline(
+        svc.config.fan_out_timeout_seconds,
+        lambda: notifications.fan_out(svc, request, ids, repeat=repeat),
+    )
     return ok(result, 201 if result["totals"]["created"] else 200)
 
 

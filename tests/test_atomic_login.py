@@ -279,3 +279,24 @@ def test_a_document_that_refuses_the_write_fails_only_its_user(
     assert statuses == ["created", "user_document_invalid", "created"]
     assert sorted(r["status"] for r in db.email_outbox.find()) == ["queued", "queued"]
     assert "notifications" not in db.users.find_one({"_id": full}, {"pad": 0})
+
+
+def test_a_fan_out_has_more_than_one_request_s_database_budget(
+    app: Flask, server: MongoServer, database: tuple[str, Any]
+) -> None:
+    _, db = database
+    users = make_users(db, 3)
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        # The bulk write of the records takes longer than DB_TIMEOUT_MS (1.5 s) alone.
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 1},
+            data={"failCommands": ["update"], "blockConnection": True, "blockTimeMS": 2000},
+        )
+    try:
+        response = fan_out(app.test_client(), users)
+    finally:
+        heal(server)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["data"]["totals"]["created"] == 3
