@@ -4,8 +4,8 @@ SecantusDB is started as `make run` starts it (`embedded.start_database`: the fl
 `embedded.DATABASE_FLAGS`, data on disk in a temporary directory, `database_uri`), and
 the service as `make run` serves it (`embedded.spawn` of `web_server_argv`: granian ASGI,
 2 workers of 8 threads), with NOTIFICATIONS_LIMIT=500, the dispatchers off and
-DB_TIMEOUT_MS=60000, the most it allows (a fan-out of 1,000 users takes longer than the
-default 3 s on SecantusDB; the end of the run shows what the default answers).
+DB_TIMEOUT_MS=60000, the most it allows (a fan-out of 1,000 users takes longer than 3 s
+on SecantusDB; the end of the run shows what the default settings answer).
 
 1. Counts. A user holding 10, one holding 100 and one holding 500 notifications, filled
    through the API (POST /create fan-outs, then POST /read-all marks the older half
