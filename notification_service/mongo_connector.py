@@ -818,31 +818,24 @@ class InboxStore:
         """The user's counts and version, whether `notification_id` is in the array, and
         what the write logged under `token` changed (None when it is not in the log)."""
         cutoff = self._cutoff(now)
-        holds: Any = {"$literal": False}  # a bare false in $project would exclude
+        # Only what is asked for: /count, the hot path, projects the counts alone.
+        shown: Document = {"_id": 0, "counts": self._counts(cutoff), "version": self._version()}
         if notification_id is not None:
-            holds = {"$in": [{"$literal": notification_id}, self._ids(self._live_items(cutoff))]}
-        mine = {
-            "$filter": {
-                "input": self._log(),
-                "as": "e",
-                "cond": {"$eq": ["$$e.by", {"$literal": token}]},
-            }
-        }
-        changed = {"$arrayElemAt": [{"$map": {"input": mine, "as": "e", "in": "$$e.changed"}}, 0]}
-        pipeline = [
-            {"$match": {"_id": oid}},
-            {
-                "$project": {
-                    "_id": 0,
-                    "counts": self._counts(cutoff),
-                    "version": self._version(),
-                    "holds": holds,
-                    "changed": {"$ifNull": [changed, None]},
+            ids = self._ids(self._live_items(cutoff))
+            shown["holds"] = {"$in": [{"$literal": notification_id}, ids]}
+        if token is not None:
+            mine = {
+                "$filter": {
+                    "input": self._log(),
+                    "as": "e",
+                    "cond": {"$eq": ["$$e.by", {"$literal": token}]},
                 }
-            },
-        ]
+            }
+            changed = {"$map": {"input": mine, "as": "e", "in": "$$e.changed"}}
+            shown["changed"] = {"$ifNull": [{"$arrayElemAt": [changed, 0]}, None]}
+        pipeline = [{"$match": {"_id": oid}}, {"$project": shown}]
         for doc in self.users.aggregate(pipeline):
-            return {**doc.pop("counts"), **doc}
+            return {"holds": False, "changed": None, **doc.pop("counts"), **doc}
         return None
 
     @guarded
