@@ -129,6 +129,22 @@ def cut(server: MongoServer, write: tuple[str, int]) -> None:
     fail(server, write[0], skip=write[1])
 
 
+def interrupt(
+    server: MongoServer, db: Any, write: tuple[str, int], call: Callable[[], Any]
+) -> None:
+    """`call()` answers 503 with `write` cut; then the Idempotency-Key's lease is over.
+
+    The fail point also refuses the update that would end the lease at once; a client
+    would wait it out (Config.write_window_seconds); the test ends it.
+    """
+    cut(server, write)
+    try:
+        assert call().status_code == 503
+    finally:
+        heal(server)
+    db.idempotency_keys.update_many({}, {"$set": {"lease_until": datetime(2000, 1, 1, tzinfo=UTC)}})
+
+
 def test_cut_after_the_record_leaves_nothing_half_done(
     app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
 ) -> None:
@@ -180,14 +196,8 @@ def test_a_retry_with_the_same_key_completes_it_once(
 ) -> None:
     _, db = database
     client = app.test_client()
-    cut(server, SECOND_WRITE[mode] if command == "second write" else RECORD)
-    try:
-        assert login(client, user_id, key="login-1").status_code == 503
-    finally:
-        heal(server)
-    # The fail point also refused the update that ends the key's lease at once: a
-    # client would wait the lease out (DB_TIMEOUT_MS + 10 s); the test ends it.
-    db.idempotency_keys.update_many({}, {"$set": {"lease_until": datetime(2000, 1, 1, tzinfo=UTC)}})
+    write = SECOND_WRITE[mode] if command == "second write" else RECORD
+    interrupt(server, db, write, lambda: login(client, user_id, key="login-1"))
     retry = login(client, user_id, key="login-1")
     assert retry.status_code == 201, retry.get_json()
     data = retry.get_json()["data"]
@@ -236,12 +246,8 @@ def test_a_cut_fan_out_is_all_or_nothing_then_completed_by_its_retry(
     client = app.test_client()
     # The emails' insert in the transaction; on a standalone server the first update,
     # the bulk write of the records (the emails are already in, pending).
-    cut(server, SECOND_WRITE[mode] if mode == "replica set" else RECORD)
-    try:
-        assert fan_out(client, users, key="post-1").status_code == 503
-    finally:
-        heal(server)
-    db.idempotency_keys.update_many({}, {"$set": {"lease_until": datetime(2000, 1, 1, tzinfo=UTC)}})
+    write = SECOND_WRITE[mode] if mode == "replica set" else RECORD
+    interrupt(server, db, write, lambda: fan_out(client, users, key="post-1"))
     stored = [n for u in users for n in state(db, u)[0]]
     statuses = [r["status"] for r in db.email_outbox.find()]
     if mode == "replica set":
