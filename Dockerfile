@@ -3,7 +3,8 @@
 # The .env must set DB_URI (the image has no embedded database) and SMTP_HOST (or
 # DEV_MAIL_SINK=true to keep mail in the container's /app/var/mail on purpose), and
 # should set API_KEYS: the container listens on every interface.
-FROM python:3.11-slim
+# Pinned: a rebuild gets the same base until someone moves the tag on purpose.
+FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -969,6 +969,11 @@ class InboxStore:
             if any(error.get("code") != 11000 for error in errors):
                 raise
 
+    @guarded
+    def ping(self) -> None:
+        """Ask the database whether it answers (the readiness probe)."""
+        self.users.database.command("ping")
+
     # -- transactions ------------------------------------------------------------------
 
     @guarded

@@ -113,3 +113,15 @@ def email_state(email_id: str) -> tuple[Response, int]:
 def health() -> tuple[Response, int]:
     """Liveness: the process answers. No database call, and no API key needed."""
     return ok({"status": "ok"})
+
+
+READY_TIMEOUT_SECONDS = 1.0
+
+
+@bp.get("/ready")
+def ready() -> tuple[Response, int]:
+    """Readiness: the database answers within a second (else 503), and the outbox's
+    depth and the wait of its oldest due email. No API key needed."""
+    svc = services()
+    bound = min(READY_TIMEOUT_SECONDS, svc.config.db_timeout_ms / 1000)
+    return ok(with_own_deadline(bound, lambda: notifications.readiness(svc)))

@@ -41,6 +41,7 @@ from .schemas import (
     Notification,
     ReadAllRequest,
     ReadAllResult,
+    Readiness,
     ReadRequest,
     UserQuery,
 )
@@ -348,6 +349,27 @@ def queue_email(svc: Services, request: EmailRequest, ids: IdBlock) -> str:
     content = EmailContent(subject=request.subject, text=request.text, html=request.html)
     email = _email_record(svc, "custom", to, content, user_id=request.user_id)
     return svc.outbox.enqueue(email, svc.clock(), email_id=ids.id(0))
+
+
+def readiness(svc: Services) -> Readiness:
+    """Whether this process can serve: the database answers; and how the outbox is doing.
+
+    :raise DatabaseUnavailable: the database did not answer within the deadline.
+    """
+    svc.store.ping()
+    now = svc.clock()
+    backlog = svc.outbox.backlog()
+    oldest = svc.outbox.oldest_due(now)
+    return {
+        "status": "ready",
+        "outbox": {
+            "queued": backlog["queued"],
+            "sending": backlog["sending"],
+            "oldest_due_seconds": None
+            if oldest is None
+            else round((now - oldest).total_seconds(), 3),
+        },
+    }
 
 
 def email_state(svc: Services, email_id: str) -> EmailState:

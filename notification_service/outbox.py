@@ -414,6 +414,16 @@ class Outbox:
         return result.modified_count == 1
 
     @guarded
+    def oldest_due(self, now: datetime) -> datetime | None:
+        """When the longest-waiting due email fell due (None when none is due)."""
+        record = self.records.find_one(
+            {"status": "queued", **self._due(now)},
+            projection={"next_attempt_at": 1},
+            sort=[("next_attempt_at", ASCENDING)],
+        )
+        return None if record is None else record["next_attempt_at"]
+
+    @guarded
     def backlog(self) -> dict[str, int]:
         """How many emails wait (queued) and are being sent, counted on the index."""
         return {status: self.records.count_documents({"status": status}) for status in CLAIMABLE}

@@ -295,6 +295,17 @@ class InboxPage(TypedDict):
     matched: int  # how many match the filters (all of them without one)
 
 
+class OutboxHealth(TypedDict):
+    queued: int
+    sending: int
+    oldest_due_seconds: float | None  # how long the longest-waiting due email has waited
+
+
+class Readiness(TypedDict):
+    status: str
+    outbox: OutboxHealth
+
+
 class Counts(TypedDict):
     """The user's totals: every listed notification, and the unread ones."""
 

@@ -157,7 +157,7 @@ def _raise_edge_error() -> None:
 
 
 # Routes a load balancer or orchestrator probes without credentials.
-OPEN_ENDPOINTS = frozenset({"notifications.health"})
+OPEN_ENDPOINTS = frozenset({"notifications.health", "notifications.ready"})
 
 
 def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
