@@ -28,7 +28,18 @@ FAN_OUT_TIMEOUT_FACTOR = 10  # see Config.fan_out_timeout_seconds
 
 
 class ConfigError(ValueError):
-    """A variable has a value the service cannot start with; the message names it."""
+    """Variables have values the service cannot start with.
+
+    `problems` holds one message per problem, each starting with the variable's name
+    (`PORT: must be ...`); the message is them all, one per line.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: list[str] = list(problems)
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, ...]]:
+        return (type(self), tuple(self.problems))
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,9 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Config:
         """Build the config from `environ` (default: ./.env overlaid by os.environ).
 
-        :raise ConfigError: naming the first variable with a bad value.
+        :raise ConfigError: naming every variable with a bad value, one per line, in the
+            order they are read, then the checks between variables (each skipped when
+            one of its variables is itself bad).
         """
         if environ is None:
             env: dict[str, str] = {}
@@ -135,7 +148,8 @@ class Config:
             env = dict(environ)
         r = _Reader(env)
         d = cls()
-        smtp_security = r.choice("SMTP_SECURITY", _SECURITIES, d.smtp_security)
+        # A bad value is recorded and its default used meanwhile: nothing below is
+        # returned unless every variable was read.
         config = cls(
             host=r.text("HOST", d.host),
             port=r.integer("PORT", d.port, 1, 65535),
@@ -172,7 +186,7 @@ class Config:
             smtp_password=r.optional("SMTP_PASSWORD", str),
             smtp_email=r.optional("SMTP_EMAIL", _check_email) or d.smtp_email,
             smtp_name=r.optional("SMTP_NAME", _check_header_text),
-            smtp_security=smtp_security,
+            smtp_security=r.choice("SMTP_SECURITY", _SECURITIES, d.smtp_security),
             smtp_verify=r.boolean("SMTP_VERIFY", d.smtp_verify),
             smtp_ca_file=r.optional("SMTP_CA_FILE", _check_file),
             smtp_timeout=r.number("SMTP_TIMEOUT", d.smtp_timeout, 0.1, 600),
@@ -207,40 +221,78 @@ class Config:
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True
             ),
         )
-        if config.smtp_login is not None and config.smtp_password is None:
-            raise ConfigError("SMTP_PASSWORD: must be set when SMTP_LOGIN is set")
-        if config.dispatch_lease_seconds < 4 * config.smtp_timeout:
+        problems = r.problems
+        if (
+            r.ok("SMTP_LOGIN", "SMTP_PASSWORD")
+            and config.smtp_login is not None
+            and config.smtp_password is None
+        ):
+            problems.append("SMTP_PASSWORD: must be set when SMTP_LOGIN is set")
+        if (
+            r.ok("DISPATCH_LEASE_SECONDS", "SMTP_TIMEOUT")
+            and config.dispatch_lease_seconds < 4 * config.smtp_timeout
+        ):
             # Claims are renewed at half the lease, so one send (several SMTP exchanges,
             # each up to SMTP_TIMEOUT) must fit in the other half, or another dispatcher
             # takes the email over and sends it again.
-            raise ConfigError(
+            problems.append(
                 "DISPATCH_LEASE_SECONDS: must be at least four times SMTP_TIMEOUT "
                 f"({config.dispatch_lease_seconds:g} < 4 x {config.smtp_timeout:g})"
             )
-        if 0 < config.outbox_retention_days * 24 < config.idempotency_ttl_hours:
+        if (
+            r.ok("OUTBOX_RETENTION_DAYS", "IDEMPOTENCY_TTL_HOURS")
+            and 0 < config.outbox_retention_days * 24 < config.idempotency_ttl_hours
+        ):
             # A retried key whose email record is gone could not tell that its first
             # attempt committed, and would write it all again.
-            raise ConfigError(
+            problems.append(
                 "IDEMPOTENCY_TTL_HOURS: must be at most OUTBOX_RETENTION_DAYS x 24 "
                 f"({config.idempotency_ttl_hours} > {config.outbox_retention_days * 24})"
             )
-        if config.smtp_host is None and (config.smtp_login or config.smtp_port):
-            raise ConfigError("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
-        if config.db_uri is not None and config.smtp_host is None and not config.dev_mail_sink:
+        if (
+            r.ok("SMTP_HOST", "SMTP_PORT", "SMTP_LOGIN")
+            and config.smtp_host is None
+            and (config.smtp_login or config.smtp_port)
+        ):
+            problems.append("SMTP_HOST: must be set when SMTP_PORT or SMTP_LOGIN is set")
+        elif (
+            r.ok("SMTP_HOST", "DB_URI", "DEV_MAIL_SINK")
+            and config.db_uri is not None
+            and config.smtp_host is None
+            and not config.dev_mail_sink
+        ):
             # A real database means a real deployment: mail must not silently pile up as
             # .eml files. `make run` alone sets neither (serve passes both to its child).
-            raise ConfigError(
+            # (elif: one SMTP_HOST line is enough, setting it answers both.)
+            problems.append(
                 "SMTP_HOST: must be set when DB_URI is set (without it mail would go to the "
                 "local .eml sink); set DEV_MAIL_SINK=true to allow that in development"
             )
+        if problems:
+            raise ConfigError(*problems)
         return config
 
 
 class _Reader:
-    """Typed accessors that refuse a bad value with a message naming the variable."""
+    """Typed accessors that record a bad value with a message naming the variable.
+
+    A bad value reads as the default (None for `optional`), so that reading goes on
+    and every problem is found; `problems` lists them in reading order.
+    """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.problems: list[str] = []
+        self._failed: set[str] = set()
+
+    def refuse(self, name: str, message: str) -> None:
+        """Record that `name` is bad: `message` must not hold a secret value."""
+        self.problems.append(f"{name}: {message}")
+        self._failed.add(name)
+
+    def ok(self, *names: str) -> bool:
+        """Whether each of `names` was read without a problem (or is not set)."""
+        return self._failed.isdisjoint(names)
 
     def _raw(self, name: str) -> str | None:
         value = self.env.get(name)
@@ -248,36 +300,39 @@ class _Reader:
             return None
         return value.strip()
 
-    def _convert(self, name: str, raw: str, convert: Callable[[str], T]) -> T:
+    def _convert(self, name: str, raw: str, convert: Callable[[str], T], fallback: T) -> T:
         try:
             return convert(raw)
         except ValueError as exc:
-            raise ConfigError(f"{name}: {exc} (got {raw!r})") from None
+            self.refuse(name, f"{exc} (got {raw!r})")
+            return fallback
 
     def optional(self, name: str, convert: Callable[[str], T]) -> T | None:
         raw = self._raw(name)
-        return None if raw is None else self._convert(name, raw, convert)
+        return None if raw is None else self._convert(name, raw, convert, None)
 
     def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
     def integer(self, name: str, default: int, lo: int, hi: int) -> int:
         raw = self._raw(name)
-        return default if raw is None else self._convert(name, raw, lambda v: _parse_int(v, lo, hi))
+        if raw is None:
+            return default
+        return self._convert(name, raw, lambda v: _parse_int(v, lo, hi), default)
 
     def number(self, name: str, default: float, lo: float, hi: float) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
-        return self._convert(name, raw, lambda v: _parse_float(v, lo, hi))
+        return self._convert(name, raw, lambda v: _parse_float(v, lo, hi), default)
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
-        return default if raw is None else self._convert(name, raw, _parse_bool)
+        return default if raw is None else self._convert(name, raw, _parse_bool, default)
 
     def name(self, name: str, default: str) -> str:
         raw = self._raw(name)
-        return default if raw is None else self._convert(name, raw, _check_name)
+        return default if raw is None else self._convert(name, raw, _check_name, default)
 
     def choice(self, name: str, choices: tuple[T, ...], default: T, *, upper: bool = False) -> T:
         raw = self._raw(name)
@@ -287,7 +342,8 @@ class _Reader:
         for choice in choices:
             if choice == value:
                 return choice
-        raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))} (got {raw!r})")
+        self.refuse(name, f"must be one of {', '.join(map(str, choices))} (got {raw!r})")
+        return default
 
 
 def _parse_int(raw: str, lo: int, hi: int) -> int:
@@ -326,7 +382,8 @@ _API_KEY_RE = re.compile(r"[!-~]+")  # printable ASCII without spaces: what a he
 def _api_keys(r: _Reader) -> tuple[str, ...]:
     """The union of API_KEYS (comma-separated) and API_KEYS_FILE (one key a line, # comments).
 
-    :raise ConfigError: naming the variable that holds a short or unusable key.
+    A short or unusable key is recorded on `r`, naming the variable and the key's
+    position, never the key; the other keys are still read.
     """
     keys: list[str] = []
     sources: list[tuple[str, list[str]]] = []
@@ -346,18 +403,16 @@ def _api_keys(r: _Reader) -> tuple[str, ...]:
                 continue
             # The message names the key's position, never the key: it may end up in a log.
             if not _API_KEY_RE.fullmatch(key) or "," in key:
-                raise ConfigError(
-                    f"{name}: {what} {position} has spaces, commas or characters a header "
-                    "can't carry"
+                r.refuse(
+                    name, f"{what} {position} has spaces, commas or characters a header can't carry"
                 )
-            if len(key) < API_KEY_MIN_CHARS:
-                raise ConfigError(
-                    f"{name}: {what} {position} is shorter than {API_KEY_MIN_CHARS} characters"
-                )
-            keys.append(key)
+            elif len(key) < API_KEY_MIN_CHARS:
+                r.refuse(name, f"{what} {position} is shorter than {API_KEY_MIN_CHARS} characters")
+            else:
+                keys.append(key)
         if not any(c.strip() for c in candidates):
             # Set but empty would silently leave the service open.
-            raise ConfigError(f"{name}: is set but holds no key")
+            r.refuse(name, "is set but holds no key")
     return tuple(dict.fromkeys(keys))
 
 

@@ -106,6 +106,99 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], variabl
         Config.from_env(env)
 
 
+# --- every bad variable at once ---------------------------------------------------------
+
+
+def test_every_bad_variable_is_named_in_one_error_in_reading_order() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"LOG_LEVEL": "LOUD", "SMTP_TIMEOUT": "nan", "PORT": "x"})
+    lines = str(raised.value).splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["PORT", "SMTP_TIMEOUT", "LOG_LEVEL"]
+    assert raised.value.problems == lines
+    assert lines[0] == "PORT: must be a whole number (got 'x')"
+
+
+def test_a_single_problem_keeps_its_one_line_message() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"PORT": "x"})
+    assert str(raised.value) == "PORT: must be a whole number (got 'x')"
+    assert raised.value.problems == [str(raised.value)]
+    assert isinstance(raised.value, ValueError)
+
+
+def test_a_cross_check_is_skipped_when_one_of_its_inputs_is_bad() -> None:
+    # The lease check would compare 30 with 4 x SMTP_TIMEOUT: not with a bad SMTP_TIMEOUT.
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"SMTP_TIMEOUT": "nan", "DISPATCH_LEASE_SECONDS": "30"})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["SMTP_TIMEOUT"]
+    # A bad SMTP_HOST is reported as bad, not also as missing beside SMTP_LOGIN.
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"SMTP_HOST": "smtp://host", "SMTP_LOGIN": "u", "SMTP_PASSWORD": "p"})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["SMTP_HOST"]
+
+
+def test_cross_checks_are_reported_after_the_variables_they_follow() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env(
+            {
+                "PORT": "0",
+                "OUTBOX_RETENTION_DAYS": "1",
+                "IDEMPOTENCY_TTL_HOURS": "25",
+                "SMTP_LOGIN": "mailer",
+                "SMTP_TIMEOUT": "20",
+                "DISPATCH_LEASE_SECONDS": "60",
+            }
+        )
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == [
+        "PORT",
+        "SMTP_PASSWORD",
+        "DISPATCH_LEASE_SECONDS",
+        "IDEMPOTENCY_TTL_HOURS",
+        "SMTP_HOST",
+    ]
+
+
+def test_secrets_stay_out_of_a_many_problem_message(tmp_path: Path) -> None:
+    # A deployment with a typo'd host, a short key and a key file that lost a line:
+    # the password and the keys sit right beside the bad values, and must not show.
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"{GOOD_KEY}\nfile-s3cr3t\n")
+    env = {
+        "API_KEYS": f"{GOOD_KEY},s3cr3t-short,also s3cr3t with spaces",
+        "API_KEYS_FILE": str(keys_file),
+        "DB_URI": "mongodb://db:27017/app",
+        "SMTP_HOST": "smtp.example.com/",
+        "SMTP_LOGIN": "mailer",
+        "SMTP_PASSWORD": "hunter2-pa55word",
+        "SMTP_PORT": "submission",
+    }
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env(env)
+    message = str(raised.value)
+    assert raised.value.problems == [
+        "API_KEYS: key 2 is shorter than 16 characters",
+        "API_KEYS: key 3 has spaces, commas or characters a header can't carry",
+        "API_KEYS_FILE: line 2 is shorter than 16 characters",
+        "SMTP_HOST: must be a host name or address, without scheme or path "
+        "(got 'smtp.example.com/')",
+        "SMTP_PORT: must be a whole number (got 'submission')",
+    ]
+    for secret in ("s3cr3t", "hunter2", "pa55word", GOOD_KEY):
+        assert secret not in message
+        assert secret not in repr(raised.value)
+
+
+def test_check_config_prints_every_problem(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.env
+    monkeypatch.setenv("PORT", "x")
+    monkeypatch.setenv("LOG_LEVEL", "LOUD")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "PORT: " in err and "LOG_LEVEL: " in err
+
+
 # --- API keys ---------------------------------------------------------------------
 
 GOOD_KEY = "0123456789abcdef-key"
