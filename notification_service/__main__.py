@@ -65,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return check_config(config)
     except (ConfigError, TemplateError) as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        if len(problems) == 1:
+            print(f"configuration error: {problems[0]}", file=sys.stderr)
+        else:
+            print(f"{len(problems)} configuration errors:", *problems, sep="\n  ", file=sys.stderr)
         return 2
 
 
