@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -17,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from . import logs
 from .config import Config, ConfigError
 from .email_templates import TemplateError
 
@@ -50,10 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        config = Config.from_env()
-        logging.basicConfig(
-            level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        config = log_config_for(Config.from_env(), args.command)
+        logs.configure(config)
         if args.command == "serve":
             return serve(config)
         if args.command == "worker":
@@ -71,6 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{len(problems)} configuration errors:", *problems, sep="\n  ", file=sys.stderr)
         return 2
+
+
+def log_config_for(config: Config, command: str) -> Config:
+    """`config` with the LOG_FORMAT of `command` when the variable is not set: text for
+    what `make run` starts (`serve` without DB_URI, its `sink`), which writes to a
+    terminal; JSON otherwise. `serve` passes it on to the web server it starts."""
+    if config.log_format is None and (
+        command == "sink" or (command == "serve" and not config.db_uri)
+    ):
+        return dataclasses.replace(config, log_format="text")
+    return config
 
 
 def check_config(config: Config) -> int:
@@ -143,6 +154,8 @@ def serve(config: Config) -> int:
 
     run_dir = data_dir / "run"
     env = dict(os.environ)
+    if config.log_format is not None:
+        env["LOG_FORMAT"] = config.log_format  # the text default of `make run` included
     children: list[embedded.Child] = []
     stop = threading.Event()
 

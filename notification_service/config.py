@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 SmtpSecurity = Literal["auto", "ssl", "starttls", "none"]
 _SECURITIES: tuple[SmtpSecurity, ...] = ("auto", "ssl", "starttls", "none")
+LogFormat = Literal["json", "text"]
+_LOG_FORMATS: tuple[LogFormat, ...] = ("json", "text")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -98,6 +100,8 @@ class Config:
     # Local data of make run (embedded database and mail sink)
     data_dir: str = "var"
     log_level: str = "INFO"
+    # None: not set, which is json, except for `serve` without DB_URI and `sink` (text).
+    log_format: LogFormat | None = None
 
     @property
     def database_name(self) -> str:
@@ -220,6 +224,7 @@ class Config:
             log_level=r.choice(
                 "LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), d.log_level, upper=True
             ),
+            log_format=r.choice("LOG_FORMAT", _LOG_FORMATS, d.log_format),
         )
         problems = r.problems
         if (

@@ -21,7 +21,7 @@ from flask import Flask, Response, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from . import notification_handler
+from . import logs, notification_handler
 from .asgi import EDGE_ERROR, RECEIVED_AT
 from .config import Config
 from .dispatcher import DispatchContext, DispatcherPool
@@ -96,9 +96,7 @@ def create_app(config: Config | None = None) -> Flask:
     """Build the WSGI app; with DISPATCHER_THREADS > 0 it also starts that many outbox
     dispatcher threads in this process."""
     config = config or Config.from_env()
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(config)
     runtime = build_runtime(config)
     if config.dispatcher_threads > 0:
         runtime.dispatchers = DispatcherPool.start(
@@ -121,12 +119,15 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(notification_handler.bp)
     _register_errors(app)
     # In this order: an id for every answer, then the edge's refusal, then the key.
+    app.before_request(_start_access)
     app.before_request(_assign_request_id)
     app.before_request(_raise_edge_error)
     app.before_request(_require_api_key(config.api_keys))
     app.before_request(_start_deadline(config.db_timeout_ms / 1000))
     app.teardown_request(_end_deadline)
+    app.teardown_request(_log_access)
     app.after_request(_echo_request_id)
+    app.after_request(_note_status)  # registered last: runs first, sees every response
     return app
 
 
@@ -199,6 +200,33 @@ def _end_deadline(exc: BaseException | None) -> None:
     context = g.pop("db_deadline", None)
     if context is not None:
         context.__exit__(None, None, None)
+
+
+def _start_access() -> None:
+    g.access_started = time.monotonic()
+
+
+def _note_status(response: Response) -> Response:
+    g.access_status = response.status_code
+    return response
+
+
+def _log_access(exc: BaseException | None) -> None:
+    """One line per request once its response is made: no body, header or query string."""
+    now = time.monotonic()
+    # From the edge's arrival when asgi.py set it (waiting for a thread included).
+    started = request.environ.get(RECEIVED_AT) or g.get("access_started", now)
+    rule = request.url_rule
+    logs.log_access(
+        {
+            "method": request.method,
+            "route": rule.rule if rule is not None else None,
+            "path": request.path,
+            "status": g.get("access_status", 500),
+            "duration_ms": round((now - started) * 1000, 3),
+            "request_id": g.get("request_id"),
+        }
+    )
 
 
 def _echo_request_id(response: Response) -> Response:

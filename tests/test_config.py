@@ -49,6 +49,12 @@ def test_seed_variables_are_read() -> None:
     assert "secret" not in repr(config)
 
 
+def test_log_format_is_read_in_any_case_and_unset_by_default() -> None:
+    assert Config.from_env({}).log_format is None  # json, or text for make run
+    assert Config.from_env({"LOG_FORMAT": " Text "}).log_format == "text"
+    assert Config.from_env({"LOG_FORMAT": "JSON"}).log_format == "json"
+
+
 def test_security_picks_the_default_port() -> None:
     assert Config.from_env({"SMTP_HOST": "h", "SMTP_SECURITY": "SSL"}).resolved_smtp_port == 465
     assert (
@@ -97,6 +103,9 @@ def test_dotenv_is_read_and_the_environment_wins(
         ({"OUTBOX_RETENTION_DAYS": "-1"}, "OUTBOX_RETENTION_DAYS"),
         ({"IDEMPOTENCY_TTL_HOURS": "0"}, "IDEMPOTENCY_TTL_HOURS"),
         ({"IDEMPOTENCY_COLLECTION": "a b"}, "IDEMPOTENCY_COLLECTION"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"LOG_FORMAT": "json,text"}, "LOG_FORMAT"),
+        ({"LOG_FORMAT": "plain"}, "LOG_FORMAT"),
         # A key must not outlive the email records that tell a retry what was done.
         ({"OUTBOX_RETENTION_DAYS": "1", "IDEMPOTENCY_TTL_HOURS": "25"}, "IDEMPOTENCY_TTL_HOURS"),
     ],
