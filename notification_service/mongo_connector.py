@@ -51,6 +51,7 @@ Document = dict[str, Any]
 _BAD_VALUE = 2  # e.g. "$push: the field must be an array"
 _TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
 _BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
+_DUPLICATE_KEY = 11000
 _ID_BATCH = 50  # ids per `$in` (see InboxStore._in_batches)
 _LOG_SIZE = 8  # writes whose change a user's counts remember (see InboxStore._log)
 
@@ -557,7 +558,7 @@ class InboxStore:
         items = user.pop(self.field, [])
         if not isinstance(items, list):
             raise self._not_an_array()
-        if require_email and not _has_email(user):
+        if require_email and not has_email(user):
             raise UserHasNoEmail()
         if repeat_of is None:
             # Matched nothing, yet matches now: it changed in between (deleted and made
@@ -942,13 +943,7 @@ class InboxStore:
 
         An existing document is left exactly as it is, whatever its email.
         """
-        # DuplicateKeyError: two upserts raced and the other one created it, as wanted.
-        with contextlib.suppress(DuplicateKeyError):
-            self.users.update_one(
-                {"_id": ObjectId(user_id)},
-                {"$setOnInsert": {"email": email, self.field: []}},
-                upsert=True,
-            )
+        self.ensure_users([user_id], email)
 
     @guarded
     def ensure_users(self, user_ids: list[str], email: str) -> None:
@@ -964,9 +959,8 @@ class InboxStore:
         try:
             self.users.bulk_write(requests, ordered=False)
         except BulkWriteError as exc:
-            # Only races between upserts (duplicate keys) are expected, and harmless.
-            errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != 11000 for error in errors):
+            # Two upserts raced and the other one created the user, as wanted.
+            if not only_duplicates(exc):
                 raise
 
     @guarded
@@ -1015,9 +1009,20 @@ def _size(items: Any) -> Document:
     return {"$size": items}
 
 
-def _has_email(user: Document) -> bool:
+def has_email(user: Document) -> bool:
+    """Whether the user has an address to send to: the rule of the create's query too."""
     address = user.get("email")
     return isinstance(address, str) and address != ""
+
+
+def only_duplicates(exc: BulkWriteError) -> bool:
+    """Whether a bulk write failed only on documents that exist already (and was durable)."""
+    errors = exc.details.get("writeErrors", [])
+    return (
+        bool(errors)
+        and all(error.get("code") == _DUPLICATE_KEY for error in errors)
+        and not exc.details.get("writeConcernErrors")
+    )
 
 
 # --- Idempotency-Key records --------------------------------------------------------

@@ -21,6 +21,7 @@ from .mongo_connector import (
     IdempotencyStore,
     InboxStore,
     RefusedWrites,
+    has_email,
     new_id,
 )
 from .outbox import Outbox
@@ -199,7 +200,7 @@ def _fan_out_problem(user: Document | None, record: bool, email: bool) -> str | 
         return "user_not_found"
     if record and not user["holds_array"]:
         return "user_document_invalid"
-    if email and not _has_address(user):
+    if email and not has_email(user):
         return "user_has_no_email"
     return None
 
@@ -260,12 +261,7 @@ def _write_fan_out(
         # A sweep dropped some pending emails while this request (a late retry) was
         # still to store their notifications: queue those again.
         missing = set(released) - svc.outbox.existing(released)
-        again = [(message, eid) for message, eid in emails.values() if eid in missing]
-        svc.outbox.enqueue_many(
-            [message for message, _ in again if message is not None],
-            now,
-            email_ids=[eid for _, eid in again],
-        )
+        queue({u for u in done if emails[u][1] in missing})
     svc.outbox.discard_pending([emails[u][1] for u in everyone - done])
     return done, refused
 
@@ -411,15 +407,10 @@ def _address(user: Document) -> str:
     # Same rule as the storage query that guards the record (a non-empty string), so a
     # create is refused before anything is written. A malformed address is the SMTP
     # server's to judge: it ends as a failed outbox record, visible at GET /email/<id>.
-    if not _has_address(user):
+    if not has_email(user):
         raise UserHasNoEmail()
     address: str = user["email"]
     return address
-
-
-def _has_address(user: Document) -> bool:
-    address = user.get("email")
-    return isinstance(address, str) and address != ""
 
 
 def _counts(state: Document) -> Counts:

@@ -35,7 +35,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
-from .mongo_connector import Document, guarded
+from .mongo_connector import Document, guarded, only_duplicates
 
 Status = Literal["pending", "queued", "sending", "sent", "failed"]
 # Pending records are deliberately absent: they wait for their request (or the sweep).
@@ -45,7 +45,6 @@ RETENTION_INDEXES: tuple[tuple[str, str, Status], ...] = (
     ("sent_retention", "sent_at", "sent"),
     ("failed_retention", "failed_at", "failed"),
 )
-_DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
 _INDEX_CONFLICTS = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 
@@ -196,7 +195,7 @@ class Outbox:
             # Unordered: after a duplicate the rest are still inserted.
             self.records.insert_many(docs, ordered=False, session=session)
         except BulkWriteError as exc:
-            if session is not None or not _only_duplicates(exc):
+            if session is not None or not only_duplicates(exc):
                 raise
         if not pending:
             self._wake()
@@ -431,16 +430,6 @@ class Outbox:
 
 def _object_ids(email_ids: list[str]) -> list[ObjectId]:
     return [ObjectId(email_id) for email_id in email_ids]
-
-
-def _only_duplicates(exc: BulkWriteError) -> bool:
-    """Whether an insert failed only on records that exist already (and was durable)."""
-    errors = exc.details.get("writeErrors", [])
-    return (
-        bool(errors)
-        and all(error.get("code") == _DUPLICATE_KEY for error in errors)
-        and not exc.details.get("writeConcernErrors")
-    )
 
 
 @contextlib.contextmanager
