@@ -29,7 +29,6 @@ request with the same key runs afresh.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import hashlib
 import json
@@ -50,7 +49,7 @@ from .errors import (
     IdempotencyKeyReused,
     ValidationFailed,
 )
-from .mongo_connector import DatabaseUnavailable, IdBlock, KeyClaim
+from .mongo_connector import DatabaseUnavailable, IdBlock, KeyClaim, with_own_deadline
 from .web import json_body, services
 
 log = logging.getLogger(__name__)
@@ -140,42 +139,46 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
 
 def _run(claim: KeyClaim, view: Callable[[], Response]) -> Response:
     """Run the view holding `claim`, then record its outcome on the key."""
-    store = services().idempotency
-    # Read here: the writes about the key run outside the request's context.
-    now = services().clock()
+    svc = services()
+    store = svc.idempotency
+    # Read here: the writes about the key run outside the request's context, each with
+    # a budget of its own (DB_TIMEOUT_MS). The request's deadline is usually spent when
+    # it failed of a timeout; so the key is still released at once, and the client's
+    # retry does not wait out the lease.
+    now = svc.clock()
+    budget = svc.config.db_timeout_ms / 1000
+
+    def finish(what: str, write: Callable[[], bool]) -> None:
+        # Best effort: the request's own answer (often an error) matters more. A key
+        # left running is taken over by a retry once its lease ends.
+        try:
+            with_own_deadline(budget, write)
+        except Exception:
+            log.warning("could not %s an idempotency key", what, exc_info=True)
+
     try:
         response = view()
     except Exception as exc:
         if _client_error(exc):
-            _finish("forget", lambda: store.forget(claim))
+            finish("forget", lambda: store.forget(claim))
         else:
-            _finish("release", lambda: store.release(claim, now))
+            finish("release", lambda: store.release(claim, now))
         raise  # the original error, whatever became of the key
     status = response.status_code
     if 200 <= status < 300:
         try:
             body = response.get_json()
-            _outside_the_deadline(lambda: store.complete(claim, status, body))
+            with_own_deadline(budget, lambda: store.complete(claim, status, body))
         except DatabaseUnavailable:
             # The answer stands: its writes are done. The key stays running until its
             # lease ends; a retry then takes it over with the same seed, and the
             # domain's writes repeat without doubling.
             log.warning("could not record the answer of idempotency key %r", claim.key)
     elif 400 <= status < 500:
-        _finish("forget", lambda: store.forget(claim))
+        finish("forget", lambda: store.forget(claim))
     else:
-        _finish("release", lambda: store.release(claim, now))
+        finish("release", lambda: store.release(claim, now))
     return response
-
-
-def _outside_the_deadline(write: Callable[[], bool]) -> bool:
-    """Run a write about the key with a budget of its own (DB_TIMEOUT_MS).
-
-    The request's deadline (server.py) is a context variable, and usually spent when
-    the request failed of a timeout: in a fresh context the key is still released at
-    once, so that the client's retry does not wait out the lease.
-    """
-    return contextvars.Context().run(write)
 
 
 def _client_error(exc: Exception) -> bool:
@@ -185,12 +188,3 @@ def _client_error(exc: Exception) -> bool:
     if isinstance(exc, HTTPException):
         return exc.code is not None and 400 <= exc.code < 500
     return isinstance(exc, ValidationError)  # server.py answers it with 422
-
-
-def _finish(what: str, write: Callable[[], bool]) -> None:
-    # Best effort: the request's own answer (often an error) matters more. A key left
-    # running is taken over by a retry once its lease ends.
-    try:
-        _outside_the_deadline(write)
-    except Exception:
-        log.warning("could not %s an idempotency key", what, exc_info=True)
