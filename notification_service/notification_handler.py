@@ -1,68 +1,135 @@
-"""HTTP handlers of the seed's API: parse at the edge, call one domain function, answer."""
+"""HTTP handlers: each route declared once (api.py), then one domain call.
+
+The declaration says the input model and where it is read from, the answers and the
+errors; api.py parses, serializes and documents from it (openapi.py), so a view only
+calls the domain.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
-from flask import request as http_request
+import functools
+from importlib.resources import files
+from typing import Any
 
-from . import notifications
-from .idempotency import idempotent, request_ids
+from flask import Blueprint, Response, current_app, jsonify
+
+from . import notifications, openapi
+from .api import Answer, Api, Reply
+from .errors import (
+    EmailNotFound,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    NotFound,
+    NotificationNotFound,
+    UserDocumentInvalid,
+    UserHasNoEmail,
+    UserNotFound,
+)
+from .idempotency import request_ids
 from .mongo_connector import with_own_deadline
 from .schemas import (
+    AssetPath,
     Counts,
     CreateRequest,
+    CreateResult,
     DeleteAllRequest,
     DeleteRequest,
+    DeleteResult,
     EmailIdPath,
+    EmailQueued,
     EmailRequest,
+    EmailState,
+    FanOutResult,
+    Health,
+    InboxPage,
     ListQuery,
     ReadAllRequest,
+    ReadAllResult,
+    Readiness,
     ReadRequest,
     UserQuery,
 )
-from .web import not_modified, ok, parse_body, parse_query, parse_query_or_body, services
+from .web import services
 
 bp = Blueprint("notifications", __name__)
+api = Api(bp)
+
+_USER = "A user's id: the `_id` of their document, 24 hexadecimal characters."
+_COUNTS = "The user's counts after the change."
 
 
-@bp.post("/create")
-@idempotent("create")
-def create() -> tuple[Response, int]:
-    """Record and/or queue the email of a notification for one user (201 with the ids
-    and the user's counts) or for each of `user_ids` (an outcome per user)."""
-    request = parse_body(CreateRequest)
+@api.route(
+    "POST",
+    "/create",
+    source="body",
+    model=CreateRequest,
+    answers={
+        201: Answer(
+            "Created: for `user_id`, the ids and the user's counts (null counts for a key "
+            "that records nothing); for `user_ids`, an outcome per user.",
+            CreateResult | FanOutResult,
+        ),
+        200: Answer("A fan-out in which no user got the notification.", FanOutResult),
+    },
+    errors=(
+        UserNotFound,
+        UserHasNoEmail,
+        UserDocumentInvalid,
+        IdempotencyKeyReused,
+        IdempotencyKeyInUse,
+    ),
+    idempotency_scope="create",
+    body_example={
+        "user_id": "6756b2f1a4c3e0d9b8f71234",
+        "key": "new_post",
+        "target_id": "6756b2f1a4c3e0d9b8f75678",
+        "data": {"title": "A new post"},
+    },
+)
+def create(request: CreateRequest) -> CreateResult | Reply:
+    """Record a notification and/or queue its email, as its key says.
+
+    For one user (`user_id`), or for each of up to 1,000 `user_ids` (a fan-out: one
+    outcome per user, 201 if any was created, else 200).
+    """
     ids, repeat = request_ids()
     svc = services()
     if request.user_ids is None:
-        return ok(notifications.create_notification(svc, request, ids, repeat=repeat), 201)
+        return notifications.create_notification(svc, request, ids, repeat=repeat)
     # Up to 1,000 users: a batch job's database budget, not a click's.
     result = with_own_deadline(
         svc.config.fan_out_timeout_seconds,
         lambda: notifications.fan_out(svc, request, ids, repeat=repeat),
     )
-    return ok(result, 201 if result["totals"]["created"] else 200)
+    return Reply(result, 201 if result["totals"]["created"] else 200)
 
 
-@bp.get("/list")
-def list_() -> tuple[Response, int]:
-    """Counts and one page of a user's notifications, newest first."""
-    svc = services()
-    query = parse_query(ListQuery, list_max_limit=svc.config.list_max_limit)
-    return ok(notifications.list_notifications(svc, query))
+def _list_limit(config: Any) -> dict[str, Any]:
+    return {"list_max_limit": config.list_max_limit}
 
 
-@bp.get("/count")
-def count() -> tuple[Response, int]:
-    """The user's totals from one small read, with an ETag: 304 while they are the same."""
-    counts = notifications.count(services(), parse_query(UserQuery))
-    tag = etag(counts)
-    if http_request.if_none_match.contains_weak(tag):
-        return not_modified(tag)
-    response, status = ok(counts)
-    response.set_etag(tag)
-    # Cached copies must be checked each time (a 304 is cheap): counts change any time.
-    response.headers["Cache-Control"] = "no-cache"
-    return response, status
+@api.route(
+    "GET",
+    "/list",
+    source="query",
+    model=ListQuery,
+    context=_list_limit,
+    answers={200: Answer("The user's counts and one page of notifications.", InboxPage)},
+    errors=(UserNotFound,),
+    params={
+        "user_id": _USER,
+        "skip": "How many of the newest to pass over.",
+        "limit": "How many to list (at most LIST_MAX_LIMIT).",
+        "is_new": "Only the unread (true) or the read (false) ones.",
+        "key": "Only notifications of this key.",
+    },
+)
+def list_(query: ListQuery) -> InboxPage:
+    """Counts and one page of a user's notifications, newest first.
+
+    `elements` and `new` are the user's totals; `matched` counts those the filters match.
+    """
+    return notifications.list_notifications(services(), query)
 
 
 def etag(counts: Counts) -> str:
@@ -70,58 +137,249 @@ def etag(counts: Counts) -> str:
     return f"{counts['elements']}-{counts['new']}"
 
 
-@bp.post("/read")
-def read() -> tuple[Response, int]:
-    """Mark a notification read (query parameters, as the seed says, or a JSON body)."""
-    return ok(notifications.mark_read(services(), parse_query_or_body(ReadRequest)))
+@api.route(
+    "GET",
+    "/count",
+    source="query",
+    model=UserQuery,
+    etag=etag,
+    answers={
+        200: Answer("The user's totals.", Counts, headers=("ETag", "Cache-Control")),
+        304: Answer("The counts are those of `If-None-Match`.", headers=("ETag",)),
+    },
+    errors=(UserNotFound,),
+    params={"user_id": _USER},
+)
+def count(query: UserQuery) -> Counts:
+    """The user's totals, with an ETag: 304 while they are the same.
+
+    One small read: what an unread badge polls.
+    """
+    return notifications.count(services(), query)
 
 
-@bp.post("/read-all")
-def read_all() -> tuple[Response, int]:
-    """Mark all read, or only `up_to` and the older ones; how many changed and the counts."""
-    return ok(notifications.mark_all_read(services(), parse_query_or_body(ReadAllRequest)))
+_READ_PARAMS = {"user_id": _USER, "notification_id": "The notification's `id`."}
 
 
-@bp.post("/delete")
-def delete() -> tuple[Response, int]:
+@api.route(
+    "POST",
+    "/read",
+    source="query_or_body",
+    model=ReadRequest,
+    answers={200: Answer(_COUNTS, Counts)},
+    errors=(UserNotFound, NotificationNotFound),
+    params=_READ_PARAMS,
+)
+def read(request: ReadRequest) -> Counts:
+    """Mark a notification read.
+
+    Its fields in the query string, as the seed's API has it, or in a JSON body.
+    """
+    return notifications.mark_read(services(), request)
+
+
+@api.route(
+    "POST",
+    "/read-all",
+    source="query_or_body",
+    model=ReadAllRequest,
+    answers={200: Answer("How many changed, and the user's counts.", ReadAllResult)},
+    errors=(UserNotFound, NotificationNotFound),
+    params={
+        "user_id": _USER,
+        "up_to": "Mark only this notification and the older ones (a watermark).",
+    },
+)
+def read_all(request: ReadAllRequest) -> ReadAllResult:
+    """Mark all of a user's notifications read, or only `up_to` and the older ones."""
+    return notifications.mark_all_read(services(), request)
+
+
+@api.route(
+    "POST",
+    "/delete",
+    source="query_or_body",
+    model=DeleteRequest,
+    answers={200: Answer("How many were removed (0 or 1), and the counts.", DeleteResult)},
+    errors=(UserNotFound,),
+    params=_READ_PARAMS,
+)
+def delete(request: DeleteRequest) -> DeleteResult:
     """Remove one notification; one already gone answers `deleted: 0`."""
-    return ok(notifications.delete(services(), parse_query_or_body(DeleteRequest)))
+    return notifications.delete(services(), request)
 
 
-@bp.post("/delete-all")
-def delete_all() -> tuple[Response, int]:
+@api.route(
+    "POST",
+    "/delete-all",
+    source="query_or_body",
+    model=DeleteAllRequest,
+    answers={200: Answer("How many were removed, and the counts.", DeleteResult)},
+    errors=(UserNotFound,),
+    params={"user_id": _USER, "read": "true: only the read ones."},
+)
+def delete_all(request: DeleteAllRequest) -> DeleteResult:
     """Remove all of a user's notifications, or with `read=true` only the read ones."""
-    return ok(notifications.delete_all(services(), parse_query_or_body(DeleteAllRequest)))
+    return notifications.delete_all(services(), request)
 
 
-@bp.post("/email")
-@idempotent("email")
-def email() -> tuple[Response, int]:
-    """Queue an email with the caller's own subject and text. 202 with its id."""
-    email_id = notifications.queue_email(services(), parse_body(EmailRequest), request_ids()[0])
-    return ok({"email_id": email_id}, 202)
+@api.route(
+    "POST",
+    "/email",
+    source="body",
+    model=EmailRequest,
+    answers={
+        202: Answer("Queued: the email's id, to follow it with GET /email/{id}.", EmailQueued)
+    },
+    errors=(UserNotFound, UserHasNoEmail, IdempotencyKeyReused, IdempotencyKeyInUse),
+    idempotency_scope="email",
+    tag="email",
+    body_example={"to": "someone@example.com", "subject": "Hello", "text": "Hi there."},
+)
+def email(request: EmailRequest) -> EmailQueued:
+    """Queue an email with the caller's own subject and text.
+
+    To a user's address (`user_id`) or to an address (`to`); the outbox sends it.
+    """
+    return {"email_id": notifications.queue_email(services(), request, request_ids()[0])}
 
 
-@bp.get("/email/<email_id>")
-def email_state(email_id: str) -> tuple[Response, int]:
-    """Where a queued email is: queued, sending, sent or failed, with its attempts."""
-    path = EmailIdPath.model_validate({"email_id": email_id})
-    return ok(notifications.email_state(services(), path.email_id))
+@api.route(
+    "GET",
+    "/email/<email_id>",
+    source="path",
+    model=EmailIdPath,
+    answers={200: Answer("The email's state and attempts.", EmailState)},
+    errors=(EmailNotFound,),
+    tag="email",
+    params={"email_id": "The id POST /email answered."},
+)
+def email_state(path: EmailIdPath) -> EmailState:
+    """Where a queued email is: queued, sending, sent or failed."""
+    return notifications.email_state(services(), path.email_id)
 
 
-@bp.get("/health")
-def health() -> tuple[Response, int]:
-    """Liveness: the process answers. No database call, and no API key needed."""
-    return ok({"status": "ok"})
+@api.route(
+    "GET",
+    "/health",
+    answers={200: Answer("The process answers.", Health)},
+    tag="operations",
+    open=True,
+    uses_database=False,
+)
+def health() -> Health:
+    """Liveness: the process answers.
+
+    No database call, and no API key needed.
+    """
+    return {"status": "ok"}
 
 
 READY_TIMEOUT_SECONDS = 1.0
 
 
-@bp.get("/ready")
-def ready() -> tuple[Response, int]:
-    """Readiness: the database answers within a second (else 503), and the outbox's
-    depth and the wait of its oldest due email. No API key needed."""
+@api.route(
+    "GET",
+    "/ready",
+    answers={200: Answer("The database answers; the outbox's depth and wait.", Readiness)},
+    tag="operations",
+    open=True,
+)
+def ready() -> Readiness:
+    """Readiness: the database answers within a second, else 503.
+
+    With the outbox's depth and how long its oldest due email has waited. No API key
+    needed.
+    """
     svc = services()
     bound = min(READY_TIMEOUT_SECONDS, svc.config.db_timeout_ms / 1000)
-    return ok(with_own_deadline(bound, lambda: notifications.readiness(svc)))
+    return with_own_deadline(bound, lambda: notifications.readiness(svc))
+
+
+@api.route(
+    "GET",
+    "/openapi.json",
+    answers={200: Answer("This document.", envelope=False)},
+    tag="operations",
+    open=True,
+    uses_database=False,
+)
+def openapi_document() -> Response:
+    """The OpenAPI 3.1 document of this API, generated from its route declarations."""
+    cache = current_app.extensions
+    if "notification_service.openapi" not in cache:  # the declarations never change
+        cache["notification_service.openapi"] = openapi.document(api.endpoints, services().config)
+    return jsonify(cache["notification_service.openapi"])
+
+
+_STATIC = files("notification_service") / "static"
+_DOCS_ASSETS = {
+    "swagger-ui.css": ("swagger-ui/swagger-ui.css", "text/css"),
+    "swagger-ui-bundle.js": ("swagger-ui/swagger-ui-bundle.js", "text/javascript"),
+    "docs.js": ("docs.js", "text/javascript"),
+}
+# The page runs only the scripts it ships; Swagger UI sets inline styles and shows
+# data: images, and its "try it out" calls this same origin.
+_DOCS_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+@api.route(
+    "GET",
+    "/docs",
+    answers={
+        200: Answer(
+            "Swagger UI, served from the package (no network needed).",
+            media_types=("text/html",),
+            envelope=False,
+        )
+    },
+    tag="operations",
+    open=True,
+    uses_database=False,
+)
+def docs() -> Response:
+    """Interactive documentation of this API."""
+    return _static_file("docs.html", "text/html")
+
+
+@api.route(
+    "GET",
+    "/docs/<asset>",
+    source="path",
+    model=AssetPath,
+    answers={
+        200: Answer(
+            "A file of the documentation page.",
+            media_types=("text/css", "text/javascript"),
+            envelope=False,
+        )
+    },
+    errors=(NotFound,),
+    tag="operations",
+    open=True,
+    uses_database=False,
+    params={"asset": "One of " + ", ".join(sorted(_DOCS_ASSETS)) + "."},
+)
+def docs_asset(path: AssetPath) -> Response:
+    """A script or style sheet of the documentation page."""
+    if path.asset not in _DOCS_ASSETS:  # a fixed list: nothing else of the package is served
+        raise NotFound("No such file of the documentation page.")
+    file, media_type = _DOCS_ASSETS[path.asset]
+    return _static_file(file, media_type)
+
+
+def _static_file(path: str, media_type: str) -> Response:
+    response = Response(_read_static(path), mimetype=media_type)
+    response.cache_control.public = True
+    response.cache_control.max_age = 3600
+    response.headers["Content-Security-Policy"] = _DOCS_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@functools.cache
+def _read_static(path: str) -> bytes:
+    return _STATIC.joinpath(path).read_bytes()  # three files, 1.7 MB, read once

@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections import Counter
-from typing import Annotated, Any, NotRequired, TypedDict
+from typing import Annotated, Any, NotRequired
 
 from pydantic import (
     AfterValidator,
@@ -19,9 +19,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+
+# pydantic makes JSON schemas only of typing_extensions' TypedDict before Python 3.12.
+from typing_extensions import TypedDict
 
 from .errors import ValidationFailed
 from .keys import NotificationKey
@@ -128,10 +132,44 @@ def _distinct(values: list[str]) -> list[str]:
     return values
 
 
-ObjectIdStr = Annotated[str, AfterValidator(_object_id)]
+# The JSON schemas (what OpenAPI shows, and what contract tests generate from) state the
+# validators' rules where JSON Schema can; the validators stay the judges.
+ObjectIdStr = Annotated[
+    str,
+    AfterValidator(_object_id),
+    WithJsonSchema(
+        {"type": "string", "pattern": "^[0-9a-fA-F]{24}$", "examples": ["6756b2f1a4c3e0d9b8f71234"]}
+    ),
+]
 Flag = Annotated[bool, BeforeValidator(_true_or_false)]
-EmailAddress = Annotated[str, AfterValidator(_email_address)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+EmailAddress = Annotated[
+    str,
+    AfterValidator(_email_address),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 254,
+            "pattern": r'^(?!.*\.\.)(?!.*=\?)[^@\s<>()\[\]\\,;:"]{1,64}@[A-Za-z0-9.-]{1,253}$',
+            "examples": ["someone@example.com"],
+        }
+    ),
+]
+JsonObject = Annotated[
+    dict[str, Any],
+    AfterValidator(_json_object),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "description": f"Any JSON object, stored and listed as given: at most "
+            f"{DATA_MAX_BYTES} bytes once encoded, {DATA_MAX_DEPTH} levels deep; no key, "
+            "at any depth, starts with `$` or holds `.`.",
+            "propertyNames": {"pattern": "^(?![$])[^.\\u0000]*$"},
+            "examples": [{"title": "A new post"}],
+        }
+    ),
+]
+# The line breaks str.splitlines() knows, which a header must not hold.
+_ONE_LINE_PATTERN = "^[^\n\r\u000b\u000c\u001c\u001d\u001e\u0085\u2028\u2029]*$"
 Text = Annotated[str, AfterValidator(_valid_text)]
 
 
@@ -181,6 +219,11 @@ class ListQuery(_Query):
     is_new: Flag | None = None
     key: NotificationKey | None = None
 
+    @classmethod
+    def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """What the configuration adds to the fields' JSON schemas (openapi.py)."""
+        return {"limit": {"maximum": context["list_max_limit"]}}
+
     @field_validator("limit")
     @classmethod
     def _limit_at_most_max(cls, value: int, info: ValidationInfo) -> int:
@@ -227,7 +270,13 @@ class EmailRequest(_Body):
     user_id: ObjectIdStr | None = None
     to: EmailAddress | None = None
     subject: Annotated[
-        str, Field(min_length=1, max_length=SUBJECT_MAX_CHARS), AfterValidator(_one_line)
+        str,
+        Field(
+            min_length=1,
+            max_length=SUBJECT_MAX_CHARS,
+            json_schema_extra={"pattern": _ONE_LINE_PATTERN},
+        ),
+        AfterValidator(_one_line),
     ]
     text: Annotated[
         str, Field(min_length=1, max_length=TEXT_MAX_CHARS), AfterValidator(_valid_text)
@@ -245,6 +294,18 @@ class EmailRequest(_Body):
 
 class EmailIdPath(_Query):
     email_id: ObjectIdStr
+
+
+class AssetPath(_Query):
+    asset: Annotated[str, Field(max_length=64)]
+
+
+class EmailQueued(TypedDict):
+    email_id: str
+
+
+class Health(TypedDict):
+    status: str
 
 
 class EmailState(TypedDict):

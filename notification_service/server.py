@@ -157,8 +157,8 @@ def _raise_edge_error() -> None:
         raise error
 
 
-# Routes a load balancer or orchestrator probes without credentials.
-OPEN_ENDPOINTS = frozenset({"notifications.health", "notifications.ready"})
+# Declared `open` (the probes, the documentation): answered without the API key.
+OPEN_ENDPOINTS = notification_handler.api.open_endpoints()
 
 
 def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:

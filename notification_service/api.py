@@ -1,0 +1,187 @@
+"""Routes declared once: each route states its input model, its answers and its errors.
+
+One declaration (`Api.route`) drives everything about a route that is not its domain
+call: the parsing of its input (query, JSON body, either, or path), the `{"success":
+true, "data": ...}` envelope and status of its answer, its ETag, its Idempotency-Key,
+whether it needs the API key, and its part of the OpenAPI document (openapi.py reads the
+same `Endpoint`s). A view is then "take the parsed model, call one domain function,
+return the data".
+
+Hand-written rather than flask-openapi3 or spectree (the note of issue 8 says why):
+the parsing here keeps the service's strictness (a repeated query parameter is refused,
+bad JSON is a 400 in the one error shape, `LIST_MAX_LIMIT` comes from the config).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flask import Blueprint, Response, current_app, make_response, request
+from pydantic import BaseModel
+
+from .config import Config
+from .errors import ApiError
+from .idempotency import idempotent
+from .web import not_modified, ok, parse_body, parse_query, parse_query_or_body
+
+Source = Literal["none", "query", "body", "query_or_body", "path"]
+Method = Literal["GET", "POST"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One documented answer of a route.
+
+    `schema` is the type of `data` in the JSON envelope (a TypedDict, a union of them),
+    or None for an answer without a body. With `envelope=False` the view returns a
+    ready `Response` of `media_types` (the document itself, the docs page, metrics).
+    """
+
+    description: str
+    schema: Any = None
+    headers: tuple[str, ...] = ()
+    media_types: tuple[str, ...] = ("application/json",)
+    envelope: bool = True
+    example: Any = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A view's data with a status other than its first declared one (fan-out's 200)."""
+
+    data: Any
+    status: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str  # the view's name: Flask's endpoint and the OpenAPI operationId
+    method: Method
+    rule: str  # Flask's URL rule, e.g. /email/<email_id>
+    tag: str
+    summary: str
+    description: str
+    source: Source
+    model: type[BaseModel] | None
+    answers: dict[int, Answer]
+    errors: tuple[type[ApiError], ...]
+    idempotency_scope: str | None = None
+    etag: Callable[[Any], str] | None = None
+    open: bool = False  # answered without the API key
+    uses_database: bool = True
+    # Validation context from the configuration (LIST_MAX_LIMIT); openapi.py shows it too.
+    context: Callable[[Config], dict[str, Any]] | None = None
+    body_example: Any = None
+    params: dict[str, str] = field(default_factory=dict)  # query parameter descriptions
+
+
+class Api:
+    """The route table of one blueprint, and what openapi.py documents."""
+
+    def __init__(self, blueprint: Blueprint) -> None:
+        self.blueprint = blueprint
+        self.endpoints: list[Endpoint] = []
+
+    def route(
+        self,
+        method: Method,
+        rule: str,
+        *,
+        answers: dict[int, Answer],
+        source: Source = "none",
+        model: type[BaseModel] | None = None,
+        errors: tuple[type[ApiError], ...] = (),
+        tag: str = "inbox",
+        idempotency_scope: str | None = None,
+        etag: Callable[[Any], str] | None = None,
+        open: bool = False,
+        uses_database: bool = True,
+        context: Callable[[Config], dict[str, Any]] | None = None,
+        body_example: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        if (source == "none") != (model is None):
+            raise TypeError(f"{rule}: a model needs a source, and a source a model")
+
+        def declare(view: Callable[..., Any]) -> Callable[..., Any]:
+            summary, _, description = inspect.cleandoc(view.__doc__ or "").partition("\n\n")
+            endpoint = Endpoint(
+                name=view.__name__,
+                method=method,
+                rule=rule,
+                tag=tag,
+                summary=" ".join(summary.split()),
+                description=" ".join(description.split()),
+                source=source,
+                model=model,
+                answers=answers,
+                errors=errors,
+                idempotency_scope=idempotency_scope,
+                etag=etag,
+                open=open,
+                uses_database=uses_database,
+                context=context,
+                body_example=body_example,
+                params=params or {},
+            )
+            handler = _handler(endpoint, view)
+            if idempotency_scope is not None:
+                handler = idempotent(idempotency_scope)(handler)
+            self.blueprint.add_url_rule(
+                rule, endpoint=endpoint.name, view_func=handler, methods=[method]
+            )
+            self.endpoints.append(endpoint)
+            return view
+
+        return declare
+
+    def open_endpoints(self) -> frozenset[str]:
+        """Flask endpoint names of the routes answered without the API key."""
+        return frozenset(f"{self.blueprint.name}.{e.name}" for e in self.endpoints if e.open)
+
+
+def _handler(endpoint: Endpoint, view: Callable[..., Any]) -> Callable[..., Response]:
+    # The first declared answer is the usual one; a view returns Reply for the others.
+    success = next(iter(endpoint.answers))
+
+    @functools.wraps(view)
+    def handle(**path: str) -> Response:
+        args = () if endpoint.model is None else (_parse(endpoint, path),)
+        result = view(*args)
+        if isinstance(result, Response):
+            return result
+        reply = result if isinstance(result, Reply) else Reply(result, success)
+        if endpoint.etag is not None:
+            tag = endpoint.etag(reply.data)
+            if request.if_none_match.contains_weak(tag):
+                return make_response(not_modified(tag))
+            response, status = ok(reply.data, reply.status)
+            response.set_etag(tag)
+            # Cached copies must be checked each time (a 304 is cheap): the data can
+            # change at any moment.
+            response.headers["Cache-Control"] = "no-cache"
+            return make_response(response, status)
+        return make_response(ok(reply.data, reply.status))
+
+    return handle
+
+
+def _parse(endpoint: Endpoint, path: dict[str, str]) -> BaseModel:
+    assert endpoint.model is not None
+    context = endpoint.context(_config()) if endpoint.context is not None else {}
+    if endpoint.source == "query":
+        return parse_query(endpoint.model, **context)
+    if endpoint.source == "body":
+        return parse_body(endpoint.model)
+    if endpoint.source == "query_or_body":
+        return parse_query_or_body(endpoint.model)
+    return endpoint.model.model_validate(path)
+
+
+def _config() -> Config:
+    config: Config = current_app.extensions["notification_service"].services.config
+    return config

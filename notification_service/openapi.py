@@ -1,0 +1,374 @@
+"""The OpenAPI 3.1 document, generated from the route declarations (api.py).
+
+Nothing here is written by hand per route: parameters and bodies come from the input
+models, answers from the declared TypedDicts, errors from the declared ApiError classes
+plus the ones every route of a kind can give (a bad body, a missing key, the database
+not answering). The JSON schemas are pydantic's (JSON Schema 2020-12, which OpenAPI 3.1
+uses as is).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+
+from .api import Answer, Endpoint
+from .config import Config
+from .errors import (
+    ApiError,
+    BadRequest,
+    IdempotencyKeyInUse,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+    ValidationFailed,
+)
+
+Schema = dict[str, Any]
+REF = "#/components/schemas/{model}"
+
+_INFO_DESCRIPTION = """\
+Records in-app notifications in each user's own document (capped, newest first), lists
+them with total and unread counts, marks them read, and sends email through a durable
+outbox.
+
+Every answer is JSON: `{"success": true, "data": ...}`, or `{"success": false, "error":
+{"code", "message", "details": [{"field", "problem"}]}}` with a snake_case `code` to
+branch on. Every answer carries `X-Request-ID` (yours when you send a valid one), the id
+to quote when asking about a request.
+
+With `API_KEYS` set, every route except the probes and this documentation needs
+`Authorization: Bearer <key>`.
+"""
+
+# Errors by kind of route, beside the ones each route declares.
+_BODY_ERRORS: tuple[type[ApiError], ...] = (BadRequest, PayloadTooLarge, RequestTimeout)
+_BAD_BODY_CODES = ("bad_request", "invalid_json", "unsupported_content_type")
+
+
+def document(endpoints: list[Endpoint], config: Config) -> dict[str, Any]:
+    """The whole document; `config` supplies what validation takes from it (limits)."""
+    components: dict[str, Schema] = {"Error": _ERROR_SCHEMA}
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", endpoint.rule)
+        paths.setdefault(path, {})[endpoint.method.lower()] = _operation(
+            endpoint, config, components
+        )
+    tags = sorted({e.tag for e in endpoints}, key=[e.tag for e in endpoints].index)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "notification-service",
+            "version": _version(),
+            "description": _INFO_DESCRIPTION,
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "tags": [{"name": tag} for tag in tags],
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "headers": _HEADERS,
+            "parameters": _PARAMETERS,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of the keys in API_KEYS (when it is set).",
+                }
+            },
+        },
+        "security": [{"apiKey": []}],
+    }
+
+
+def _version() -> str:
+    try:
+        return version("notification-service")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.0.0"
+
+
+def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]) -> Any:
+    operation: dict[str, Any] = {
+        "operationId": endpoint.name.rstrip("_"),
+        "tags": [endpoint.tag],
+        "summary": endpoint.summary,
+    }
+    if endpoint.description:
+        operation["description"] = endpoint.description
+    parameters: list[Any] = [{"$ref": "#/components/parameters/RequestId"}]
+    if endpoint.model is not None:
+        context = endpoint.context(config) if endpoint.context is not None else {}
+        location = "path" if endpoint.source == "path" else "query"
+        if endpoint.source != "body":
+            parameters[:0] = _parameters(endpoint, location, context, components)
+        if endpoint.source in ("body", "query_or_body"):
+            operation["requestBody"] = _request_body(endpoint, components)
+    if endpoint.idempotency_scope is not None:
+        parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
+    if endpoint.etag is not None:
+        parameters.append({"$ref": "#/components/parameters/IfNoneMatch"})
+    operation["parameters"] = parameters
+    operation["responses"] = _responses(endpoint, components)
+    if endpoint.open:
+        operation["security"] = []
+    return operation
+
+
+def _parameters(
+    endpoint: Endpoint, location: str, context: dict[str, Any], components: dict[str, Schema]
+) -> list[Any]:
+    assert endpoint.model is not None
+    schema = _model_schema(endpoint.model, components, inline=True)
+    overrides = getattr(endpoint.model, "schema_overrides", None)
+    extra = overrides(context) if overrides is not None and context else {}
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        field = _without_null({**field, **extra.get(name, {})})
+        field.pop("title", None)
+        parameter: dict[str, Any] = {
+            "name": name,
+            "in": location,
+            "required": location == "path" or name in required,
+            "schema": field,
+        }
+        if name in endpoint.params:
+            parameter["description"] = endpoint.params[name]
+        parameters.append(parameter)
+    return parameters
+
+
+def _without_null(field: Schema) -> Schema:
+    """A query parameter is absent or a value: `null` is not something one can send."""
+    if field.get("default", 0) is None:
+        del field["default"]
+    choices = field.get("anyOf")
+    if choices is not None:
+        rest = [choice for choice in choices if choice != {"type": "null"}]
+        if len(rest) == 1:
+            del field["anyOf"]
+            field = {**rest[0], **field}
+        else:
+            field["anyOf"] = rest
+    return field
+
+
+def _request_body(endpoint: Endpoint, components: dict[str, Schema]) -> Any:
+    assert endpoint.model is not None
+    media: dict[str, Any] = {"schema": _model_schema(endpoint.model, components)}
+    if endpoint.body_example is not None:
+        media["example"] = endpoint.body_example
+    body: dict[str, Any] = {"required": endpoint.source == "body", "content": {
+        "application/json": media
+    }}  # fmt: skip
+    if endpoint.source == "query_or_body":
+        body["description"] = (
+            "The same fields as the query parameters, as a JSON object, instead of them "
+            "(a field given both ways must be equal)."
+        )
+    return body
+
+
+def _responses(endpoint: Endpoint, components: dict[str, Schema]) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, answer in sorted(endpoint.answers.items()):
+        responses[str(status)] = _answer(endpoint, status, answer, components)
+    for status, errors in sorted(_errors(endpoint).items()):
+        responses[str(status)] = _error_response(status, errors)
+    return responses
+
+
+def _answer(endpoint: Endpoint, status: int, answer: Answer, components: dict[str, Schema]) -> Any:
+    headers = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    for name in answer.headers:
+        headers[name] = {"$ref": f"#/components/headers/{name}"}
+    if endpoint.idempotency_scope is not None:
+        headers["Idempotent-Replay"] = {"$ref": "#/components/headers/Idempotent-Replay"}
+    response: dict[str, Any] = {"description": answer.description, "headers": headers}
+    if answer.envelope and answer.schema is not None:
+        data = _type_schema(answer.schema, components)
+        envelope = {
+            "type": "object",
+            "required": ["success", "data"],
+            "properties": {"success": {"const": True}, "data": data},
+        }
+        media: dict[str, Any] = {"schema": envelope}
+        if answer.example is not None:
+            media["example"] = {"success": True, "data": answer.example}
+        response["content"] = {"application/json": media}
+    elif not answer.envelope:
+        response["content"] = {media_type: {} for media_type in answer.media_types}
+    return response
+
+
+def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
+    """(code, message) of every error the route can answer, by status."""
+    kinds: list[type[ApiError]] = list(endpoint.errors)
+    if endpoint.source in ("body", "query_or_body"):
+        kinds += _BODY_ERRORS
+    if endpoint.model is not None or endpoint.idempotency_scope is not None:
+        kinds.append(ValidationFailed)
+    if not endpoint.open:
+        kinds.append(Unauthorized)
+    if endpoint.uses_database:
+        kinds.append(Unavailable)
+    by_status: dict[int, list[tuple[str, str]]] = {}
+    for kind in kinds:
+        codes = _BAD_BODY_CODES if kind is BadRequest else (kind.default_code,)
+        for code in codes:
+            entry = (code, kind.default_message)
+            if entry not in by_status.setdefault(kind.status, []):
+                by_status[kind.status].append(entry)
+    by_status[500] = [("internal_error", "Internal error. Quote the request_id to find it.")]
+    return by_status
+
+
+def _error_response(status: int, errors: list[tuple[str, str]]) -> Any:
+    codes = ", ".join(f"`{code}`" for code, _ in errors)
+    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if status == Unavailable.status or any(
+        code == IdempotencyKeyInUse.default_code for code, _ in errors
+    ):
+        headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+    if status == Unauthorized.status:
+        headers["WWW-Authenticate"] = {"$ref": "#/components/headers/WWW-Authenticate"}
+    examples = {
+        code: {
+            "value": {
+                "success": False,
+                "error": {"code": code, "message": message, "details": []},
+            }
+        }
+        for code, message in errors
+    }
+    return {
+        "description": f"Error: {codes}.",
+        "headers": headers,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/Error"},
+                "examples": examples,
+            }
+        },
+    }
+
+
+def _model_schema(
+    model: type[BaseModel], components: dict[str, Schema], *, inline: bool = False
+) -> Schema:
+    schema = model.model_json_schema(mode="validation", ref_template=REF)
+    components.update(schema.pop("$defs", {}))
+    if inline:
+        return schema
+    components[model.__name__] = schema
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _type_schema(kind: Any, components: dict[str, Schema]) -> Schema:
+    schema = TypeAdapter(kind).json_schema(mode="serialization", ref_template=REF)
+    components.update(schema.pop("$defs", {}))
+    title = schema.get("title")
+    if title is None or "anyOf" in schema:
+        return schema
+    components[title] = schema
+    return {"$ref": REF.format(model=title)}
+
+
+_ERROR_SCHEMA: Schema = {
+    "type": "object",
+    "required": ["success", "error"],
+    "properties": {
+        "success": {"const": False},
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {
+                "code": {"type": "string", "description": "snake_case, to branch on."},
+                "message": {"type": "string", "description": "For a person."},
+                "details": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["field", "problem"],
+                        "properties": {"field": {"type": "string"}, "problem": {"type": "string"}},
+                    },
+                },
+                "request_id": {"type": "string", "description": "On 500 answers."},
+            },
+        },
+    },
+}
+
+_HEADERS: dict[str, Any] = {
+    "X-Request-ID": {
+        "description": "The request's id: the one sent when it is 1-64 of [A-Za-z0-9._-], "
+        "else a new one. It is in the service's log line of the request.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+    },
+    "ETag": {
+        "description": "The tag of the counts, for If-None-Match.",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "`no-cache`: a cached copy must be checked each time.",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    "Idempotent-Replay": {
+        "description": "`true` when this is the stored answer of an earlier request with "
+        "the same Idempotency-Key.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}},
+}
+
+_PARAMETERS: dict[str, Any] = {
+    "RequestId": {
+        "name": "X-Request-ID",
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request (1-64 of [A-Za-z0-9._-]); answered back.",
+        "schema": {"type": "string"},
+    },
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Send the same key when retrying: the request is acted on at most "
+        "once, and a retry gets the first answer again (with Idempotent-Replay: true). "
+        "1-255 printable ASCII characters; keys are kept IDEMPOTENCY_TTL_HOURS, per route; "
+        "use random ones.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    "IfNoneMatch": {
+        "name": "If-None-Match",
+        "in": "header",
+        "required": False,
+        "description": "The ETag of the counts you have: 304 while they are the same.",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def main() -> None:
+    """Print the document of the default configuration (docs/openapi.json is this)."""
+    import json
+
+    from .notification_handler import api
+
+    print(json.dumps(document(api.endpoints, Config()), indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The OpenAPI document, generated from the route declarations, and the /docs page."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from flask.testing import FlaskClient
+from openapi_spec_validator import validate
+
+from notification_service.config import Config
+from notification_service.notification_handler import api
+from notification_service.openapi import document
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "k" * 32
+
+
+def _operations(doc: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {
+        (method.upper(), path): operation
+        for path, methods in doc["paths"].items()
+        for method, operation in methods.items()
+    }
+
+
+def test_the_document_is_valid_openapi_3_1(client: FlaskClient) -> None:
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    doc = response.get_json()
+    assert doc["openapi"] == "3.1.0"
+    validate(doc)
+
+
+def test_every_route_of_the_app_is_in_the_document(app: Flask) -> None:
+    doc = document(api.endpoints, Config())
+    documented = set(_operations(doc))
+    served = {
+        (method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods or ()
+        if method not in ("HEAD", "OPTIONS")
+    }
+    assert served == documented
+
+
+def test_the_committed_copy_is_the_generated_document() -> None:
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert committed == document(api.endpoints, Config()), (
+        "docs/openapi.json is stale: python -m notification_service.openapi > docs/openapi.json"
+    )
+
+
+def test_list_max_limit_from_the_config_is_the_documented_maximum(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config]
+) -> None:
+    doc = make_app(make_config(list_max_limit=37)).test_client().get("/openapi.json").get_json()
+    limit = next(p for p in doc["paths"]["/list"]["get"]["parameters"] if p.get("name") == "limit")
+    assert limit["schema"]["maximum"] == 37
+
+
+def test_headers_and_errors_are_documented() -> None:
+    ops = _operations(document(api.endpoints, Config()))
+    create = ops[("POST", "/create")]
+    refs = [p.get("$ref", "") for p in create["parameters"]]
+    assert "#/components/parameters/IdempotencyKey" in refs
+    assert "Idempotent-Replay" in create["responses"]["201"]["headers"]
+    assert set(create["responses"]) >= {"200", "201", "400", "401", "404", "409", "413", "422",
+                                        "503"}  # fmt: skip
+    assert set(create["responses"]["409"]["content"]["application/json"]["examples"]) == {
+        "user_document_invalid",
+        "idempotency_key_in_use",
+    }
+    assert "Retry-After" in create["responses"]["503"]["headers"]
+    count = ops[("GET", "/count")]
+    assert "ETag" in count["responses"]["200"]["headers"]
+    assert "304" in count["responses"]
+    for operation in ops.values():
+        for answer in operation["responses"].values():
+            assert "X-Request-ID" in answer["headers"]
+
+
+def test_probes_and_docs_need_no_key_and_the_rest_does() -> None:
+    ops = _operations(document(api.endpoints, Config()))
+    open_ = {key for key, operation in ops.items() if operation.get("security") == []}
+    assert open_ == {
+        ("GET", "/health"),
+        ("GET", "/ready"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/docs/{asset}"),
+    }
+    assert all("401" in ops[key]["responses"] for key in set(ops) - open_)
+
+
+def test_docs_and_document_are_served_without_the_key_when_keys_are_set(
+    make_app: Callable[..., Flask], make_config: Callable[..., Config]
+) -> None:
+    client = make_app(make_config(api_keys=(KEY,))).test_client()
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert client.get("/docs/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/list?user_id=0123456789abcdef01234567").status_code == 401
+
+
+def test_docs_page_loads_only_files_the_package_serves(client: FlaskClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert "http://" not in html and "https://" not in html  # nothing from a CDN
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert sorted(assets) == ["docs/docs.js", "docs/swagger-ui-bundle.js", "docs/swagger-ui.css"]
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy
+    for asset, mimetype in [
+        ("docs/docs.js", "text/javascript"),
+        ("docs/swagger-ui-bundle.js", "text/javascript"),
+        ("docs/swagger-ui.css", "text/css"),
+    ]:
+        response = client.get(f"/{asset}")
+        assert response.status_code == 200, asset
+        assert response.mimetype == mimetype
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    script = client.get("/docs/docs.js").get_data(as_text=True)
+    assert "openapi.json" in script and "http" not in script
+
+
+def test_docs_serve_nothing_else_of_the_package(client: FlaskClient) -> None:
+    for path in [
+        "/docs/config.py",
+        "/docs/..%2fconfig.py",
+        "/docs/swagger-ui%2fLICENSE",
+        "/docs/docs.html",
+        "/docs/" + "a" * 65,
+    ]:
+        response = client.get(path)
+        assert response.status_code in (404, 422), path
+        assert response.get_json()["success"] is False
