@@ -12,11 +12,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PORT=5000
 
 WORKDIR /app
-COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+# The runtime dependencies exactly as locked (`make lock`): pinned, hash-checked, and
+# nothing pip would pick on its own; then the package itself, which adds none.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY notification_service ./notification_service
-RUN pip install --no-cache-dir --no-deps . && useradd --create-home app && chown app /app
+RUN pip install --no-cache-dir --no-deps . && pip check \
+    && useradd --create-home app && chown app /app
 USER app
 
 EXPOSE 5000

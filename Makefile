@@ -5,7 +5,16 @@ BIN    := $(VENV)/bin
 # The stamp is rebuilt when the dependencies change, so `make run` after a pull installs.
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test faults lint fmt bench check-config clean
+# The lock of the runtime dependencies the Dockerfile installs. The Python version is
+# the Dockerfile's base (tests/test_packaging.py checks both); the tool is pinned so a
+# relock changes pins, not the file's format. `make lock` keeps every pin that still
+# fits pyproject.toml; `make lock LOCK_FLAGS=--upgrade` moves them all to the newest.
+LOCK        := requirements.lock
+LOCK_PYTHON := 3.11
+LOCK_TOOL   := uv==0.13.9
+LOCK_FLAGS  ?=
+
+.PHONY: run test faults lint fmt bench check-config lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +50,15 @@ bench: $(STAMP)
 
 check-config: $(STAMP)
 	$(BIN)/python -m notification_service check-config
+
+## Regenerate $(LOCK) from requirements.txt, with hashes, in a throwaway venv.
+lock:
+	tools=$$(mktemp -d) && trap 'rm -rf "$$tools"' EXIT && \
+	$(PYTHON) -m venv "$$tools" && \
+	"$$tools/bin/python" -m pip install --quiet $(LOCK_TOOL) && \
+	"$$tools/bin/uv" pip compile requirements.txt --quiet --generate-hashes \
+		--python-version $(LOCK_PYTHON) --python-platform linux \
+		--custom-compile-command 'make lock' $(LOCK_FLAGS) -o $(LOCK)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
