@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The stamp is rebuilt when the dependencies change, so `make run` after a pull installs.
-STAMP  := $(VENV)/.installed
+# Two stamps, each rebuilt when the dependencies change (so a target after a pull
+# installs): serving needs the package and the embedded database only; the development
+# tools come with the first target that needs them. The dev install holds the serving
+# one, so it renews both stamps: `make run` after `make test` installs nothing.
+SERVE_STAMP := $(VENV)/.installed-serve
+DEV_STAMP   := $(VENV)/.installed-dev
+DEPS        := $(BIN)/python pyproject.toml requirements.txt
 
 # The lock of the runtime dependencies the Dockerfile installs. The Python version is
 # the Dockerfile's base (tests/test_packaging.py checks both); the tool is pinned so a
@@ -20,35 +25,39 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml requirements.txt
+$(SERVE_STAMP): $(DEPS)
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	touch $(SERVE_STAMP)
+
+$(DEV_STAMP): $(DEPS)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(SERVE_STAMP) $(DEV_STAMP)
 
 ## Serve on $$PORT (default 5000); embedded database and mail sink when DB_URI / SMTP_HOST are unset.
-run: $(STAMP)
+run: $(SERVE_STAMP)
 	$(BIN)/python -m notification_service serve
 
 ## The whole suite against real SecantusDB and SMTP servers the fixtures start.
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
 ## The database killed with SIGKILL under load, FAULT_ROUNDS times (default 6): minutes.
-faults: $(STAMP)
+faults: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m faults -s tests/test_faults.py
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-fmt: $(STAMP)
+fmt: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python bench/run.py
 
-check-config: $(STAMP)
+check-config: $(SERVE_STAMP)
 	$(BIN)/python -m notification_service check-config
 
 ## Regenerate $(LOCK) from requirements.txt, with hashes, in a throwaway venv.
