@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import logs, notification_handler
 from .asgi import EDGE_ERROR, RECEIVED_AT
@@ -167,7 +167,7 @@ def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
     digests = [hashlib.sha256(key.encode("ascii")).digest() for key in keys]
 
     def check() -> None:
-        if not digests or request.endpoint in OPEN_ENDPOINTS:
+        if not digests or _is_open():
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         candidate = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
@@ -180,6 +180,16 @@ def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
             raise Unauthorized()
 
     return check
+
+
+def _is_open() -> bool:
+    """Whether the route needs no key; for a method its path does not take, whether the
+    path's routes need none (their 405 is no secret, a 401 would say GET needs a key)."""
+    error = request.routing_exception
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        adapter = current_app.url_map.bind_to_environ(request.environ)
+        return all(adapter.match(method=m)[0] in OPEN_ENDPOINTS for m in error.valid_methods)
+    return request.endpoint in OPEN_ENDPOINTS
 
 
 def _start_deadline(seconds: float) -> Callable[[], None]:

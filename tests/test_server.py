@@ -95,6 +95,20 @@ def test_health_needs_no_key_and_no_database(
     assert time.monotonic() - started < 0.4
 
 
+def test_a_wrong_method_on_an_open_route_is_405_without_a_key(keyed: FlaskClient) -> None:
+    # The path needs no key, so its other methods are no secret either: a 401 would
+    # tell a caller without a key that GET needs one.
+    for path in ("/health", "/ready", "/openapi.json", "/docs", "/docs/docs.js"):
+        for method in ("POST", "DELETE", "TRACE"):
+            response = keyed.open(path, method=method)
+            assert response.status_code == 405, (method, path)
+            assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+            assert response.get_json()["error"]["code"] == "method_not_allowed"
+    # A route that needs the key reveals nothing of its methods without one.
+    assert keyed.get("/create").status_code == 401
+    assert keyed.get("/create", headers=bearer(KEY)).status_code == 405
+
+
 def test_without_keys_the_service_is_open(client: FlaskClient, user_id: str) -> None:
     assert client.get(f"/list?user_id={user_id}").status_code == 200
 
