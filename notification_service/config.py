@@ -5,12 +5,13 @@ Every variable is documented once in README.md and once in .env.example.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar, final
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -27,6 +28,93 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 FAN_OUT_TIMEOUT_FACTOR = 10  # see Config.fan_out_timeout_seconds
+
+
+@final
+class Secret:
+    """A value that prints as `***` wherever it ends up: str, repr, f-strings (any format
+    spec), `%s` in a log line, `json.dumps(default=str)`, a dataclass's repr or asdict.
+    `reveal()` is the one way to read it.
+
+    Hand-written rather than pydantic's SecretStr, which keeps its value in `__dict__`,
+    so `vars()` and the `json.dumps(default=lambda o: o.__dict__)` habit print it, and
+    which raises on a format spec. Slots leave no `__dict__`, and pickling (which would
+    write the value out) is refused.
+    """
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds a str, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format("***", spec)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("a Secret cannot be changed")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("a Secret cannot be changed")
+
+    # Immutable, so a copy (dataclasses.asdict, copy.deepcopy) is the same object.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Secret is not pickled: it would write the value out")
+
+
+def _userinfo(uri: str) -> tuple[str, str | None, str]:
+    """`uri` cut into its scheme with `://`, its userinfo (None when it has none) and the
+    rest, from the `@` on. The userinfo is found where the MongoDB driver looks for it:
+    before the last `@` of what comes before the first `?`, then before the first `/`."""
+    scheme, sep, rest = uri.partition("://")
+    prefix, rest = (scheme + sep, rest) if sep else ("", uri)
+    host_part = rest.partition("?")[0].partition("/")[0]
+    if "@" not in host_part:
+        return prefix, None, rest
+    userinfo = host_part.rpartition("@")[0]
+    return prefix, userinfo, rest[len(userinfo) :]
+
+
+def split_password(uri: str) -> tuple[str, str | None]:
+    """`uri` without the password of its userinfo, and that password as written (still
+    percent-encoded), or None when there is none. `join_password` undoes it exactly."""
+    prefix, userinfo, rest = _userinfo(uri)
+    if userinfo is None:
+        return uri, None
+    user, colon, password = userinfo.partition(":")
+    return (prefix + user + rest, password) if colon else (uri, None)
+
+
+def join_password(uri: str, password: str) -> str:
+    """`uri`, which has a user and no password, with `password` put back after the user."""
+    prefix, user, rest = _userinfo(uri)
+    if user is None or ":" in user:
+        raise ValueError("the URI has no user without a password to give it to")
+    return prefix + user + ":" + password + rest
 
 
 class ConfigError(ValueError):
@@ -54,10 +142,13 @@ class Config:
     max_body_bytes: int = 1024 * 1024
     # A client gets this long to send its headers, and again its body, before it is cut off.
     client_timeout_seconds: float = 5.0
-    # Bearer keys every route but /health requires; empty = open (make run on loopback).
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    # MongoDB. None means "start the embedded server" (make run only).
+    # Bearer keys every route requires but the open ones (the probes, the API document
+    # and its docs page); empty = open (make run on loopback).
+    api_keys: tuple[Secret, ...] = ()
+    # MongoDB. None means "start the embedded server" (make run only). DB_URI's password
+    # is held apart, so that db_uri can be printed: reveal_db_uri() puts it back.
     db_uri: str | None = None
+    db_password: Secret | None = None
     db_timeout_ms: int = 3000
     users_collection: str = "users"
     notifications_field: str = "notifications"
@@ -76,7 +167,7 @@ class Config:
     smtp_host: str | None = None
     smtp_port: int | None = None
     smtp_login: str | None = None
-    smtp_password: str | None = field(default=None, repr=False)
+    smtp_password: Secret | None = None
     smtp_email: str = "notifications@localhost"
     smtp_name: str | None = None
     smtp_security: SmtpSecurity = "auto"
@@ -102,6 +193,31 @@ class Config:
     log_level: str = "INFO"
     # None: not set, which is json, except for `serve` without DB_URI and `sink` (text).
     log_format: LogFormat | None = None
+
+    def __post_init__(self) -> None:
+        # Tests and benchmarks build configs by hand with plain strings (and a DB_URI
+        # with its password in it): however a Config was made, its secrets are Secrets.
+        keys = tuple(_as_secret(key) for key in self.api_keys)
+        object.__setattr__(self, "api_keys", keys)
+        if self.smtp_password is not None:
+            object.__setattr__(self, "smtp_password", _as_secret(self.smtp_password))
+        if self.db_uri is None:
+            object.__setattr__(self, "db_password", None)
+            return
+        shown, password = split_password(self.db_uri)
+        if password is not None:
+            object.__setattr__(self, "db_uri", shown)
+            object.__setattr__(self, "db_password", Secret(password))
+        elif _userinfo(shown)[1] is None:
+            # dataclasses.replace() with a URI that names no user: the old password is
+            # not for it.
+            object.__setattr__(self, "db_password", None)
+
+    def reveal_db_uri(self) -> str | None:
+        """DB_URI as it was given, password included: for the driver, never for a log."""
+        if self.db_uri is None or self.db_password is None:
+            return self.db_uri
+        return join_password(self.db_uri, self.db_password.reveal())
 
     @property
     def database_name(self) -> str:
@@ -164,7 +280,10 @@ class Config:
                 "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
             ),
             api_keys=_api_keys(r),
-            db_uri=r.optional("DB_URI", _check_mongo_uri),
+            # A refused DB_URI is echoed without its password.
+            db_uri=r.optional(
+                "DB_URI", _check_mongo_uri, shown=lambda raw: repr(split_password(raw)[0])
+            ),
             db_timeout_ms=r.integer("DB_TIMEOUT_MS", d.db_timeout_ms, 100, 60_000),
             users_collection=r.name("USERS_COLLECTION", d.users_collection),
             notifications_field=r.name("NOTIFICATIONS_FIELD", d.notifications_field),
@@ -187,7 +306,7 @@ class Config:
             smtp_host=r.optional("SMTP_HOST", _check_host),
             smtp_port=r.optional("SMTP_PORT", lambda v: _parse_int(v, 1, 65535)),
             smtp_login=r.optional("SMTP_LOGIN", str),
-            smtp_password=r.optional("SMTP_PASSWORD", str),
+            smtp_password=r.secret("SMTP_PASSWORD"),
             smtp_email=r.optional("SMTP_EMAIL", _check_email) or d.smtp_email,
             smtp_name=r.optional("SMTP_NAME", _check_header_text),
             smtp_security=r.choice("SMTP_SECURITY", _SECURITIES, d.smtp_security),
@@ -305,16 +424,32 @@ class _Reader:
             return None
         return value.strip()
 
-    def _convert(self, name: str, raw: str, convert: Callable[[str], T], fallback: T) -> T:
+    def _convert(
+        self,
+        name: str,
+        raw: str,
+        convert: Callable[[str], T],
+        fallback: T,
+        shown: Callable[[str], str] = repr,
+    ) -> T:
         try:
             return convert(raw)
         except ValueError as exc:
-            self.refuse(name, f"{exc} (got {raw!r})")
+            self.refuse(name, f"{exc} (got {shown(raw)})")
             return fallback
 
-    def optional(self, name: str, convert: Callable[[str], T]) -> T | None:
+    def optional(
+        self, name: str, convert: Callable[[str], T], *, shown: Callable[[str], str] = repr
+    ) -> T | None:
+        """`convert` of the value, None when unset; a refused value is echoed as `shown`
+        makes it."""
         raw = self._raw(name)
-        return None if raw is None else self._convert(name, raw, convert, None)
+        return None if raw is None else self._convert(name, raw, convert, None, shown)
+
+    def secret(self, name: str) -> Secret | None:
+        """The value as a Secret, None when unset; never refused, so never echoed."""
+        raw = self._raw(name)
+        return None if raw is None else Secret(raw)
 
     def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
@@ -384,7 +519,11 @@ API_KEY_MIN_CHARS = 16
 _API_KEY_RE = re.compile(r"[!-~]+")  # printable ASCII without spaces: what a header carries
 
 
-def _api_keys(r: _Reader) -> tuple[str, ...]:
+def _as_secret(value: Secret | str) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
+
+def _api_keys(r: _Reader) -> tuple[Secret, ...]:
     """The union of API_KEYS (comma-separated) and API_KEYS_FILE (one key a line, # comments).
 
     A short or unusable key is recorded on `r`, naming the variable and the key's
@@ -392,14 +531,20 @@ def _api_keys(r: _Reader) -> tuple[str, ...]:
     """
     keys: list[str] = []
     sources: list[tuple[str, list[str]]] = []
-    if (listed := r.optional("API_KEYS", str)) is not None:
-        sources.append(("API_KEYS", listed.split(",")))
+    if (listed := r.secret("API_KEYS")) is not None:
+        sources.append(("API_KEYS", listed.reveal().split(",")))
     if (path := r.optional("API_KEYS_FILE", _check_file)) is not None:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        # A comment stays as a blank line, so that positions are line numbers.
-        sources.append(
-            ("API_KEYS_FILE", ["" if ln.lstrip().startswith("#") else ln for ln in lines])
-        )
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            # The exception's own text may quote bytes of the file: its type says enough.
+            r.refuse("API_KEYS_FILE", f"cannot be read as UTF-8 text ({type(exc).__name__})")
+            lines = None
+        if lines is not None:
+            # A comment stays as a blank line, so that positions are line numbers.
+            sources.append(
+                ("API_KEYS_FILE", ["" if ln.lstrip().startswith("#") else ln for ln in lines])
+            )
     for name, candidates in sources:
         what = "line" if name == "API_KEYS_FILE" else "key"
         for position, candidate in enumerate(candidates, 1):
@@ -418,7 +563,7 @@ def _api_keys(r: _Reader) -> tuple[str, ...]:
         if not any(c.strip() for c in candidates):
             # Set but empty would silently leave the service open.
             r.refuse(name, "is set but holds no key")
-    return tuple(dict.fromkeys(keys))
+    return tuple(Secret(key) for key in dict.fromkeys(keys))
 
 
 def _check_name(raw: str) -> str:

@@ -73,7 +73,7 @@ class SmtpSettings:
             host=config.smtp_host,
             port=config.resolved_smtp_port,
             login=config.smtp_login,
-            password=config.smtp_password,
+            password=None if config.smtp_password is None else config.smtp_password.reveal(),
             security=config.smtp_security,
             verify=config.smtp_verify,
             ca_file=config.smtp_ca_file,

@@ -124,7 +124,7 @@ def check_uri(config: Config) -> None:
 
     :raise ConfigError: naming DB_URI.
     """
-    uri = config.db_uri or ""
+    uri = config.reveal_db_uri() or ""
     try:
         if uri.startswith("mongodb+srv://"):
             # parse_uri would resolve the SRV record (DNS) right here; leave that to the
@@ -161,7 +161,7 @@ def connect(config: Config) -> MongoClient[Document]:
     given = {name.lower() for name, _ in parse_qsl(urlsplit(config.db_uri).query)}
     durable: dict[str, Any] = {} if given & {"w", "journal"} else {"w": "majority", "journal": True}
     return MongoClient(
-        config.db_uri,
+        config.reveal_db_uri(),
         appname="notification-service",
         tz_aware=True,
         # One budget for the whole operation (selection, connect, round trip), so a

@@ -122,7 +122,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.before_request(_start_access)
     app.before_request(_assign_request_id)
     app.before_request(_raise_edge_error)
-    app.before_request(_require_api_key(config.api_keys))
+    app.before_request(_require_api_key(tuple(key.reveal() for key in config.api_keys)))
     app.before_request(_start_deadline(config.db_timeout_ms / 1000))
     app.teardown_request(_end_deadline)
     app.teardown_request(_log_access)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import logging
+import pickle
 from pathlib import Path
 
 import pytest
 
 from notification_service.__main__ import main
-from notification_service.config import Config, ConfigError
+from notification_service.config import Config, ConfigError, Secret, join_password, split_password
 
 
 def test_defaults_need_no_variable() -> None:
@@ -40,7 +45,8 @@ def test_seed_variables_are_read() -> None:
     assert config.port == 8080
     assert config.database_name == "app"
     assert (config.smtp_host, config.resolved_smtp_port) == ("smtp.example.com", 465)
-    assert (config.smtp_login, config.smtp_password) == ("mailer", "secret")
+    assert config.smtp_login == "mailer"
+    assert config.smtp_password is not None and config.smtp_password.reveal() == "secret"
     assert (config.smtp_email, config.smtp_name, config.email) == (
         "noreply@example.com",
         "Служба",
@@ -219,7 +225,11 @@ def test_api_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
     config = Config.from_env(
         {"API_KEYS": f" {GOOD_KEY} ,{GOOD_KEY}-2", "API_KEYS_FILE": str(keys_file)}
     )
-    assert config.api_keys == (GOOD_KEY, f"{GOOD_KEY}-2", f"{GOOD_KEY}-file")
+    assert [key.reveal() for key in config.api_keys] == [
+        GOOD_KEY,
+        f"{GOOD_KEY}-2",
+        f"{GOOD_KEY}-file",
+    ]
     assert GOOD_KEY not in repr(config)
     assert Config.from_env({}).api_keys == ()
 
@@ -309,3 +319,158 @@ def test_check_config_refuses_a_database_without_smtp_host(
 def test_an_encoded_word_is_not_an_email_address() -> None:
     with pytest.raises(ConfigError, match="EMAIL"):
         Config.from_env({"EMAIL": "=?utf-8?b?DQpCY2M6IHY=?=@example.com"})
+
+
+# --- secrets cannot be printed by accident ---------------------------------------------
+
+SECRETS = {
+    "API_KEYS": f"{GOOD_KEY}-api,{GOOD_KEY}-other",
+    "SMTP_PASSWORD": "hunter2-pa55word",
+    "DB_URI": "mongodb://app:db-pa55word@db1:27017,db2:27017/app?authSource=admin",
+    "SMTP_HOST": "smtp.example.com",
+    "SMTP_LOGIN": "mailer",
+}
+SECRET_VALUES = (f"{GOOD_KEY}-api", f"{GOOD_KEY}-other", "hunter2", "pa55word")
+
+
+def _renderings(config: Config, caplog: pytest.LogCaptureFixture) -> dict[str, str]:
+    """Every way a config gets printed without anyone meaning to show a secret."""
+    log = logging.getLogger("test_config.renderings")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log.info("config: %s", config)
+        log.info("config: %r", config)
+        log.info("keys: %s, password: %s", config.api_keys, config.smtp_password)
+    as_dict = dataclasses.asdict(config)
+    return {
+        "str": str(config),
+        "repr": repr(config),
+        "f-string": f"{config} {config!r} {config.smtp_password} {config.smtp_password:>40}",
+        "%s": "%s %s" % (config, config.db_password),  # noqa: UP031  # the old habit, on purpose
+        "log": caplog.text,
+        "asdict": repr(as_dict),
+        "asdict json": json.dumps(as_dict, default=str),
+        "vars": repr(vars(config)),
+        "vars json": json.dumps(vars(config), default=str),
+        # The habit of dumping objects through their __dict__: a Secret has none.
+        "__dict__ json": json.dumps(
+            config, default=lambda o: getattr(o, "__dict__", None) or str(o)
+        ),
+        "deepcopy": repr(copy.deepcopy(config)),
+        "replace": repr(dataclasses.replace(config, port=1)),
+    }
+
+
+def test_no_rendering_of_the_config_shows_a_secret(caplog: pytest.LogCaptureFixture) -> None:
+    config = Config.from_env(SECRETS)
+    for how, text in _renderings(config, caplog).items():
+        for secret in SECRET_VALUES:
+            assert secret not in text, f"{how} shows {secret!r}"
+        if how not in ("log",):
+            assert "***" in text, how
+    # What is not secret still shows: the user and hosts of DB_URI, the SMTP login.
+    assert "mongodb://app@db1:27017,db2:27017/app?authSource=admin" in repr(config)
+    assert "smtp_login='mailer'" in repr(config)
+
+
+def test_the_secrets_are_read_back_only_through_reveal() -> None:
+    config = Config.from_env(SECRETS)
+    assert [k.reveal() for k in config.api_keys] == [f"{GOOD_KEY}-api", f"{GOOD_KEY}-other"]
+    assert config.smtp_password is not None
+    assert config.smtp_password.reveal() == "hunter2-pa55word"
+    assert config.reveal_db_uri() == SECRETS["DB_URI"]
+    assert config.db_uri == "mongodb://app@db1:27017,db2:27017/app?authSource=admin"
+    assert config.database_name == "app"
+
+
+def test_a_secret_shows_stars_has_no_dict_and_is_not_pickled() -> None:
+    secret = Secret("s3cr3t-value")
+    assert (str(secret), repr(secret), f"{secret}", f"{secret:>5}") == ("***",) * 3 + ("  ***",)
+    assert "%s %r" % (secret, secret) == "*** ***"  # noqa: UP031
+    with pytest.raises(TypeError):
+        vars(secret)
+    with pytest.raises(TypeError, match="not pickled"):
+        pickle.dumps(secret)
+    with pytest.raises(AttributeError):
+        secret._value = "other"  # type: ignore[misc]
+    assert secret == Secret("s3cr3t-value") and secret != Secret("other")
+    assert secret != "s3cr3t-value"  # a plain string is not let in through ==
+    assert copy.deepcopy(secret) is secret
+    with pytest.raises(TypeError):
+        Secret(b"bytes")  # type: ignore[arg-type]
+
+
+def test_a_config_built_by_hand_holds_its_secrets_as_secrets() -> None:
+    # Tests and benchmarks pass plain strings; the config wraps them all the same.
+    config = Config(
+        api_keys=(GOOD_KEY,), smtp_password="hunter2", db_uri="mongodb://u:pa55word@h/app"
+    )
+    assert all(isinstance(k, Secret) for k in config.api_keys)
+    assert isinstance(config.smtp_password, Secret)
+    assert config.db_uri == "mongodb://u@h/app"
+    assert config.reveal_db_uri() == "mongodb://u:pa55word@h/app"
+    for secret in ("hunter2", "pa55word", GOOD_KEY):
+        assert secret not in repr(config)
+    # replace() keeps the password for the same user, and drops it for a URI without one.
+    assert dataclasses.replace(config, port=1).reveal_db_uri() == "mongodb://u:pa55word@h/app"
+    assert dataclasses.replace(config, db_uri="mongodb://other/app").db_password is None
+    assert dataclasses.replace(config, db_uri=None).reveal_db_uri() is None
+    assert dataclasses.replace(config) == config  # secrets compare by value
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("mongodb://db:27017/app", "mongodb://db:27017/app"),
+        ("mongodb://u:p@db/app", "mongodb://u@db/app"),
+        ("mongodb://u@db/app?authMechanism=MONGODB-X509", "mongodb://u@db/app?authMechanism=MONGODB-X509"),
+        ("mongodb://u:@db/app", "mongodb://u@db/app"),
+        ("mongodb+srv://u:p%40ss%3Aw@cluster.example.com/app", "mongodb+srv://u@cluster.example.com/app"),
+        # The driver's reading: the userinfo ends at the last @ before the path.
+        ("mongodb://u:p@ss@db/app", "mongodb://u@db/app"),
+        ("mongodb://u:p:ss@db1,db2:27018/?replicaSet=rs", "mongodb://u@db1,db2:27018/?replicaSet=rs"),
+        ("mongodb://db/app?appname=a@b:c", "mongodb://db/app?appname=a@b:c"),
+        ("mongodb://u:p@db?tls=true", "mongodb://u@db?tls=true"),
+    ],
+)  # fmt: skip
+def test_the_password_is_split_off_and_put_back_exactly(uri: str, shown: str) -> None:
+    without, password = split_password(uri)
+    assert without == shown
+    assert (join_password(without, password) if password is not None else without) == uri
+    assert Config(db_uri=uri).reveal_db_uri() == uri
+
+
+def test_a_refused_db_uri_is_echoed_without_its_password() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"DB_URI": "postgres://app:pa55word@db/app"})
+    assert str(raised.value) == (
+        "DB_URI: must start with mongodb:// or mongodb+srv:// (got 'postgres://app@db/app')"
+    )
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mongodb://app:pa55/w0rd@db/app",  # unescaped / and ? in the password: the driver
+        "mongodb://app:pa55?w0rd@db/app",  # sees no user, and refuses the URI
+        "mongodb://app:pa55:w0rd@db/app",
+        "mongodb://app:pa55@w0rd@db/app",
+    ],
+)
+def test_a_malformed_password_is_refused_without_being_shown(
+    uri: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./.env
+    monkeypatch.setenv("DB_URI", uri)
+    monkeypatch.setenv("SMTP_HOST", "smtp.example.com")
+    assert main(["check-config"]) == 2
+    out, err = capsys.readouterr()
+    assert "DB_URI: " in err
+    assert "pa55" not in out + err and "w0rd" not in out + err
+
+
+def test_an_unreadable_keys_file_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_bytes(GOOD_KEY.encode() + b"\xff\xfes3cr3t\n")
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"API_KEYS_FILE": str(keys_file)})
+    assert str(raised.value) == "API_KEYS_FILE: cannot be read as UTF-8 text (UnicodeDecodeError)"
