@@ -1,5 +1,7 @@
 # Untested here (no Docker engine on the development machine); kept simple on purpose.
-#   docker build -t notification-service . && docker run -p 5000:5000 --env-file .env notification-service
+#   docker build -t notification-service .
+#   docker run -p 5000:5000 --env-file .env --stop-timeout 40 notification-service
+# (--stop-timeout: SIGTERM drains for up to 30 s, docker's default is to SIGKILL at 10 s.)
 # The .env must set DB_URI (the image has no embedded database) and SMTP_HOST (or
 # DEV_MAIL_SINK=true to keep mail in the container's /app/var/mail on purpose), and
 # should set API_KEYS: the container listens on every interface.

@@ -14,6 +14,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from notification_service.__main__ import GRACEFUL_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -214,3 +216,21 @@ def test_the_scale_profile_runs_a_worker_and_lets_the_web_service_turn_its_dispa
     assert services["worker"]["profiles"] == ["scale"]
     assert services["worker"]["command"][-1] == "worker"
     assert services["app"]["environment"]["DISPATCHER_THREADS"] == "${DISPATCHER_THREADS:-1}"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (`40s`, `1m30s`, `500ms`) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_lets_a_stopping_service_drain_before_it_is_killed() -> None:
+    # Docker SIGKILLs 10 s after SIGTERM unless told otherwise: shorter than granian's
+    # graceful timeout, so requests and sends in flight would be cut.
+    services = _compose()["services"]
+    for name in ("app", "worker"):
+        grace = _seconds(services[name].get("stop_grace_period", "10s"))
+        assert grace >= GRACEFUL_SECONDS + 5, f"{name}: stop_grace_period {grace:g}s"
+    assert _seconds("1m30s") == 90 and _seconds("500ms") == 0.5
