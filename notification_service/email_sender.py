@@ -15,13 +15,15 @@ import re
 import smtplib
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
+
+from .config import Secret
 
 if TYPE_CHECKING:
     from email.policy import Policy
@@ -46,7 +48,7 @@ class SmtpSettings:
     host: str
     port: int
     login: str | None
-    password: str | None = field(repr=False)
+    password: Secret | None  # reveal()ed only for AUTH
     security: SmtpSecurity
     verify: bool
     ca_file: str | None
@@ -73,7 +75,7 @@ class SmtpSettings:
             host=config.smtp_host,
             port=config.resolved_smtp_port,
             login=config.smtp_login,
-            password=None if config.smtp_password is None else config.smtp_password.reveal(),
+            password=config.smtp_password,
             security=config.smtp_security,
             verify=config.smtp_verify,
             ca_file=config.smtp_ca_file,
@@ -526,7 +528,7 @@ class SmtpSender:
             if s.login is not None:
                 if self.mode == "starttls-if-offered" and not encrypted:
                     self._refuse_cleartext_login(conn)
-                _login(conn, s.login, s.password or "")
+                _login(conn, s.login, s.password.reveal() if s.password is not None else "")
         except BaseException:
             _close_quietly(conn, polite=False)
             raise

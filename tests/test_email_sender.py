@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import ipaddress
+import json
 import re
 import shutil
 import smtplib
@@ -27,7 +29,7 @@ import trustme
 from flask import Flask
 from smtp_fixtures import SMTP_USER, SmtpServer
 
-from notification_service.config import Config
+from notification_service.config import Config, Secret
 from notification_service.email_sender import (
     OutgoingEmail,
     SendError,
@@ -90,6 +92,8 @@ def settings(server: SmtpServer | None = None, **overrides: Any) -> SmtpSettings
     if server is not None and server.auth:
         fields.update(login=SMTP_USER, password=server.password)
     fields.update(overrides)
+    if isinstance(fields["password"], str):
+        fields["password"] = Secret(fields["password"])
     return SmtpSettings(**fields)
 
 
@@ -536,6 +540,12 @@ def test_settings_from_config_without_host_is_refused() -> None:
 
 def test_password_is_not_in_the_settings_repr() -> None:
     assert "hunter2" not in repr(settings(login="u", password="hunter2"))
+
+
+def test_password_is_not_in_the_settings_as_a_dict_or_json() -> None:
+    held = settings(login="u", password="hunter2")
+    assert "hunter2" not in str(dataclasses.asdict(held))
+    assert "hunter2" not in json.dumps(dataclasses.asdict(held), default=str)
 
 
 # -- classify --------------------------------------------------------------------
