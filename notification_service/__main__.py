@@ -8,8 +8,10 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +32,9 @@ PROGRESS_SECONDS = 10
 # The web server's wait for its workers on SIGTERM. The dispatchers inside a worker stop
 # sooner (DispatcherPool.stop's 20 s), so their in-flight sends are recorded.
 GRACEFUL_SECONDS = 30
+# prometheus-client's own variable (it reads it itself): the directory where each
+# process writes its metrics, so that a scrape of any web worker sums them all.
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +127,21 @@ def web_server_argv(config: Config) -> list[str]:
     ]  # fmt: skip
 
 
+def prepare_web_server(config: Config, env: dict[str, str], run_dir: Path) -> list[str]:
+    """Make what the web server needs in `run_dir` and `env`; return its command line.
+
+    PROMETHEUS_MULTIPROC_DIR, unless the operator set it: `run_dir/metrics`, emptied,
+    since the files of an earlier run's processes would be summed with this one's. An
+    operator's own directory is theirs to empty before each start.
+    """
+    if not env.get(METRICS_DIR_VARIABLE):
+        metrics_dir = run_dir / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env[METRICS_DIR_VARIABLE] = str(metrics_dir)
+    return web_server_argv(config)
+
+
 def _warn_if_open(config: Config) -> None:
     if config.api_keys:
         return
@@ -143,17 +163,22 @@ def serve(config: Config) -> int:
     _check_dependencies(config)  # before anything is started
     _warn_if_open(config)
     data_dir = Path(config.data_dir).resolve()
+    env = dict(os.environ)
     if config.db_uri and config.smtp_host:
         print(f"database: {_redact(config.db_uri)}", flush=True)
         print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
         print(f"serving on http://{config.host}:{config.port}", flush=True)
-        argv = web_server_argv(config)
-        os.execv(argv[0], argv)  # the web server gets our pid and our signals directly
+        # A fresh directory of its own: nothing is left to clean up once we become
+        # granian, and a read-only image still has a writable temporary directory.
+        argv = prepare_web_server(
+            config, env, Path(tempfile.mkdtemp(prefix="notification-service-"))
+        )
+        # The web server gets our pid and our signals directly.
+        os.execve(argv[0], argv, env)
 
     from . import embedded
 
     run_dir = data_dir / "run"
-    env = dict(os.environ)
     if config.log_format is not None:
         env["LOG_FORMAT"] = config.log_format  # the text default of `make run` included
     children: list[embedded.Child] = []
@@ -185,7 +210,7 @@ def serve(config: Config) -> int:
                 f"mail: local sink on 127.0.0.1:{port}, saving .eml files in {mail_dir}",
                 flush=True,
             )
-        web = embedded.spawn("web", web_server_argv(config), run_dir, env)
+        web = embedded.spawn("web", prepare_web_server(config, env, run_dir), run_dir, env)
         children.append(web)
         print(
             f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True
@@ -214,6 +239,7 @@ def serve(config: Config) -> int:
 def run_worker(config: Config, threads: int) -> int:
     """Dispatch the outbox until SIGINT/SIGTERM, then finish in-flight sends."""
     from .dispatcher import DispatchContext, DispatcherPool
+    from .metrics import PrometheusEvents
     from .server import build_runtime
 
     runtime = build_runtime(config)
@@ -225,8 +251,14 @@ def run_worker(config: Config, threads: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     services = runtime.services
+    # Its figures reach a scrape only through a PROMETHEUS_MULTIPROC_DIR it shares with
+    # a web server: a worker serves no HTTP.
     context = DispatchContext(
-        config, services.outbox, services.clock, services.store.has_notification
+        config,
+        services.outbox,
+        services.clock,
+        services.store.has_notification,
+        events=PrometheusEvents(),
     )
     pool = DispatcherPool.start(context, threads)
     log.info("worker dispatching with %d thread(s)", threads)

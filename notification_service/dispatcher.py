@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -49,18 +49,46 @@ SWEEP_SECONDS = 10.0
 SWEEP_BATCH = 500
 
 
+# How one claimed email's attempt ended, as DispatchEvents reports it.
+SendOutcome = Literal["sent", "retry", "failed"]
+
+
+class DispatchEvents:
+    """What dispatchers report as they work: the one instrumentation hook, used by
+    metrics.py and the benchmarks. This base class ignores everything; subclass it and
+    pass an instance as `DispatchContext.events` (or to `DispatcherPool.instrument`).
+
+    Called on the dispatcher's own thread, between sends: keep each call quick, and
+    never raise (an exception would count as a bug of the dispatcher's loop).
+    """
+
+    def batch_claimed(self, size: int) -> None:
+        """A claim returned `size` emails; 0 when nothing was due."""
+
+    def send_finished(self, outcome: SendOutcome, seconds: float | None) -> None:
+        """One claimed email's attempt ended as `outcome` (sent: the SMTP server
+        accepted it; retry: it waits for another attempt; failed: for good).
+
+        `seconds` is how long the SMTP exchange took, None when there was none (the
+        record could not become a message, or its claims kept running out). Reported
+        as decided, before the outcome is written to the outbox.
+        """
+
+
 @dataclass(frozen=True)
 class DispatchContext:
     """What a dispatcher needs from the rest of the service.
 
     `is_recorded(user_id, notification_id)`: whether the user's array holds the
     notification (InboxStore.has_notification), which decides a pending email's fate.
+    `events`: where the dispatcher reports its claims and sends (a no-op by default).
     """
 
     config: Config
     outbox: Outbox
     clock: Callable[[], datetime]
     is_recorded: Callable[[str, str], bool]
+    events: DispatchEvents = field(default_factory=DispatchEvents)
 
 
 def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) -> float:
@@ -151,6 +179,9 @@ class Dispatcher:
             self._held.append((token, None))
             raise
         self._lease_end = claimed_at + lease
+        # The context as it is now, not as this call began: `DispatcherPool.instrument`
+        # may have changed it meanwhile.
+        self.context.events.batch_claimed(len(pending))
         attempted = 0
         sent: list[Any] = []
         try:
@@ -359,6 +390,7 @@ class Dispatcher:
             # Only claims taken over after their lease ran out get here: the sends
             # that kept outliving their lease must stop somewhere too.
             reason = f"gave up after {attempts - 1} attempts whose claims ran out"
+            ctx.events.send_finished("failed", None)
             self._fail(record, _error(None, reason, permanent=False, outage=False), now)
             return "failed"
         try:
@@ -376,12 +408,15 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError) as exc:
             # A record that cannot become a message never will: fail it, don't retry.
             error = _error(None, f"cannot build message: {exc}", permanent=True, outage=False)
+            ctx.events.send_finished("failed", None)
             self._fail(record, error, now)
             return "failed"
+        started = time.monotonic()
         try:
             self.sender.send(message)
         except SendError as exc:
-            return self._failed(record, exc)
+            return self._failed(record, exc, time.monotonic() - started)
+        ctx.events.send_finished("sent", time.monotonic() - started)
         sent.append(record["_id"])
         if self._smtp_was_down:
             # The server is back: what waits on a backoff from the outage goes now.
@@ -395,7 +430,8 @@ class Dispatcher:
         age: timedelta = now - record["created_at"]
         return age > timedelta(seconds=self.context.config.dispatch_max_age_seconds)
 
-    def _failed(self, record: dict[str, Any], exc: SendError) -> Outcome:
+    def _failed(self, record: dict[str, Any], exc: SendError, seconds: float) -> Outcome:
+        """Store a failed attempt (`seconds`: its SMTP exchange) as final or to retry."""
         ctx, cfg = self.context, self.context.config
         now = ctx.clock()
         outage = is_outage(exc)
@@ -405,6 +441,7 @@ class Dispatcher:
             log.warning(
                 "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
             )
+            ctx.events.send_finished("failed", seconds)
             self._fail(record, error, now)
             return "outage" if outage else "failed"
         self._smtp_was_down = self._smtp_was_down or outage
@@ -414,6 +451,7 @@ class Dispatcher:
         log.info(
             "email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay
         )
+        ctx.events.send_finished("retry", seconds)
         at = now + timedelta(seconds=delay)
         self._store(
             f"email {record['_id']}",
@@ -461,10 +499,23 @@ class DispatcherPool:
         threads: list[threading.Thread],
         stopping: threading.Event,
         wakes: list[threading.Event],
+        dispatchers: list[Dispatcher] | None = None,
     ) -> None:
         self.threads = threads
         self.stopping = stopping
         self.wakes = wakes
+        self.dispatchers = dispatchers or []
+
+    def instrument(self, events: DispatchEvents) -> None:
+        """Report to `events` from now on, for a pool started with other events.
+
+        For create_app, which starts its pool before the app (and metrics.py's view)
+        exists: a claim or send reported in between goes to the earlier events.
+        """
+        for dispatcher in self.dispatchers:
+            # One attribute assignment: the dispatcher's thread sees the old context
+            # or the new one, never half of either.
+            dispatcher.context = replace(dispatcher.context, events=events)
 
     @classmethod
     def start(
@@ -480,7 +531,7 @@ class DispatcherPool:
         stopping = threading.Event()
         limiter = RateLimiter(cfg.smtp_rate_limit)
         prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        threads, wakes = [], []
+        threads, wakes, dispatchers = [], [], []
         for i in range(count):
             wake = threading.Event()
             wakes.append(wake)
@@ -494,11 +545,12 @@ class DispatcherPool:
                 stopping=stopping,
                 rng=random.Random(),
             )
+            dispatchers.append(dispatcher)
             thread = threading.Thread(target=dispatcher.run, name=f"dispatcher-{i}", daemon=True)
             thread.start()
             threads.append(thread)
         log.info("started %d dispatcher thread(s) as %s", count, prefix)
-        return cls(threads, stopping, wakes)
+        return cls(threads, stopping, wakes, dispatchers)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Ask every thread to stop and wait for in-flight sends to finish."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from . import metrics
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail
@@ -98,6 +99,9 @@ def create_notification(
     else:
         user = svc.store.find_user(user_id)
         svc.outbox.enqueue(_notification_email(svc, notification, user), now, email_id=email_id)
+    # Once done, so a retry of an attempt cut short counts it once (a crash between
+    # here and the idempotency record may count it twice).
+    metrics.notifications_created(request.key)
     return {
         "notification_id": notification["id"] if route.record else None,
         "email_id": email_id if route.email else None,
@@ -189,6 +193,7 @@ def fan_out(
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
     for outcome in results:
         totals[outcome["status"]] += 1
+    metrics.notifications_created(request.key, totals["created"])
     return {"results": results, "totals": totals}
 
 

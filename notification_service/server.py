@@ -21,7 +21,7 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import logs, notification_handler
+from . import logs, metrics, notification_handler
 from .asgi import EDGE_ERROR, RECEIVED_AT
 from .config import Config
 from .dispatcher import DispatchContext, DispatcherPool
@@ -117,6 +117,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     app.extensions["notification_service"] = runtime
     app.register_blueprint(notification_handler.bp)
+    app.register_blueprint(metrics.bp)
     _register_errors(app)
     # In this order: an id for every answer, then the edge's refusal, then the key.
     app.before_request(_start_access)
@@ -236,6 +237,12 @@ def _log_access(exc: BaseException | None) -> None:
             "duration_ms": round((now - started) * 1000, 3),
             "request_id": g.get("request_id"),
         }
+    )
+    metrics.observe_request(
+        request.method,
+        rule.rule if rule is not None else None,
+        g.get("access_status", 500),
+        now - started,
     )
 
 

@@ -1,0 +1,226 @@
+"""Prometheus metrics: `GET /metrics` in the text format, through prometheus-client.
+
+Two kinds of values:
+
+- What processes count (requests, notifications created, email outcomes, claimed
+  batches, SMTP exchanges): counters and histograms. With PROMETHEUS_MULTIPROC_DIR set
+  (`serve` sets it for the web server it starts; a `worker` uses it when set), each
+  process writes them to its own files in that directory and a scrape sums the files
+  of every process that ever wrote there, live or gone, so the answer is the same
+  whichever web worker serves the scrape, and a `worker` sharing the directory shows
+  its dispatchers' figures too. Without it (tests building the app in-process), this
+  process's own values.
+- What the deployment holds (the outbox's depth, its oldest due email's wait, whether
+  the database answers): read from the database at each scrape, under a short deadline
+  of its own, so they are right for the whole deployment and never go stale with the
+  process that last set them. When that read fails, `database_up` is 0, the outbox
+  figures are left out (unknown, not 0), and the rest is answered all the same.
+
+Every label value comes from a closed set (route templates, known methods, the
+notification keys, the app's own status codes, the dispatcher's outcomes): a hostile
+caller cannot make new series by sending odd paths or methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response
+from flask.blueprints import BlueprintSetupState
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .dispatcher import DispatchEvents, SendOutcome
+from .keys import KEYS
+from .mongo_connector import DatabaseUnavailable, with_own_deadline
+
+if TYPE_CHECKING:
+    # Imported where used: notifications.py counts through this module.
+    from .notifications import Services
+    from .server import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFIX = "notification_service_"
+# The database's share of a scrape: Prometheus's own scrape timeout is 10 s by default,
+# and a scrape must answer (with database_up 0) while the database does not.
+SCRAPE_DB_SECONDS = 1.0
+# Methods a route may be asked with; any other word a client sends is `other`.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The route label of a request that matched no route (404, 405): never its path.
+UNMATCHED = "unmatched"
+OUTCOMES: tuple[SendOutcome, ...] = ("sent", "retry", "failed")
+
+# This process's values when it is not in multiprocess mode (see `scrape`).
+_process = CollectorRegistry()
+
+REQUESTS = Counter(
+    f"{PREFIX}http_requests",
+    "HTTP requests answered, by method, route template and status.",
+    ["method", "route", "status"],
+    registry=_process,
+)
+REQUEST_SECONDS = Histogram(
+    f"{PREFIX}http_request_duration_seconds",
+    "Time from a request's arrival (its body read whole) to its answer.",
+    ["method", "route"],
+    registry=_process,
+)
+NOTIFICATIONS = Counter(
+    f"{PREFIX}notifications_created",
+    "Notifications created (POST /create, one per user of a fan-out), by key.",
+    ["key"],
+    registry=_process,
+)
+EMAILS = Counter(
+    f"{PREFIX}emails",
+    "Attempts to send a claimed email, by outcome: sent (accepted by the SMTP server), "
+    "retry (to be tried again), failed (for good).",
+    ["outcome"],
+    registry=_process,
+)
+BATCH_SIZE = Histogram(
+    f"{PREFIX}dispatcher_batch_size",
+    "Emails a dispatcher claimed at once (claims that found nothing due are left out).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    registry=_process,
+)
+SMTP_SECONDS = Histogram(
+    f"{PREFIX}smtp_send_duration_seconds",
+    "Duration of one email's SMTP exchange (connecting included when it opened the "
+    "connection), by outcome.",
+    ["outcome"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=_process,
+)
+
+# Series that exist from the start, at 0: a rate over a series that appears only with
+# its first event misses that event.
+for _key in KEYS:
+    NOTIFICATIONS.labels(_key)
+for _outcome in OUTCOMES:
+    EMAILS.labels(_outcome)
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus-client writes this process's values to PROMETHEUS_MULTIPROC_DIR
+    (it decides once, when first imported)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def observe_request(method: str, route: str | None, status: int, seconds: float) -> None:
+    """Count one answered request. `route`: the matched URL rule's template
+    (`/email/<email_id>`), None when none matched."""
+    method_label = method if method in KNOWN_METHODS else "other"
+    route_label = route if route is not None else UNMATCHED
+    REQUESTS.labels(method_label, route_label, str(status)).inc()
+    REQUEST_SECONDS.labels(method_label, route_label).observe(seconds)
+
+
+def notifications_created(key: str, count: int = 1) -> None:
+    if count > 0:
+        NOTIFICATIONS.labels(key if key in KEYS else "other").inc(count)
+
+
+class PrometheusEvents(DispatchEvents):
+    """The dispatchers' reports, as metrics."""
+
+    def batch_claimed(self, size: int) -> None:
+        # An idle dispatcher claims nothing twice a second: those would bury the sizes.
+        if size > 0:
+            BATCH_SIZE.observe(size)
+
+    def send_finished(self, outcome: SendOutcome, seconds: float | None) -> None:
+        EMAILS.labels(outcome).inc()
+        if seconds is not None:
+            SMTP_SECONDS.labels(outcome).observe(seconds)
+
+
+class DeploymentCollector(Collector):
+    """The figures read from the database at scrape time."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self) -> Iterator[Any]:
+        from .notifications import readiness
+
+        bound = min(SCRAPE_DB_SECONDS, self.svc.config.db_timeout_ms / 1000)
+        state = None
+        try:
+            state = with_own_deadline(bound, lambda: readiness(self.svc))
+        except DatabaseUnavailable:
+            pass  # logged where it was raised
+        except Exception:  # the scrape must answer whatever the database said
+            log.exception("metrics: the outbox could not be read")
+        yield GaugeMetricFamily(
+            f"{PREFIX}database_up",
+            f"1 when the database answered this scrape within {bound:g} s, else 0.",
+            value=0 if state is None else 1,
+        )
+        if state is None:
+            return
+        outbox = state["outbox"]
+        depth = GaugeMetricFamily(
+            f"{PREFIX}outbox_emails",
+            "Emails in the outbox waiting to be sent (queued) or being sent (sending).",
+            labels=["status"],
+        )
+        depth.add_metric(["queued"], outbox["queued"])
+        depth.add_metric(["sending"], outbox["sending"])
+        yield depth
+        yield GaugeMetricFamily(
+            f"{PREFIX}outbox_oldest_due_seconds",
+            "How long the longest-waiting due email has been due (0 when none is).",
+            value=outbox["oldest_due_seconds"] or 0.0,
+        )
+
+
+class _ProcessCollector(Collector):
+    def collect(self) -> Iterator[Any]:
+        yield from _process.collect()
+
+
+def scrape(svc: Services) -> bytes:
+    """The text exposition of every metric: the processes' (summed over the
+    multiprocess directory when there is one), then the deployment's."""
+    registry = CollectorRegistry()
+    if multiprocess_mode():
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_ProcessCollector())
+    registry.register(DeploymentCollector(svc))
+    return generate_latest(registry)
+
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics in the classic text format (what every Prometheus reads).
+    Needs the API key when API_KEYS is set."""
+    from .web import services
+
+    return Response(scrape(services()), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+@bp.record_once
+def _instrument_dispatchers(state: BlueprintSetupState) -> None:
+    # create_app starts its dispatchers before the app exists: they report here from
+    # the moment the view is registered.
+    runtime: Runtime = state.app.extensions["notification_service"]
+    pool = runtime.dispatchers
+    if pool is not None:
+        pool.instrument(PrometheusEvents())
