@@ -175,7 +175,7 @@ class Config:
     smtp_ca_file: str | None = None
     smtp_timeout: float = 10.0
     smtp_max_per_connection: int = 100
-    smtp_rate_limit: float = 0.0  # messages per second per dispatcher process; 0 = unlimited
+    smtp_rate_limit: float = 0.0  # messages per second, whole deployment; 0 = unlimited
     templates_dir: str | None = None
     # Development: DB_URI without SMTP_HOST is allowed (serve's .eml sink takes the mail).
     dev_mail_sink: bool = False

@@ -101,23 +101,41 @@ def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) 
 
 
 class RateLimiter:
-    """Spaces sends across the threads of one process (SMTP_RATE_LIMIT per second)."""
+    """Spaces sends across the whole deployment: SMTP_RATE_LIMIT per second in all,
+    however many threads and processes send.
 
-    def __init__(self, per_second: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    Before each send a dispatcher takes the next free slot from one small document in
+    the database (`Outbox.take_send_slot`, which answers how long to wait for it,
+    measured on the database's own clock), then waits that long. A send costs one more
+    database round trip when a rate is set, none when it is not.
+
+    `take_slot(interval_seconds) -> seconds to wait`; `sleep(seconds)` returns True
+    when it was cut short (the pool passes its `stopping.wait`, so a stop does not wait
+    out a slot).
+
+    :raise DatabaseUnavailable: from `wait`, when no slot could be taken: the database
+        does not answer, so nothing is sent (its outcome could not be stored either).
+    """
+
+    def __init__(
+        self,
+        per_second: float,
+        take_slot: Callable[[float], float] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
-        self._next = 0.0
-        self._lock = threading.Lock()
+        if self.interval and take_slot is None:
+            raise ValueError("a rate needs a slot source (Outbox.take_send_slot)")
+        self._take_slot = take_slot
         self._sleep = sleep
 
-    def wait(self) -> None:
-        if not self.interval:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.interval
-        if start > now:
-            self._sleep(start - now)
+    def wait(self) -> bool:
+        """Wait for this send's slot; False when the wait was cut short (do not send:
+        the slot has not come)."""
+        if not self.interval or self._take_slot is None:
+            return True
+        delay = self._take_slot(self.interval)
+        return delay <= 0 or not self._sleep(delay)
 
 
 Outcome = Literal["sent", "failed", "retry", "outage"]
@@ -188,7 +206,8 @@ class Dispatcher:
             while pending:
                 if attempted and self.stopping.is_set():
                     break
-                self.limiter.wait()
+                if not self.limiter.wait():
+                    break  # stopping: the rest of the batch is given back
                 if self._lease_end - time.monotonic() < lease / 2:
                     self._flush_sent(sent, token)
                     pending = self._renew(pending, token)
@@ -529,7 +548,10 @@ class DispatcherPool:
                 return SmtpSender(settings)
 
         stopping = threading.Event()
-        limiter = RateLimiter(cfg.smtp_rate_limit)
+        # Shared by the deployment through the database; a stop cuts a wait short.
+        limiter = RateLimiter(
+            cfg.smtp_rate_limit, context.outbox.take_send_slot, sleep=stopping.wait
+        )
         prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         threads, wakes, dispatchers = [], [], []
         for i in range(count):

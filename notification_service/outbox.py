@@ -17,7 +17,8 @@ removed, whatever it holds in those fields.
 
 Every write here is journaled (the client's write concern, mongo_connector.connect),
 so an acknowledged claim or outcome survives a database crash: a claim found gone
-later was taken over after its lease ran out, never lost to the crash.
+later was taken over after its lease ran out, never lost to the crash. The one
+exception is the send rate's document (`take_send_slot`), which only spaces sends.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
 from bson import ObjectId
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReturnDocument, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
@@ -47,6 +48,8 @@ RETENTION_INDEXES: tuple[tuple[str, str, Status], ...] = (
 )
 _INDEX_NOT_FOUND = 27
 _INDEX_CONFLICTS = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
+# The _id of the one document of `<outbox>_rate`.
+_RATE_DOCUMENT = "smtp"
 
 
 class LastError(TypedDict):
@@ -64,6 +67,11 @@ class Outbox:
         records forever). None leaves the retention indexes as they are: for tools that
         use an outbox without owning its settings, which must not drop them."""
         self.records: Collection[Document] = db[collection]
+        # Acknowledged by the primary alone: a slot lost to a crash or a failover lets
+        # a few sends through early once, which is not worth a journal flush per email.
+        self.rate: Collection[Document] = db.get_collection(
+            f"{collection}_rate", write_concern=WriteConcern(w=1)
+        )
         self.retention_days = retention_days
         self._listeners: list[Callable[[], None]] = []
         self._rng = random.Random()
@@ -362,6 +370,42 @@ class Outbox:
             is not None
         ]
         return min(times, default=None)
+
+    @guarded
+    def take_send_slot(self, interval_seconds: float) -> float:
+        """Take the deployment's next send slot, `interval_seconds` after the previous
+        one; return how many seconds from now it begins (0: at once).
+
+        `<outbox>_rate` holds one document whose `next_at` is when the next slot is
+        free, in milliseconds of the database's clock (`$$NOW`), so that the hosts'
+        clocks play no part. One atomic update pipeline takes the slot: slot =
+        max(now, next_at), next_at = slot + interval. Numbers, not dates, so that an
+        interval below a millisecond still adds up. A findAndModify: on SecantusDB it
+        reads the whole collection, which is this one document.
+        """
+        pipeline: list[Document] = [
+            {"$set": {"now": {"$toDouble": "$$NOW"}}},
+            {"$set": {"slot": {"$max": ["$now", {"$ifNull": ["$next_at", 0]}]}}},
+            {"$set": {"next_at": {"$add": ["$slot", interval_seconds * 1000]}}},
+        ]
+
+        def take() -> Document:
+            taken = self.rate.find_one_and_update(
+                {"_id": _RATE_DOCUMENT},
+                pipeline,
+                projection={"_id": 0, "now": 1, "slot": 1},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+            assert taken is not None  # an upsert returning AFTER always has a document
+            return taken
+
+        try:
+            taken = take()
+        except DuplicateKeyError:
+            # Two first slots at once: the other one inserted the document; use it.
+            taken = take()
+        return max(0.0, (float(taken["slot"]) - float(taken["now"])) / 1000)
 
     @guarded
     def mark_sent(self, email_ids: list[Any], now: datetime) -> int:
