@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -108,10 +109,13 @@ def _check_dependencies(config: Config) -> None:
     EmailTemplates(config.templates_dir)
 
 
-def web_server_argv(config: Config) -> list[str]:
+def web_server_argv(config: Config, log_config: Path | None = None) -> list[str]:
+    """granian's command line; `log_config`: a file of `logs.granian_log_config`, so
+    that granian's own lines are in LOG_FORMAT too."""
     # granian reads each request's headers in Rust under a timeout, and asgi.py reads the
     # body on the event loop under the same timeout: a slow client holds a socket, never
     # one of the WEB_THREADS threads that run the app (bench/README.md has the figures).
+    logging_argv = [] if log_config is None else ["--log-config", str(log_config)]
     return [
         sys.executable, "-m", "granian",
         "--interface", "asgi",
@@ -123,6 +127,7 @@ def web_server_argv(config: Config) -> list[str]:
         "--workers-kill-timeout", str(GRACEFUL_SECONDS),
         "--no-ws",
         "--log-level", config.log_level.lower(),
+        *logging_argv,
         "notification_service.asgi:create_asgi_app",
     ]  # fmt: skip
 
@@ -130,16 +135,20 @@ def web_server_argv(config: Config) -> list[str]:
 def prepare_web_server(config: Config, env: dict[str, str], run_dir: Path) -> list[str]:
     """Make what the web server needs in `run_dir` and `env`; return its command line.
 
-    PROMETHEUS_MULTIPROC_DIR, unless the operator set it: `run_dir/metrics`, emptied,
-    since the files of an earlier run's processes would be summed with this one's. An
-    operator's own directory is theirs to empty before each start.
+    - granian's logging configuration, in LOG_FORMAT (`logging.json`).
+    - PROMETHEUS_MULTIPROC_DIR, unless the operator set it: `run_dir/metrics`, emptied,
+      since the files of an earlier run's processes would be summed with this one's.
+      An operator's own directory is theirs to empty before each start.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_config = run_dir / "logging.json"
+    log_config.write_text(json.dumps(logs.granian_log_config(config.log_format or "json")))
     if not env.get(METRICS_DIR_VARIABLE):
         metrics_dir = run_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
+        metrics_dir.mkdir()
         env[METRICS_DIR_VARIABLE] = str(metrics_dir)
-    return web_server_argv(config)
+    return web_server_argv(config, log_config)
 
 
 def _warn_if_open(config: Config) -> None:
@@ -150,11 +159,11 @@ def _warn_if_open(config: Config) -> None:
             return
     if config.host == "localhost":
         return
-    print(
-        f"warning: listening on {config.host} without API_KEYS: anyone who reaches port "
-        f"{config.port} can read and change every user's notifications and send email",
-        file=sys.stderr,
-        flush=True,
+    log.warning(
+        "listening on %s without API_KEYS: anyone who reaches port %d can read and change "
+        "every user's notifications and send email",
+        config.host,
+        config.port,
     )
 
 
@@ -165,9 +174,9 @@ def serve(config: Config) -> int:
     data_dir = Path(config.data_dir).resolve()
     env = dict(os.environ)
     if config.db_uri and config.smtp_host:
-        print(f"database: {_redact(config.db_uri)}", flush=True)
-        print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
-        print(f"serving on http://{config.host}:{config.port}", flush=True)
+        log.info("database: %s", _redact(config.db_uri))
+        log.info("mail: SMTP %s:%d", config.smtp_host, config.resolved_smtp_port)
+        log.info("serving on http://%s:%d", config.host, config.port)
         # A fresh directory of its own: nothing is left to clean up once we become
         # granian, and a read-only image still has a writable temporary directory.
         argv = prepare_web_server(
@@ -191,30 +200,27 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if config.db_uri:
-            print(f"database: {_redact(config.db_uri)}", flush=True)
+            log.info("database: %s", _redact(config.db_uri))
         else:
             db_child, env["DB_URI"] = embedded.start_database(data_dir / "db", run_dir)
             children.append(db_child)
-            print(
-                f"database: embedded SecantusDB at {env['DB_URI']}, data in {data_dir / 'db'}",
-                flush=True,
+            log.info(
+                "database: embedded SecantusDB at %s, data in %s", env["DB_URI"], data_dir / "db"
             )
         if config.smtp_host:
-            print(f"mail: SMTP {config.smtp_host}:{config.resolved_smtp_port}", flush=True)
+            log.info("mail: SMTP %s:%d", config.smtp_host, config.resolved_smtp_port)
         else:
             mail_dir = data_dir / "mail"
             sink_child, port = embedded.start_mail_sink(mail_dir, run_dir)
             children.append(sink_child)
             env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), SMTP_SECURITY="none")
-            print(
-                f"mail: local sink on 127.0.0.1:{port}, saving .eml files in {mail_dir}",
-                flush=True,
-            )
+            log.info("mail: local sink on 127.0.0.1:%d, saving .eml files in %s", port, mail_dir)
+        # A web server a crash left behind would go on writing into the metrics
+        # directory about to be emptied: stopped first (spawn would, but later).
+        embedded.kill_stale(run_dir / "web.pid")
         web = embedded.spawn("web", prepare_web_server(config, env, run_dir), run_dir, env)
         children.append(web)
-        print(
-            f"serving on http://{config.host}:{config.port} (Ctrl-C stops everything)", flush=True
-        )
+        log.info("serving on http://%s:%d (Ctrl-C stops everything)", config.host, config.port)
         while not stop.is_set():
             for child in children:
                 if child.process.poll() is not None:
@@ -225,7 +231,7 @@ def serve(config: Config) -> int:
             stop.wait(0.5)
         return 0
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 1
     finally:
         # The web server first, so in-flight requests and sends finish against a live
@@ -233,7 +239,7 @@ def serve(config: Config) -> int:
         for child in reversed(children):
             # The web server gets its graceful timeout and a margin.
             child.stop(timeout=GRACEFUL_SECONDS + 15 if child.name == "web" else 15)
-        print("stopped", flush=True)
+        log.info("stopped")
 
 
 def run_worker(config: Config, threads: int) -> int:

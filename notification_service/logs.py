@@ -10,6 +10,9 @@ request (logger `notification_service.access`, msg `request`) adds `method`, `ro
 `path` (never the query string), `status` and `duration_ms`; no body, no header.
 Every value is JSON-escaped (`ensure_ascii`): a hostile path cannot break the line,
 forge another, or put a control character on an operator's terminal.
+
+The web server's own lines (granian's start, stop and worker messages) go through the
+same formatters: `serve` hands granian `granian_log_config` as its --log-config.
 """
 
 from __future__ import annotations
@@ -129,6 +132,33 @@ def configure(config: Config) -> None:
     handler._notification_service = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(config.log_level)
+
+
+# granian's loggers: its Rust core and its Python side log as `_granian`.
+GRANIAN_LOGGERS = ("_granian", "granian.access")
+
+
+def granian_log_config(log_format: str) -> dict[str, Any]:
+    """The logging dictConfig for granian's --log-config: its lines in `log_format`
+    (`json` or `text`), on stderr like every other line. Its --log-level still sets
+    the level. Not propagated: in a worker process the root logger holds our handler
+    too (`configure`), which would print each line twice."""
+    formatter = JsonFormatter if log_format == "json" else TextFormatter
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"service": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {
+            "service": {
+                "class": "logging.StreamHandler",
+                "formatter": "service",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            name: {"handlers": ["service"], "propagate": False} for name in GRANIAN_LOGGERS
+        },
+    }
 
 
 def log_access(fields: dict[str, Any]) -> None:

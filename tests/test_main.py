@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,11 +251,110 @@ def test_sigterm_answers_the_request_in_flight_and_records_the_send_in_flight(
      ("localhost", (), False)],
 )  # fmt: skip
 def test_serving_beyond_loopback_without_api_keys_warns(
-    capsys: pytest.CaptureFixture[str], host: str, keys: tuple[str, ...], warned: bool
+    caplog: pytest.LogCaptureFixture, host: str, keys: tuple[str, ...], warned: bool
 ) -> None:
     from notification_service.__main__ import _warn_if_open
     from notification_service.config import Config
 
-    _warn_if_open(Config(host=host, api_keys=keys))
-    err = capsys.readouterr().err
-    assert ("without API_KEYS" in err) is warned
+    with caplog.at_level(logging.WARNING, logger="notification_service"):
+        _warn_if_open(Config(host=host, api_keys=keys))
+    assert ("without API_KEYS" in caplog.text) is warned
+
+
+# --- what serve prints, and what it prepares for the web server ---------------------
+
+TEXT_LINE_RE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?P<logger>[\w.]+): (?P<msg>\S.*)\n"
+)
+
+
+def run_serve_and_stop(env: dict[str, str], cwd: Path, port: int, smtp_server: Any) -> list[str]:
+    """Start `serve`, create a notification and wait for its email, stop it with
+    SIGTERM; return every line it printed, on stdout and stderr."""
+    lines: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, "-m", "notification_service", "serve"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        readers = [
+            threading.Thread(target=lambda stream=stream: lines.extend(stream))
+            for stream in (process.stdout, process.stderr)
+        ]
+        for reader in readers:
+            reader.start()
+        try:
+            wait_serving(port, process)
+            assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+            smtp_server.wait_for_messages(1, timeout=15)
+            # Every worker loaded: granian loses a SIGTERM that reaches one still loading.
+            deadline = time.monotonic() + 30
+            while not any("Started worker-2" in line for line in lines):
+                assert time.monotonic() < deadline, "the second web worker did not start"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+            for reader in readers:
+                reader.join(10)
+    return lines
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_every_line_serve_prints_is_in_log_format_granians_own_included(
+    tmp_path: Path, db_uri: str, smtp_server: Any, log_format: str
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
+    env.update(
+        smtp_server.env(), PORT=str(port), DB_URI=db_uri, EMAIL="test@example.com",
+        WEB_WORKERS="2", LOG_LEVEL="INFO", LOG_FORMAT=log_format,
+    )  # fmt: skip
+    lines = run_serve_and_stop(env, tmp_path, port, smtp_server)
+    said: list[tuple[str, str]] = []
+    for line in lines:
+        if log_format == "json":
+            record = json.loads(line)
+        else:
+            match = TEXT_LINE_RE.fullmatch(line)
+            assert match, line
+            record = match.groupdict()
+        said.append((record["logger"], record["msg"]))
+    # granian's own lines (its workers log as `_granian.serve`), serve's, the app's.
+    for logger, start in [
+        ("_granian", "Starting granian"),
+        ("_granian", "Started worker-2"),
+        ("_granian", "Granian shutdown completed"),
+        ("notification_service", "serving on http://"),
+        ("notification_service.access", ""),
+        ("notification_service.dispatcher", "started 1 dispatcher thread(s)"),
+    ]:
+        assert any(
+            (n == logger or n.startswith(f"{logger}.")) and m.startswith(start) for n, m in said
+        ), (logger, start, said)
+
+
+def test_serve_gives_its_web_server_an_emptied_metrics_directory(tmp_path: Path) -> None:
+    # What an earlier run left (here not even a valid file) must not be summed in.
+    stale = tmp_path / "run" / "metrics" / "counter_1.db"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier run")
+    port = free_port()
+    process = start_serve(tmp_path, port)
+    try:
+        wait_serving(port, process)
+        assert not stale.exists()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert "notification_service_http_requests_total" in text
+        assert "notification_service_database_up 1.0" in text
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
