@@ -102,7 +102,7 @@ def test_a_wrong_method_on_an_open_route_is_405_without_a_key(keyed: FlaskClient
         for method in ("POST", "DELETE", "TRACE"):
             response = keyed.open(path, method=method)
             assert response.status_code == 405, (method, path)
-            assert response.headers["Allow"] == "GET, HEAD, OPTIONS"
+            assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
             assert response.get_json()["error"]["code"] == "method_not_allowed"
     # A route that needs the key reveals nothing of its methods without one.
     assert keyed.get("/create").status_code == 401
