@@ -77,6 +77,7 @@ class Endpoint:
     context: Callable[[Config], dict[str, Any]] | None = None
     body_example: Any = None
     params: dict[str, str] = field(default_factory=dict)  # query parameter descriptions
+    headers: tuple[str, ...] = ()  # request headers it reads, by openapi.py's parameter names
 
 
 class Api:
@@ -103,6 +104,7 @@ class Api:
         context: Callable[[Config], dict[str, Any]] | None = None,
         body_example: Any = None,
         params: dict[str, str] | None = None,
+        headers: tuple[str, ...] = (),
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         if (source == "none") != (model is None):
             raise TypeError(f"{rule}: a model needs a source, and a source a model")
@@ -127,6 +129,7 @@ class Api:
                 context=context,
                 body_example=body_example,
                 params=params or {},
+                headers=headers,
             )
             handler = _handler(endpoint, view)
             if idempotency_scope is not None:

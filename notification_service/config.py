@@ -56,6 +56,11 @@ class Config:
     client_timeout_seconds: float = 5.0
     # Bearer keys every route but /health requires; empty = open (make run on loopback).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # GET /stream: open streams per process (503 past it), the heartbeat comment's
+    # period, and how often the watched users' versions are read without change streams.
+    stream_max_per_process: int = 1000
+    stream_heartbeat_seconds: float = 15.0
+    stream_poll_seconds: float = 1.0
     # MongoDB. None means "start the embedded server" (make run only).
     db_uri: str | None = None
     db_timeout_ms: int = 3000
@@ -164,6 +169,13 @@ class Config:
                 "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
             ),
             api_keys=_api_keys(r),
+            stream_max_per_process=r.integer(
+                "STREAM_MAX_PER_PROCESS", d.stream_max_per_process, 1, 100_000
+            ),
+            stream_heartbeat_seconds=r.number(
+                "STREAM_HEARTBEAT_SECONDS", d.stream_heartbeat_seconds, 0.1, 300
+            ),
+            stream_poll_seconds=r.number("STREAM_POLL_SECONDS", d.stream_poll_seconds, 0.05, 60),
             db_uri=r.optional("DB_URI", _check_mongo_uri),
             db_timeout_ms=r.integer("DB_TIMEOUT_MS", d.db_timeout_ms, 100, 60_000),
             users_collection=r.name("USERS_COLLECTION", d.users_collection),

@@ -111,6 +111,14 @@ class Unavailable(ApiError):
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
 
 
+class TooManyStreams(Unavailable):
+    """This process holds STREAM_MAX_PER_PROCESS streams already; another may not."""
+
+    default_code = "too_many_streams"
+    default_message = "This server holds as many live streams as it may; retry shortly."
+    retry_after_seconds: ClassVar[int] = 5
+
+
 class IdempotencyKeyReused(ApiError):
     """The Idempotency-Key was first sent with another body: replaying would mislead."""
 

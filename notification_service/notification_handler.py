@@ -11,9 +11,10 @@ import functools
 from importlib.resources import files
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import notifications, openapi
+from . import stream as live
 from .api import Answer, Api, Reply
 from .errors import (
     EmailNotFound,
@@ -21,6 +22,7 @@ from .errors import (
     IdempotencyKeyReused,
     NotFound,
     NotificationNotFound,
+    TooManyStreams,
     UserDocumentInvalid,
     UserHasNoEmail,
     UserNotFound,
@@ -156,6 +158,56 @@ def count(query: UserQuery) -> Counts:
     One small read: what an unread badge polls.
     """
     return notifications.count(services(), query)
+
+
+_STREAM_EXAMPLE = (
+    "retry: 3000\n\n"
+    'id: 6756b2f1a4c3e0d9b8f71111\nevent: counts\ndata: {"elements":3,"new":1}\n\n'
+    ": keep-alive\n\n"
+    "id: 6756b2f1a4c3e0d9b8f72222\nevent: notification\n"
+    'data: {"id":"6756b2f1a4c3e0d9b8f72222","timestamp":1733734001,"is_new":true,'
+    '"user_id":"6756b2f1a4c3e0d9b8f71234","key":"new_post",'
+    '"target_id":"6756b2f1a4c3e0d9b8f75678","data":{"title":"A new post"}}\n\n'
+    'id: 6756b2f1a4c3e0d9b8f72222\nevent: counts\ndata: {"elements":4,"new":2}\n\n'
+)
+
+
+@api.route(
+    "GET",
+    "/stream",
+    source="query",
+    model=UserQuery,
+    answers={
+        200: Answer(
+            "Server-Sent Events, until the client leaves: `notification` and `counts` "
+            "events, and a `: keep-alive` comment after STREAM_HEARTBEAT_SECONDS of silence.",
+            headers=("Cache-Control",),
+            media_types=("text/event-stream",),
+            envelope=False,
+            example=_STREAM_EXAMPLE,
+        )
+    },
+    errors=(UserNotFound, TooManyStreams),
+    params={"user_id": _USER},
+    headers=("LastEventId",),
+)
+def stream(query: UserQuery) -> Response:
+    """The user's inbox as it changes: Server-Sent Events, for EventSource.
+
+    First a `counts` event ({elements, new}); then a `notification` event (one element
+    of `/list`'s `list`) for each new notification, and a `counts` event whenever the
+    counts change (a create, a read, a delete, an expiry). Each event's id is the newest
+    notification the client has been told of: sent back as `Last-Event-ID`, the
+    notifications made since, still in the inbox, are sent first. Past
+    STREAM_MAX_PER_PROCESS open streams: 503 with Retry-After.
+    """
+    feed = live.Feed(live.resume_point(request.headers.get("Last-Event-ID")))
+    first = feed.advance(notifications.inbox_state(services(), query.user_id))
+    live.hold(request.environ, query.user_id, feed)
+    response = Response(live.RETRY + first, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx would otherwise buffer the events
+    return response
 
 
 _READ_PARAMS = {"user_id": _USER, "notification_id": "The notification's `id`."}

@@ -113,6 +113,7 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
         parameters.append({"$ref": "#/components/parameters/IfNoneMatch"})
+    parameters += [{"$ref": f"#/components/parameters/{name}"} for name in endpoint.headers]
     operation["parameters"] = parameters
     operation["responses"] = _responses(endpoint, components)
     if endpoint.open:
@@ -203,7 +204,8 @@ def _answer(endpoint: Endpoint, status: int, answer: Answer, components: dict[st
             media["example"] = {"success": True, "data": answer.example}
         response["content"] = {"application/json": media}
     elif not answer.envelope:
-        response["content"] = {media_type: {} for media_type in answer.media_types}
+        example = {} if answer.example is None else {"example": answer.example}
+        response["content"] = {media_type: dict(example) for media_type in answer.media_types}
     return response
 
 
@@ -350,6 +352,14 @@ _PARAMETERS: dict[str, Any] = {
         "1-255 printable ASCII characters; keys are kept IDEMPOTENCY_TTL_HOURS, per route; "
         "use random ones.",
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    "LastEventId": {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "The id of the last event received (EventSource sends it when it "
+        "reconnects): the notifications made since are sent first.",
+        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{24}$"},
     },
     "IfNoneMatch": {
         "name": "If-None-Match",

@@ -38,6 +38,7 @@ from .mongo_connector import (
 )
 from .notifications import Services
 from .outbox import Outbox
+from .stream import HELD
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def _note_status(response: Response) -> Response:
 
 def _log_access(exc: BaseException | None) -> None:
     """One line per request once its response is made: no body, header or query string."""
+    if g.get("access_status") == 200 and request.environ.get(HELD) is not None:
+        return  # a stream that starts: asgi.py writes its line when it ends
     now = time.monotonic()
     # From the edge's arrival when asgi.py set it (waiting for a thread included).
     started = request.environ.get(RECEIVED_AT) or g.get("access_started", now)
