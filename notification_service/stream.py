@@ -67,6 +67,7 @@ RESUME_MARGIN_SECONDS = 5
 # stream asks for the inbox again just after, and at most once a second.
 EXPIRY_MARGIN_SECONDS = 0.1
 RETRY_SECONDS = 1.0  # before the watcher tries the database again
+READ_BATCH = 50  # users whose inboxes are read at once (one query on SecantusDB too)
 _ID_RE = re.compile(r"[0-9a-f]{24}")
 _UNSEEN = object()
 
@@ -533,8 +534,9 @@ class Watcher:
                     self._work.wait()
                 if not self._carry_on("reader"):
                     return
-                users = list(self._dirty)
-                self._dirty.clear()
+                # A batch at a time, each delivered as soon as it is read: the first
+                # streams of a fan-out to thousands need not wait for the last.
+                users = [self._dirty.pop() for _ in range(min(READ_BATCH, len(self._dirty)))]
             try:
                 states = self.store.feed_states(users, self.clock())
             except Exception as exc:

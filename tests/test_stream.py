@@ -520,33 +520,37 @@ def settled_threads(server: Server) -> int:
 
 
 def test_clients_that_leave_leave_no_thread_subscription_cursor_or_slot(
-    deployment: Deployment, streams: Callable[..., Stream]
+    deployment: Deployment, tmp_path: Path, streams: Callable[..., Stream]
 ) -> None:
-    server = deployment.a
-    users = [deployment.user() for _ in range(5)]
-    for user in users:  # every thread of the app's pool made, and the watcher used once
-        warm = Stream(server, user)
-        warm.next()
-        warm.close()
-    base_threads = settled_threads(server)
-    base_cursors = deployment.open_cursors()
-    held = [streams(server, users[i % 5]) for i in range(30)]
-    for stream in held:
-        stream.next()
-    # No thread per stream: the watcher's two at most; one change stream at most.
-    assert server.threads() <= base_threads + 2
-    assert deployment.open_cursors() - base_cursors <= (
-        1 if deployment.mode == "change_streams" else 0
-    )
-    ended = len(server.access_lines("/stream"))
-    for stream in held:
-        stream.close()
-    deadline = time.monotonic() + 10
-    while len(server.access_lines("/stream")) < ended + 30:  # each handler has finished
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert settled_threads(server) == base_threads
-    assert deployment.open_cursors() == base_cursors
+    # A process of its own, with one thread for the app: every other thread is the
+    # server's, the driver's or the watcher's.
+    server = serve(deployment.mongo, tmp_path / "log", WEB_THREADS="1",
+                   STREAM_MAX_PER_PROCESS="30")  # fmt: skip
+    try:
+        users = [deployment.user() for _ in range(5)]
+        assert server.call("GET", f"/count?user_id={users[0]}")[0] == 200
+        base_threads = settled_threads(server)
+        base_cursors = deployment.open_cursors()
+        for round_ in range(2):  # all 30 slots, twice: each was freed
+            held = [streams(server, users[i % 5]) for i in range(30)]
+            assert [stream.status for stream in held] == [200] * 30, round_
+            for stream in held:
+                stream.next()
+            # No thread per stream (the watcher's two), one change stream at most.
+            assert server.threads() == base_threads + 2
+            watching = 1 if deployment.mode == "change_streams" else 0
+            assert deployment.open_cursors() == base_cursors + watching
+            ended = len(server.access_lines("/stream"))
+            for stream in held:
+                stream.close()
+            deadline = time.monotonic() + 10
+            while len(server.access_lines("/stream")) < ended + 30:  # every handler ended
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert settled_threads(server) == base_threads
+            assert deployment.open_cursors() == base_cursors
+    finally:
+        server.stop()
 
 
 def test_one_access_line_when_the_stream_ends_without_the_query_string(
