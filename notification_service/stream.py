@@ -365,7 +365,8 @@ class StreamHub:
                 frame: FrameType | None,
                 previous: Callable[[int, FrameType | None], Any] = previous,
             ) -> None:
-                loop.call_soon_threadsafe(self.end_all)
+                with contextlib.suppress(RuntimeError):  # the loop has closed already
+                    loop.call_soon_threadsafe(self.end_all)
                 previous(signum, frame)
 
             signal.signal(signum, handler)
@@ -440,16 +441,6 @@ class Watcher:
         """Read the user's inbox again (an expiry changed it without a write)."""
         with self._lock:
             self._mark([user_id])
-
-    @property
-    def followed(self) -> int:
-        with self._lock:
-            return len(self._followed)
-
-    @property
-    def threads(self) -> int:
-        with self._lock:
-            return len(self._running)
 
     def close(self) -> None:
         with self._lock:
