@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
-from conftest import MongoServer, free_port
+from conftest import DatabaseLink, MongoServer, free_port
 from flask.testing import FlaskClient
 from pymongo import MongoClient
 
@@ -363,6 +363,28 @@ def test_a_quiet_stream_gets_a_heartbeat_comment(
     started = time.monotonic()
     assert stream.next(comments=True) == {"comment": "keep-alive"}
     assert time.monotonic() - started < HEARTBEAT + 1
+
+
+def test_a_stream_catches_up_once_the_database_answers_again(
+    deployment: Deployment, tmp_path: Path, streams: Callable[..., Stream]
+) -> None:
+    link = DatabaseLink(deployment.mongo.port)
+    server = serve(deployment.mongo, tmp_path / "log", DB_URI=link.uri(DATABASE),
+                   DB_TIMEOUT_MS="1000")  # fmt: skip
+    try:
+        user = deployment.user()
+        stream = streams(server, user)
+        stream.next()
+        link.cut()
+        time.sleep(1.5)  # the watcher has lost its change stream, or its polls fail
+        made = deployment.b.create(user)  # through a process that still reaches it
+        assert stream.next(comments=True) == {"comment": "keep-alive"}  # still open
+        link.heal()
+        assert stream.next(timeout=15)["id"] == made
+        assert counts(stream.next()) == (made, 1, 1)
+    finally:
+        server.stop()
+        link.close()
 
 
 def test_a_deleted_user_ends_the_stream(
