@@ -5,17 +5,19 @@ Every variable is documented once in README.md and once in .env.example.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, NoReturn, TypeVar, final
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
 from .schemas import is_email_address
+from .tokens import SECRET_MIN_BYTES
 
 T = TypeVar("T")
 
@@ -27,6 +29,62 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 FAN_OUT_TIMEOUT_FACTOR = 10  # see Config.fan_out_timeout_seconds
+
+
+@final
+class Secret:
+    """A value that prints as `***` wherever it ends up: str, repr, f-strings (any format
+    spec), `%s` in a log line, `json.dumps(default=str)`, a dataclass's repr or asdict.
+    `reveal()` is the one way to read it.
+
+    Hand-written rather than pydantic's SecretStr, which keeps its value in `__dict__`,
+    so `vars()` and the `json.dumps(default=lambda o: o.__dict__)` habit print it, and
+    which raises on a format spec. Slots leave no `__dict__`, and pickling (which would
+    write the value out) is refused.
+    """
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds a str, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return format("***", spec)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("a Secret cannot be changed")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("a Secret cannot be changed")
+
+    # Immutable, so a copy (dataclasses.asdict, copy.deepcopy) is the same object.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Secret is not pickled: it would write the value out")
 
 
 class ConfigError(ValueError):
@@ -56,6 +114,9 @@ class Config:
     client_timeout_seconds: float = 5.0
     # Bearer keys every route but /health requires; empty = open (make run on loopback).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # USER_TOKEN_SECRET: signs the per-user tokens a browser may use instead of a key
+    # (tokens.py); None: no token is accepted.
+    user_token_key: Secret | None = None
     # GET /stream: open streams per process (503 past it), the heartbeat comment's
     # period, and how often the watched users' versions are read without change streams.
     stream_max_per_process: int = 1000
@@ -169,6 +230,7 @@ class Config:
                 "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
             ),
             api_keys=_api_keys(r),
+            user_token_key=_user_token_key(r),
             stream_max_per_process=r.integer(
                 "STREAM_MAX_PER_PROCESS", d.stream_max_per_process, 1, 100_000
             ),
@@ -328,6 +390,11 @@ class _Reader:
         raw = self._raw(name)
         return None if raw is None else self._convert(name, raw, convert, None)
 
+    def secret(self, name: str) -> Secret | None:
+        """The value as a Secret, None when unset; never refused, so never echoed."""
+        raw = self._raw(name)
+        return None if raw is None else Secret(raw)
+
     def text(self, name: str, default: str) -> str:
         return self._raw(name) or default
 
@@ -431,6 +498,19 @@ def _api_keys(r: _Reader) -> tuple[str, ...]:
             # Set but empty would silently leave the service open.
             r.refuse(name, "is set but holds no key")
     return tuple(dict.fromkeys(keys))
+
+
+def _user_token_key(r: _Reader) -> Secret | None:
+    secret = r.secret("USER_TOKEN_SECRET")
+    if secret is not None and len(secret.reveal().encode("utf-8")) < SECRET_MIN_BYTES:
+        # Neither the value nor its length: the message may end up in a log.
+        r.refuse(
+            "USER_TOKEN_SECRET",
+            f"must be at least {SECRET_MIN_BYTES} bytes "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        return None
+    return secret
 
 
 def _check_name(raw: str) -> str:

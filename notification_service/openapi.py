@@ -23,6 +23,9 @@ from .errors import (
     IdempotencyKeyInUse,
     PayloadTooLarge,
     RequestTimeout,
+    TokenExpired,
+    TokenForAnotherUser,
+    TokenNotAccepted,
     Unauthorized,
     Unavailable,
     ValidationFailed,
@@ -41,8 +44,13 @@ Every answer is JSON: `{"success": true, "data": ...}`, or `{"success": false, "
 branch on. Every answer carries `X-Request-ID` (yours when you send a valid one), the id
 to quote when asking about a request.
 
-With `API_KEYS` set, every route except the probes and this documentation needs
-`Authorization: Bearer <key>`.
+With `API_KEYS` set, every route except the probes, this documentation and the demo
+inbox page needs `Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox
+routes (list, count, read, read-all, delete, delete-all, stream) also take a user token
+(`userToken`; minted by your backend or `POST /token`) in its place: it opens only the
+requests of its own `user_id` (403 `token_for_another_user` otherwise) until it expires
+(401 `token_expired`), and no other route (403 `token_not_accepted`). GET /stream also
+takes it as `?token=`, as EventSource cannot send headers.
 """
 
 # Errors by kind of route, beside the ones each route declares.
@@ -79,7 +87,21 @@ def document(endpoints: list[Endpoint], config: Config) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "One of the keys in API_KEYS (when it is set).",
-                }
+                },
+                "userToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A user token (with USER_TOKEN_SECRET set): "
+                    "base64url({sub, exp}).base64url(HMAC-SHA256), minted by your backend "
+                    "or POST /token. Only for the user_id it names.",
+                },
+                "userTokenQuery": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "The user token as `?token=`: GET /stream only "
+                    "(EventSource cannot send headers).",
+                },
             },
         },
         "security": [{"apiKey": []}],
@@ -116,8 +138,12 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
     parameters += [{"$ref": f"#/components/parameters/{name}"} for name in endpoint.headers]
     operation["parameters"] = parameters
     operation["responses"] = _responses(endpoint, components)
-    if endpoint.open:
+    if endpoint.auth == "open":
         operation["security"] = []
+    elif endpoint.auth == "key_or_token":
+        operation["security"] = [{"apiKey": []}, {"userToken": []}]
+        if endpoint.query_token:
+            operation["security"].append({"userTokenQuery": []})
     return operation
 
 
@@ -216,8 +242,10 @@ def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
         kinds += _BODY_ERRORS
     if endpoint.model is not None or endpoint.idempotency_scope is not None:
         kinds.append(ValidationFailed)
-    if not endpoint.open:
-        kinds.append(Unauthorized)
+    if endpoint.auth == "key_or_token":
+        kinds += [Unauthorized, TokenExpired, TokenForAnotherUser]
+    elif endpoint.auth == "key":
+        kinds += [Unauthorized, TokenNotAccepted]
     if endpoint.uses_database:
         kinds.append(Unavailable)
     by_status: dict[int, list[tuple[str, str]]] = {}

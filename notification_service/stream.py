@@ -167,9 +167,10 @@ class Held:
 
     user_id: str
     feed: Feed
+    until: float | None = None  # unix time at which it ends (its user token's expiry)
 
 
-def hold(environ: dict[str, Any], user_id: str, feed: Feed) -> None:
+def hold(environ: dict[str, Any], user_id: str, feed: Feed, until: float | None = None) -> None:
     """Take a stream slot for this request, when asgi.py serves it (a GET).
 
     Without asgi.py the answer is the first events alone (a snapshot): the client comes
@@ -181,7 +182,7 @@ def hold(environ: dict[str, Any], user_id: str, feed: Feed) -> None:
     if hub is None or environ.get("REQUEST_METHOD") != "GET":
         return
     hub.reserve()
-    environ[HELD] = Held(user_id, feed)
+    environ[HELD] = Held(user_id, feed, until)
 
 
 class _Listener:
@@ -248,8 +249,8 @@ class StreamHub:
         received_at: float,
     ) -> None:
         """Send the view's answer and, when it started the stream (200), hold the stream
-        until the client leaves, the user is deleted or the server stops; then free the
-        slot and write the request's access line."""
+        until the client leaves, the user is deleted, its token expires or the server
+        stops; then free the slot and write the request's access line."""
         try:
             if status != 200:  # the view took a slot, then something failed after it
                 await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -294,13 +295,17 @@ class StreamHub:
             while not listener.ended:
                 now = self._clock().timestamp()
                 wait = last_sent + self.heartbeat_seconds - loop.time()
+                if held.until is not None:
+                    wait = min(wait, held.until - now)
                 refresh_in = feed.refresh_in(now)
                 if refresh_in is not None:
                     wait = min(wait, refresh_in)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(wait, 0)):
                         await listener.wake.wait()
-                if listener.ended:
+                if listener.ended or (
+                    held.until is not None and self._clock().timestamp() >= held.until
+                ):
                     break
                 if listener.wake.is_set():
                     listener.wake.clear()

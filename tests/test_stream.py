@@ -116,7 +116,8 @@ def serve(mongo: MongoServer, log: Path, **settings: str) -> Server:
     )
     env.update(settings)
     with log.open("ab") as sink:
-        process = subprocess.Popen(web_server_argv(config), env=env, stderr=sink)
+        # granian writes its own lines to stdout: they are in the log too.
+        process = subprocess.Popen(web_server_argv(config), env=env, stdout=sink, stderr=sink)
     server = Server(port, process, log)
     deadline = time.monotonic() + 60
     while True:
