@@ -19,7 +19,7 @@ LOCK_PYTHON := 3.11
 LOCK_TOOL   := uv==0.13.9
 LOCK_FLAGS  ?=
 
-.PHONY: run test faults lint fmt bench check-config lock clean
+.PHONY: run test faults lint fmt bench check-config lock clean chromium screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,9 +37,26 @@ $(DEV_STAMP): $(DEPS)
 run: $(SERVE_STAMP)
 	$(BIN)/python -m notification_service serve
 
-## The whole suite against real SecantusDB and SMTP servers the fixtures start.
-test: $(DEV_STAMP)
+## The whole suite against real SecantusDB and SMTP servers the fixtures start, and the
+## pages in Debian's headless Chromium.
+test: $(DEV_STAMP) chromium
 	$(BIN)/python -m pytest
+
+## Debian's chromium for tests/test_browser.py, installed with apt-get when missing (as
+## root); where that cannot be done, those tests are skipped (REQUIRE_BROWSER=1: failed).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || \
+	    echo "chromium is not installed (apt-get as root could not): browser tests skipped"; }
+
+## The README's pictures, docs/docs.png and docs/inbox.png, taken by the browser tests.
+screenshots: $(DEV_STAMP) chromium
+	SCREENSHOTS_DIR=docs REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_browser.py \
+	  -k "docs_renders or two_tabs"
 
 ## The database killed with SIGKILL under load, FAULT_ROUNDS times (default 6): minutes.
 faults: $(DEV_STAMP)

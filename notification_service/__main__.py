@@ -125,6 +125,10 @@ def web_server_argv(config: Config, log_config: Path | None = None) -> list[str]
         "--workers", str(config.web_workers),
         "--http1-header-read-timeout", str(round(config.client_timeout_seconds * 1000)),
         "--workers-kill-timeout", str(GRACEFUL_SECONDS),
+        # Streams are requests too: room for STREAM_MAX_PER_PROCESS of them beside what
+        # granian lets each worker run at once by default (backlog 1024 / workers);
+        # without it 512 streams would block every other request of a worker.
+        "--backpressure", str(config.stream_max_per_process + 1024 // config.web_workers),
         "--no-ws",
         "--log-level", config.log_level.lower(),
         *logging_argv,

@@ -3,9 +3,9 @@
 One declaration (`Api.route`) drives everything about a route that is not its domain
 call: the parsing of its input (query, JSON body, either, or path), the `{"success":
 true, "data": ...}` envelope and status of its answer, its ETag, its Idempotency-Key,
-whether it needs the API key, and its part of the OpenAPI document (openapi.py reads the
-same `Endpoint`s). A view is then "take the parsed model, call one domain function,
-return the data".
+what opens it (nothing, an API key, or a key or a user token), and its part of the
+OpenAPI document (openapi.py reads the same `Endpoint`s). A view is then "take the
+parsed model, call one domain function, return the data".
 
 Hand-written rather than flask-openapi3 or spectree (the note of issue 8 says why):
 the parsing here keeps the service's strictness (a repeated query parameter is refused,
@@ -20,16 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flask import Blueprint, Response, current_app, make_response, request
+from flask import Blueprint, Response, current_app, g, make_response, request
 from pydantic import BaseModel
 
 from .config import Config
-from .errors import ApiError
+from .errors import ApiError, TokenForAnotherUser, TokenNotAccepted
 from .idempotency import idempotent
 from .web import not_modified, ok, parse_body, parse_query, parse_query_or_body
 
 Source = Literal["none", "query", "body", "query_or_body", "path"]
 Method = Literal["GET", "POST"]
+# What opens a route (server.py checks it, openapi.py documents it): nothing; an API key;
+# or an API key or the user token (tokens.py) of the `user_id` the request names.
+Auth = Literal["open", "key", "key_or_token"]
+# Where server.py puts the user a token opened the request for, and the token's expiry.
+TOKEN_USER = "token_user"
+TOKEN_EXPIRES_AT = "token_expires_at"
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,15 @@ class Endpoint:
     errors: tuple[type[ApiError], ...]
     idempotency_scope: str | None = None
     etag: Callable[[Any], str] | None = None
-    open: bool = False  # answered without the API key
+    auth: Auth = "key"
+    # The token may also come as ?token= (GET /stream only: EventSource sends no headers).
+    query_token: bool = False
     uses_database: bool = True
     # Validation context from the configuration (LIST_MAX_LIMIT); openapi.py shows it too.
     context: Callable[[Config], dict[str, Any]] | None = None
     body_example: Any = None
     params: dict[str, str] = field(default_factory=dict)  # query parameter descriptions
+    headers: tuple[str, ...] = ()  # request headers it reads, by openapi.py's parameter names
 
 
 class Api:
@@ -98,14 +107,22 @@ class Api:
         tag: str = "inbox",
         idempotency_scope: str | None = None,
         etag: Callable[[Any], str] | None = None,
-        open: bool = False,
+        auth: Auth = "key",
+        query_token: bool = False,
         uses_database: bool = True,
         context: Callable[[Config], dict[str, Any]] | None = None,
         body_example: Any = None,
         params: dict[str, str] | None = None,
+        headers: tuple[str, ...] = (),
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         if (source == "none") != (model is None):
             raise TypeError(f"{rule}: a model needs a source, and a source a model")
+        if auth == "key_or_token" and (model is None or "user_id" not in model.model_fields):
+            # A token opens only its own user's requests: the request must name one.
+            raise TypeError(f"{rule}: a route a token opens needs a user_id field")
+        if query_token and (auth != "key_or_token" or method != "GET"):
+            # A token in a URL can be sent by any page that links to it: never for a write.
+            raise TypeError(f"{rule}: ?token= is for a GET that a token opens")
 
         def declare(view: Callable[..., Any]) -> Callable[..., Any]:
             summary, _, description = inspect.cleandoc(view.__doc__ or "").partition("\n\n")
@@ -122,11 +139,13 @@ class Api:
                 errors=errors,
                 idempotency_scope=idempotency_scope,
                 etag=etag,
-                open=open,
+                auth=auth,
+                query_token=query_token,
                 uses_database=uses_database,
                 context=context,
                 body_example=body_example,
                 params=params or {},
+                headers=headers,
             )
             handler = _handler(endpoint, view)
             if idempotency_scope is not None:
@@ -141,7 +160,11 @@ class Api:
 
     def open_endpoints(self) -> frozenset[str]:
         """Flask endpoint names of the routes answered without the API key."""
-        return frozenset(f"{self.blueprint.name}.{e.name}" for e in self.endpoints if e.open)
+        return frozenset(n for n, e in self.by_flask_endpoint().items() if e.auth == "open")
+
+    def by_flask_endpoint(self) -> dict[str, Endpoint]:
+        """Each route's declaration by its Flask endpoint name (`request.endpoint`)."""
+        return {f"{self.blueprint.name}.{e.name}": e for e in self.endpoints}
 
 
 def _handler(endpoint: Endpoint, view: Callable[..., Any]) -> Callable[..., Response]:
@@ -150,8 +173,14 @@ def _handler(endpoint: Endpoint, view: Callable[..., Any]) -> Callable[..., Resp
 
     @functools.wraps(view)
     def handle(**path: str) -> Response:
-        args = () if endpoint.model is None else (_parse(endpoint, path),)
-        result = view(*args)
+        model = None if endpoint.model is None else _parse(endpoint, path)
+        owner = g.get(TOKEN_USER)
+        if owner is not None:  # opened by a user token (server.py), not by a key
+            if endpoint.auth != "key_or_token":
+                raise TokenNotAccepted()
+            if getattr(model, "user_id", None) != owner:
+                raise TokenForAnotherUser()
+        result = view() if model is None else view(model)
         if isinstance(result, Response):
             return result
         reply = result if isinstance(result, Reply) else Reply(result, success)
@@ -174,7 +203,9 @@ def _parse(endpoint: Endpoint, path: dict[str, str]) -> BaseModel:
     assert endpoint.model is not None
     context = endpoint.context(_config()) if endpoint.context is not None else {}
     if endpoint.source == "query":
-        return parse_query(endpoint.model, **context)
+        # ?token= is the credential server.py has read, not a field of the request.
+        ignored = ("token",) if endpoint.query_token else ()
+        return parse_query(endpoint.model, ignored=ignored, **context)
     if endpoint.source == "body":
         return parse_body(endpoint.model)
     if endpoint.source == "query_or_body":

@@ -10,8 +10,8 @@ handed to a bounded pool of threads that run the Flask app. A request refused he
 (too large, too slow, shorter than its Content-Length) still goes through the app, with
 an empty body and the error attached, so that every error has the app's one JSON shape.
 
-The same event loop is where a long-lived endpoint (a stream of events) can later live
-without holding a thread.
+The same event loop holds the live streams of GET /stream (stream.py): their view runs
+in a thread like any request's, for one read, and the connection is then held here.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
+from .stream import HELD, STREAMS, StreamHub
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,8 +53,10 @@ class BufferedWsgi:
         body_timeout: float,
         threads: int,
         on_shutdown: Callable[[], None] | None = None,
+        streams: StreamHub | None = None,
     ) -> None:
         self.wsgi_app = wsgi_app
+        self.streams = streams
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="web")
@@ -70,6 +73,8 @@ class BufferedWsgi:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.streams is not None:
+                    self.streams.end_on_signals()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Requests in flight finish first; then the dispatchers finish their sends.
@@ -79,6 +84,8 @@ class BufferedWsgi:
 
     def _close(self) -> None:
         self.executor.shutdown(wait=True)
+        if self.streams is not None:
+            self.streams.close()
         if self.on_shutdown is not None:
             self.on_shutdown()
 
@@ -94,9 +101,16 @@ class BufferedWsgi:
         except ApiError as exc:
             error = exc
         environ = wsgi_environ(scope, body, error)
-        environ[RECEIVED_AT] = time.monotonic()
+        received_at = environ[RECEIVED_AT] = time.monotonic()
+        if self.streams is not None:
+            environ[STREAMS] = self.streams
         loop = asyncio.get_running_loop()
         status, headers, chunks = await loop.run_in_executor(self.executor, self._run, environ)
+        held = environ.get(HELD)
+        if held is not None:  # the view of /stream took a slot: the stream is held here
+            assert self.streams is not None
+            await self.streams.serve(held, status, headers, chunks, receive, send, received_at)
+            return
         if error is not None:
             # The rest of the body may still be on its way: don't keep reading it.
             headers.append((b"connection", b"close"))
@@ -217,10 +231,14 @@ def create_asgi_app(config: Config | None = None) -> BufferedWsgi:
 
     config = config or Config.from_env()
     app = create_app(config)
+    runtime = runtime_of(app)
+    # The clock through the runtime: a test may replace the services (and their clock).
+    streams = StreamHub(runtime.services.store, lambda: runtime.services.clock(), config)
     return BufferedWsgi(
         app,
         max_body_bytes=config.max_body_bytes,
         body_timeout=config.client_timeout_seconds,
         threads=config.web_threads,
-        on_shutdown=runtime_of(app).close,
+        on_shutdown=runtime.close,
+        streams=streams,
     )

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from .schemas import is_email_address
+from .tokens import SECRET_MIN_BYTES
 
 T = TypeVar("T")
 
@@ -145,6 +146,14 @@ class Config:
     # Bearer keys every route requires but the open ones (the probes, the API document
     # and its docs page); empty = open (make run on loopback).
     api_keys: tuple[Secret, ...] = ()
+    # USER_TOKEN_SECRET: signs the per-user tokens a browser may use instead of a key
+    # (tokens.py); None: no token is accepted.
+    user_token_key: Secret | None = None
+    # GET /stream: open streams per process (503 past it), the heartbeat comment's
+    # period, and how often the watched users' versions are read without change streams.
+    stream_max_per_process: int = 1000
+    stream_heartbeat_seconds: float = 15.0
+    stream_poll_seconds: float = 1.0
     # MongoDB. None means "start the embedded server" (make run only). DB_URI's password
     # is held apart, so that db_uri can be printed: reveal_db_uri() puts it back.
     db_uri: str | None = None
@@ -280,6 +289,14 @@ class Config:
                 "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
             ),
             api_keys=_api_keys(r),
+            user_token_key=_user_token_key(r),
+            stream_max_per_process=r.integer(
+                "STREAM_MAX_PER_PROCESS", d.stream_max_per_process, 1, 100_000
+            ),
+            stream_heartbeat_seconds=r.number(
+                "STREAM_HEARTBEAT_SECONDS", d.stream_heartbeat_seconds, 0.1, 300
+            ),
+            stream_poll_seconds=r.number("STREAM_POLL_SECONDS", d.stream_poll_seconds, 0.05, 60),
             # A refused DB_URI is echoed without its password.
             db_uri=r.optional(
                 "DB_URI", _check_mongo_uri, shown=lambda raw: repr(split_password(raw)[0])
@@ -564,6 +581,19 @@ def _api_keys(r: _Reader) -> tuple[Secret, ...]:
             # Set but empty would silently leave the service open.
             r.refuse(name, "is set but holds no key")
     return tuple(Secret(key) for key in dict.fromkeys(keys))
+
+
+def _user_token_key(r: _Reader) -> Secret | None:
+    secret = r.secret("USER_TOKEN_SECRET")
+    if secret is not None and len(secret.reveal().encode("utf-8")) < SECRET_MIN_BYTES:
+        # Neither the value nor its length: the message may end up in a log.
+        r.refuse(
+            "USER_TOKEN_SECRET",
+            f"must be at least {SECRET_MIN_BYTES} bytes "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        return None
+    return secret
 
 
 def _check_name(raw: str) -> str:

@@ -47,6 +47,35 @@ class Unauthorized(ApiError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class TokenExpired(Unauthorized):
+    """A genuine user token past its expiry: the page asks its backend for a new one."""
+
+    default_code = "token_expired"
+    default_message = "The user token has expired: get a new one."
+
+
+class TokenNotAccepted(ApiError):
+    """A genuine user token, on a route that only an API key opens."""
+
+    status = 403
+    default_code = "token_not_accepted"
+    default_message = "A user token cannot call this route: it needs an API key."
+
+
+class TokenForAnotherUser(ApiError):
+    """A user token asking for another user's notifications."""
+
+    status = 403
+    default_code = "token_for_another_user"
+    default_message = "This user token is for another user_id."
+
+
+class TokensNotConfigured(ApiError):
+    status = 501
+    default_code = "tokens_not_configured"
+    default_message = "This service mints no user tokens: USER_TOKEN_SECRET is not set."
+
+
 class RequestTimeout(ApiError):
     status = 408
     default_code = "request_timeout"
@@ -109,6 +138,14 @@ class Unavailable(ApiError):
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
+
+
+class TooManyStreams(Unavailable):
+    """This process holds STREAM_MAX_PER_PROCESS streams already; another may not."""
+
+    default_code = "too_many_streams"
+    default_message = "This server holds as many live streams as it may; retry shortly."
+    retry_after_seconds: ClassVar[int] = 5
 
 
 class IdempotencyKeyReused(ApiError):

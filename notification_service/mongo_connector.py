@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pymongo
 from bson import ObjectId
 from pymongo import MongoClient, UpdateOne, uri_parser
+from pymongo.change_stream import ChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
@@ -963,6 +964,65 @@ class InboxStore:
             if not only_duplicates(exc):
                 raise
 
+    # -- the live stream (stream.py) ----------------------------------------------------
+
+    @guarded
+    def feed_states(self, user_ids: list[str], now: datetime) -> dict[str, Document]:
+        """What a stream shows of each of `user_ids` that exists, by id: `version`,
+        `elements`, `new`, `items` (the live notifications, newest first) and
+        `expires_at` (when the oldest of them expires, with NOTIFICATIONS_TTL_DAYS)."""
+        cutoff = self._cutoff(now)
+        stages: list[Document] = [
+            {
+                "$project": {
+                    "counts": self._counts(cutoff),
+                    "version": self._version(),
+                    "items": self._live_items(cutoff),
+                }
+            }
+        ]
+        states = {}
+        for user_id, doc in self._in_batches(user_ids, stages).items():
+            items: list[Document] = doc["items"]
+            oldest = items[-1].get("timestamp") if items else None
+            expires = None
+            if self.ttl_seconds is not None and isinstance(oldest, int):
+                expires = oldest + self.ttl_seconds
+            states[user_id] = {
+                "version": doc["version"],
+                **doc["counts"],
+                "items": items,
+                "expires_at": expires,
+            }
+        return states
+
+    @guarded
+    def versions(self, user_ids: list[str]) -> dict[str, Any]:
+        """The counts' `version` of each of `user_ids` that exists: it moves on every
+        write of the inbox (what a stream watches where there are no change streams)."""
+        stages: list[Document] = [{"$project": {"version": self._version()}}]
+        return {u: doc["version"] for u, doc in self._in_batches(user_ids, stages).items()}
+
+    @guarded
+    def watch_users(self, max_await_ms: int) -> UserChanges:
+        """A change stream of the users collection, giving the ids of changed documents.
+
+        :raise ChangeStreamsUnsupported: the deployment refused it (a standalone server,
+            or a user without the privilege).
+        """
+        # Only the document's id is shipped: the stream is a signal, the inbox is read
+        # afterwards (the same read as the polling fallback's). On SecantusDB an update
+        # pipeline's event carries each changed top-level field whole: the array too.
+        pipeline: list[Document] = [
+            {"$match": {"operationType": {"$in": ["insert", "update", "replace", "delete"]}}},
+            {"$project": {"documentKey": 1}},
+        ]
+        try:
+            stream = self.users.watch(pipeline, max_await_time_ms=max_await_ms)
+        except OperationFailure as exc:
+            raise ChangeStreamsUnsupported(str(exc)) from exc
+        return UserChanges(stream)
+
     @guarded
     def ping(self) -> None:
         """Ask the database whether it answers (the readiness probe)."""
@@ -1003,6 +1063,37 @@ class InboxStore:
                     "The user's document is too large to take another notification."
                 ) from exc
             raise
+
+
+class ChangeStreamsUnsupported(Exception):
+    """The deployment has no change streams for us: watch by polling instead."""
+
+
+class UserChanges:
+    """An open change stream of the users collection (InboxStore.watch_users)."""
+
+    def __init__(self, stream: ChangeStream[Document]) -> None:
+        self._stream = stream
+
+    @guarded
+    def next_id(self) -> str | None:
+        """The id of the next changed user; None after the max await time without
+        one (or for a document whose `_id` is not an ObjectId: no user_id of this API).
+
+        :raise DatabaseUnavailable: also when the stream has ended (the collection was
+            dropped or renamed): open another one.
+        """
+        change = self._stream.try_next()
+        if change is None:
+            if not self._stream.alive:
+                raise DatabaseUnavailable("the change stream ended")
+            return None
+        key = change.get("documentKey", {}).get("_id")
+        return str(key) if isinstance(key, ObjectId) else None
+
+    def close(self) -> None:
+        with contextlib.suppress(PyMongoError):
+            self._stream.close()
 
 
 def _size(items: Any) -> Document:

@@ -11,16 +11,19 @@ import functools
 from importlib.resources import files
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from . import notifications, openapi
-from .api import Answer, Api, Reply
+from . import notifications, openapi, tokens
+from . import stream as live
+from .api import TOKEN_EXPIRES_AT, Answer, Api, Reply
 from .errors import (
     EmailNotFound,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     NotFound,
     NotificationNotFound,
+    TokensNotConfigured,
+    TooManyStreams,
     UserDocumentInvalid,
     UserHasNoEmail,
     UserNotFound,
@@ -42,11 +45,14 @@ from .schemas import (
     FanOutResult,
     Health,
     InboxPage,
+    InboxQuery,
     ListQuery,
     ReadAllRequest,
     ReadAllResult,
     Readiness,
     ReadRequest,
+    TokenIssued,
+    TokenRequest,
     UserQuery,
 )
 from .web import services
@@ -111,6 +117,7 @@ def _list_limit(config: Any) -> dict[str, Any]:
 @api.route(
     "GET",
     "/list",
+    auth="key_or_token",
     source="query",
     model=ListQuery,
     context=_list_limit,
@@ -140,6 +147,7 @@ def etag(counts: Counts) -> str:
 @api.route(
     "GET",
     "/count",
+    auth="key_or_token",
     source="query",
     model=UserQuery,
     etag=etag,
@@ -158,12 +166,69 @@ def count(query: UserQuery) -> Counts:
     return notifications.count(services(), query)
 
 
+_STREAM_EXAMPLE = (
+    "retry: 3000\n\n"
+    'id: 6756b2f1a4c3e0d9b8f71111\nevent: counts\ndata: {"elements":3,"new":1}\n\n'
+    ": keep-alive\n\n"
+    "id: 6756b2f1a4c3e0d9b8f72222\nevent: notification\n"
+    'data: {"id":"6756b2f1a4c3e0d9b8f72222","timestamp":1733734001,"is_new":true,'
+    '"user_id":"6756b2f1a4c3e0d9b8f71234","key":"new_post",'
+    '"target_id":"6756b2f1a4c3e0d9b8f75678","data":{"title":"A new post"}}\n\n'
+    'id: 6756b2f1a4c3e0d9b8f72222\nevent: counts\ndata: {"elements":4,"new":2}\n\n'
+)
+
+
+@api.route(
+    "GET",
+    "/stream",
+    auth="key_or_token",
+    query_token=True,
+    source="query",
+    model=UserQuery,
+    answers={
+        200: Answer(
+            "Server-Sent Events, until the client leaves: `notification` and `counts` "
+            "events, and a `: keep-alive` comment after STREAM_HEARTBEAT_SECONDS of silence.",
+            headers=("Cache-Control",),
+            media_types=("text/event-stream",),
+            envelope=False,
+            example=_STREAM_EXAMPLE,
+        )
+    },
+    errors=(UserNotFound, TooManyStreams),
+    params={"user_id": _USER},
+    headers=("LastEventId",),
+)
+def stream(query: UserQuery) -> Response:
+    """The user's inbox as it changes: Server-Sent Events, for EventSource.
+
+    First a `counts` event ({elements, new}); then a `notification` event (one element
+    of `/list`'s `list`) for each new notification, and a `counts` event whenever the
+    counts change (a create, a read, a delete, an expiry). Each event's id is the newest
+    notification the client has been told of: sent back as `Last-Event-ID`, the
+    notifications made since, still in the inbox, are sent first. Past
+    STREAM_MAX_PER_PROCESS open streams: 503 with Retry-After. Opened with a user token
+    (which may come as `?token=`, as EventSource sends no headers), the stream ends when
+    the token expires.
+    """
+    feed = live.Feed(live.resume_point(request.headers.get("Last-Event-ID")))
+    first = feed.advance(notifications.inbox_state(services(), query.user_id))
+    # Opened by a user token: the stream ends when the token does (EventSource's
+    # reconnection is then refused), so a stolen token cannot listen on for ever.
+    live.hold(request.environ, query.user_id, feed, until=g.get(TOKEN_EXPIRES_AT))
+    response = Response(live.RETRY + first, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx would otherwise buffer the events
+    return response
+
+
 _READ_PARAMS = {"user_id": _USER, "notification_id": "The notification's `id`."}
 
 
 @api.route(
     "POST",
     "/read",
+    auth="key_or_token",
     source="query_or_body",
     model=ReadRequest,
     answers={200: Answer(_COUNTS, Counts)},
@@ -181,6 +246,7 @@ def read(request: ReadRequest) -> Counts:
 @api.route(
     "POST",
     "/read-all",
+    auth="key_or_token",
     source="query_or_body",
     model=ReadAllRequest,
     answers={200: Answer("How many changed, and the user's counts.", ReadAllResult)},
@@ -198,6 +264,7 @@ def read_all(request: ReadAllRequest) -> ReadAllResult:
 @api.route(
     "POST",
     "/delete",
+    auth="key_or_token",
     source="query_or_body",
     model=DeleteRequest,
     answers={200: Answer("How many were removed (0 or 1), and the counts.", DeleteResult)},
@@ -212,6 +279,7 @@ def delete(request: DeleteRequest) -> DeleteResult:
 @api.route(
     "POST",
     "/delete-all",
+    auth="key_or_token",
     source="query_or_body",
     model=DeleteAllRequest,
     answers={200: Answer("How many were removed, and the counts.", DeleteResult)},
@@ -221,6 +289,41 @@ def delete(request: DeleteRequest) -> DeleteResult:
 def delete_all(request: DeleteAllRequest) -> DeleteResult:
     """Remove all of a user's notifications, or with `read=true` only the read ones."""
     return notifications.delete_all(services(), request)
+
+
+@api.route(
+    "POST",
+    "/token",
+    source="body",
+    model=TokenRequest,
+    answers={
+        201: Answer(
+            "The token, for `Authorization: Bearer` (or `?token=` on GET /stream), and its "
+            "expiry in unix seconds.",
+            TokenIssued,
+        )
+    },
+    errors=(TokensNotConfigured,),
+    tag="tokens",
+    uses_database=False,
+    body_example={"user_id": "6756b2f1a4c3e0d9b8f71234", "ttl_seconds": 3600},
+    params={"ttl_seconds": "Seconds the token lasts."},
+)
+def token(request: TokenRequest) -> TokenIssued:
+    """Mint a user token: what a browser uses instead of an API key.
+
+    The token opens the inbox routes (list, count, read, read-all, delete, delete-all,
+    stream) for `user_id` only, until it expires (`ttl_seconds`, 1 hour by default, 24
+    at most). Your backend can mint the same tokens itself with USER_TOKEN_SECRET (the
+    README's recipe); this route is for key holders that would rather ask.
+    """
+    svc = services()
+    secret = svc.config.user_token_key
+    if secret is None:
+        raise TokensNotConfigured()
+    expires_at = int(svc.clock().timestamp()) + request.ttl_seconds
+    minted = tokens.mint(secret.reveal().encode("utf-8"), request.user_id, expires_at)
+    return {"token": minted, "user_id": request.user_id, "expires_at": expires_at}
 
 
 @api.route(
@@ -264,7 +367,7 @@ def email_state(path: EmailIdPath) -> EmailState:
     "/health",
     answers={200: Answer("The process answers.", Health)},
     tag="operations",
-    open=True,
+    auth="open",
     uses_database=False,
 )
 def health() -> Health:
@@ -283,7 +386,7 @@ READY_TIMEOUT_SECONDS = 1.0
     "/ready",
     answers={200: Answer("The database answers; the outbox's depth and wait.", Readiness)},
     tag="operations",
-    open=True,
+    auth="open",
 )
 def ready() -> Readiness:
     """Readiness: the database answers within a second, else 503.
@@ -301,7 +404,7 @@ def ready() -> Readiness:
     "/openapi.json",
     answers={200: Answer("This document.", envelope=False)},
     tag="operations",
-    open=True,
+    auth="open",
     uses_database=False,
 )
 def openapi_document() -> Response:
@@ -337,12 +440,12 @@ _DOCS_POLICY = (
         )
     },
     tag="operations",
-    open=True,
+    auth="open",
     uses_database=False,
 )
 def docs() -> Response:
     """Interactive documentation of this API."""
-    return _static_file("docs.html", "text/html")
+    return _static_file("docs.html", "text/html", _DOCS_POLICY)
 
 
 @api.route(
@@ -359,7 +462,7 @@ def docs() -> Response:
     },
     errors=(NotFound,),
     tag="operations",
-    open=True,
+    auth="open",
     uses_database=False,
     params={"asset": "One of " + ", ".join(sorted(_DOCS_ASSETS)) + "."},
 )
@@ -368,18 +471,92 @@ def docs_asset(path: AssetPath) -> Response:
     if path.asset not in _DOCS_ASSETS:  # a fixed list: nothing else of the package is served
         raise NotFound("No such file of the documentation page.")
     file, media_type = _DOCS_ASSETS[path.asset]
-    return _static_file(file, media_type)
+    return _static_file(file, media_type, _DOCS_POLICY)
 
 
-def _static_file(path: str, media_type: str) -> Response:
+_INBOX_ASSETS = {
+    "inbox.css": ("inbox/inbox.css", "text/css"),
+    "inbox.js": ("inbox/inbox.js", "text/javascript"),
+}
+# Stricter than the docs': no inline style either, nothing but this origin's script,
+# style sheet and API. Each text of a notification is set as text (textContent) anyway.
+_INBOX_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@api.route(
+    "GET",
+    "/inbox",
+    source="query",
+    model=InboxQuery,
+    answers={
+        200: Answer(
+            "A demo inbox page: the reference client of the inbox API and its stream.",
+            media_types=("text/html",),
+            envelope=False,
+        )
+    },
+    tag="inbox page",
+    auth="open",
+    uses_database=False,
+    params={
+        "user_id": "Whose inbox, when the service needs no key.",
+        "token": "A user token (POST /token): the page calls the API with it. "
+        "`#token=` works too and is never sent to any server.",
+    },
+)
+def inbox(query: InboxQuery) -> Response:
+    """A live inbox in the browser: the list, the unread badge, read, delete, and new ones
+    at the top as they come.
+
+    The page holds no data: its script calls the API (with the token it was given) and
+    follows GET /stream.
+    """
+    page = _static_file("inbox/inbox.html", "text/html", _INBOX_POLICY)
+    # Its URL may hold a token: no cache keeps it (the page is small and never changes).
+    page.headers["Cache-Control"] = "no-store"
+    return page
+
+
+@api.route(
+    "GET",
+    "/inbox/<asset>",
+    source="path",
+    model=AssetPath,
+    answers={
+        200: Answer(
+            "A file of the inbox page.",
+            media_types=("text/css", "text/javascript"),
+            envelope=False,
+        )
+    },
+    errors=(NotFound,),
+    tag="inbox page",
+    auth="open",
+    uses_database=False,
+    params={"asset": "One of " + ", ".join(sorted(_INBOX_ASSETS)) + "."},
+)
+def inbox_asset(path: AssetPath) -> Response:
+    """The script or style sheet of the inbox page."""
+    if path.asset not in _INBOX_ASSETS:
+        raise NotFound("No such file of the inbox page.")
+    file, media_type = _INBOX_ASSETS[path.asset]
+    return _static_file(file, media_type, _INBOX_POLICY)
+
+
+def _static_file(path: str, media_type: str, policy: str) -> Response:
     response = Response(_read_static(path), mimetype=media_type)
     response.cache_control.public = True
     response.cache_control.max_age = 3600
-    response.headers["Content-Security-Policy"] = _DOCS_POLICY
+    response.headers["Content-Security-Policy"] = policy
     response.headers["X-Content-Type-Options"] = "nosniff"
+    # The inbox page's URL may hold a token: no other site learns it from a Referer.
+    response.headers["Referrer-Policy"] = "no-referrer"
     return response
 
 
 @functools.cache
 def _read_static(path: str) -> bytes:
-    return _STATIC.joinpath(path).read_bytes()  # three files, 1.7 MB, read once
+    return _STATIC.joinpath(path).read_bytes()  # a few files, 1.7 MB, read once

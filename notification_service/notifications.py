@@ -14,7 +14,7 @@ from typing import Any
 from . import metrics
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
-from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail
+from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
 from .keys import KEYS
 from .mongo_connector import (
     Document,
@@ -300,6 +300,17 @@ def count(svc: Services, query: UserQuery) -> Counts:
     :raise UserNotFound:
     """
     return _counts(svc.store.counts(query.user_id, svc.clock()))
+
+
+def inbox_state(svc: Services, user_id: str) -> Document:
+    """The user's inbox as a stream shows it (InboxStore.feed_states).
+
+    :raise UserNotFound:
+    """
+    state = svc.store.feed_states([user_id], svc.clock()).get(user_id)
+    if state is None:
+        raise UserNotFound()
+    return state
 
 
 def mark_read(svc: Services, request: ReadRequest) -> Counts:

@@ -23,6 +23,9 @@ from .errors import (
     IdempotencyKeyInUse,
     PayloadTooLarge,
     RequestTimeout,
+    TokenExpired,
+    TokenForAnotherUser,
+    TokenNotAccepted,
     Unauthorized,
     Unavailable,
     ValidationFailed,
@@ -41,8 +44,13 @@ Every answer is JSON: `{"success": true, "data": ...}`, or `{"success": false, "
 branch on. Every answer carries `X-Request-ID` (yours when you send a valid one), the id
 to quote when asking about a request.
 
-With `API_KEYS` set, every route except the probes and this documentation needs
-`Authorization: Bearer <key>`.
+With `API_KEYS` set, every route except the probes, this documentation and the demo
+inbox page needs `Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox
+routes (list, count, read, read-all, delete, delete-all, stream) also take a user token
+(`userToken`; minted by your backend or `POST /token`) in its place: it opens only the
+requests of its own `user_id` (403 `token_for_another_user` otherwise) until it expires
+(401 `token_expired`), and no other route (403 `token_not_accepted`). GET /stream also
+takes it as `?token=`, as EventSource cannot send headers.
 """
 
 # Errors by kind of route, beside the ones each route declares.
@@ -79,7 +87,21 @@ def document(endpoints: list[Endpoint], config: Config) -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "One of the keys in API_KEYS (when it is set).",
-                }
+                },
+                "userToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A user token (with USER_TOKEN_SECRET set): "
+                    "base64url({sub, exp}).base64url(HMAC-SHA256), minted by your backend "
+                    "or POST /token. Only for the user_id it names.",
+                },
+                "userTokenQuery": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "The user token as `?token=`: GET /stream only "
+                    "(EventSource cannot send headers).",
+                },
             },
         },
         "security": [{"apiKey": []}],
@@ -113,10 +135,15 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
         parameters.append({"$ref": "#/components/parameters/IfNoneMatch"})
+    parameters += [{"$ref": f"#/components/parameters/{name}"} for name in endpoint.headers]
     operation["parameters"] = parameters
     operation["responses"] = _responses(endpoint, components)
-    if endpoint.open:
+    if endpoint.auth == "open":
         operation["security"] = []
+    elif endpoint.auth == "key_or_token":
+        operation["security"] = [{"apiKey": []}, {"userToken": []}]
+        if endpoint.query_token:
+            operation["security"].append({"userTokenQuery": []})
     return operation
 
 
@@ -203,7 +230,8 @@ def _answer(endpoint: Endpoint, status: int, answer: Answer, components: dict[st
             media["example"] = {"success": True, "data": answer.example}
         response["content"] = {"application/json": media}
     elif not answer.envelope:
-        response["content"] = {media_type: {} for media_type in answer.media_types}
+        example = {} if answer.example is None else {"example": answer.example}
+        response["content"] = {media_type: dict(example) for media_type in answer.media_types}
     return response
 
 
@@ -214,8 +242,10 @@ def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
         kinds += _BODY_ERRORS
     if endpoint.model is not None or endpoint.idempotency_scope is not None:
         kinds.append(ValidationFailed)
-    if not endpoint.open:
-        kinds.append(Unauthorized)
+    if endpoint.auth == "key_or_token":
+        kinds += [Unauthorized, TokenExpired, TokenForAnotherUser]
+    elif endpoint.auth == "key":
+        kinds += [Unauthorized, TokenNotAccepted]
     if endpoint.uses_database:
         kinds.append(Unavailable)
     by_status: dict[int, list[tuple[str, str]]] = {}
@@ -350,6 +380,14 @@ _PARAMETERS: dict[str, Any] = {
         "1-255 printable ASCII characters; keys are kept IDEMPOTENCY_TTL_HOURS, per route; "
         "use random ones.",
         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    "LastEventId": {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "The id of the last event received (EventSource sends it when it "
+        "reconnects): the notifications made since are sent first.",
+        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{24}$"},
     },
     "IfNoneMatch": {
         "name": "If-None-Match",

@@ -29,6 +29,7 @@ from typing_extensions import TypedDict
 
 from .errors import ValidationFailed
 from .keys import NotificationKey
+from .tokens import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS, TOKEN_MAX_CHARS
 
 DATA_MAX_BYTES = 16 * 1024
 DATA_MAX_DEPTH = 32
@@ -292,12 +293,30 @@ class EmailRequest(_Body):
         return self
 
 
+class TokenRequest(_Body):
+    user_id: ObjectIdStr
+    ttl_seconds: Annotated[int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] = DEFAULT_TTL_SECONDS
+
+
+class InboxQuery(_Query):
+    """What the inbox page reads from its own URL (the page, not the server, uses them)."""
+
+    user_id: ObjectIdStr | None = None
+    token: Annotated[str, Field(max_length=TOKEN_MAX_CHARS)] | None = None
+
+
 class EmailIdPath(_Query):
     email_id: ObjectIdStr
 
 
 class AssetPath(_Query):
     asset: Annotated[str, Field(max_length=64)]
+
+
+class TokenIssued(TypedDict):
+    token: str
+    user_id: str
+    expires_at: int  # unix seconds
 
 
 class EmailQueued(TypedDict):

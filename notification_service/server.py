@@ -21,12 +21,20 @@ from flask import Flask, Response, current_app, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import logs, metrics, notification_handler
+from . import logs, metrics, notification_handler, tokens
+from .api import TOKEN_EXPIRES_AT, TOKEN_USER, Endpoint
 from .asgi import EDGE_ERROR, RECEIVED_AT
-from .config import Config
+from .config import Config, Secret
 from .dispatcher import DispatchContext, DispatcherPool
 from .email_templates import EmailTemplates
-from .errors import ApiError, ErrorDetail, Unauthorized, Unavailable
+from .errors import (
+    ApiError,
+    ErrorDetail,
+    TokenExpired,
+    TokenNotAccepted,
+    Unauthorized,
+    Unavailable,
+)
 from .mongo_connector import (
     DatabaseUnavailable,
     Document,
@@ -38,6 +46,7 @@ from .mongo_connector import (
 )
 from .notifications import Services
 from .outbox import Outbox
+from .stream import HELD
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +132,11 @@ def create_app(config: Config | None = None) -> Flask:
     app.before_request(_start_access)
     app.before_request(_assign_request_id)
     app.before_request(_raise_edge_error)
-    app.before_request(_require_api_key(tuple(key.reveal() for key in config.api_keys)))
+    app.before_request(
+        _require_credentials(
+            tuple(key.reveal() for key in config.api_keys), config.user_token_key
+        )
+    )
     app.before_request(_start_deadline(config.db_timeout_ms / 1000))
     app.teardown_request(_end_deadline)
     app.teardown_request(_log_access)
@@ -158,27 +171,60 @@ def _raise_edge_error() -> None:
         raise error
 
 
-# Declared `open` (the probes, the documentation): answered without the API key.
+# What opens each route, as declared (api.py): `open` routes (the probes, the
+# documentation, the inbox page) are answered without a key; `key_or_token` ones also
+# take a user token. A route not declared (a 404, one added outside the table) needs a key.
+ROUTES: dict[str, Endpoint] = notification_handler.api.by_flask_endpoint()
 OPEN_ENDPOINTS = notification_handler.api.open_endpoints()
 
+_KEY_OR_TOKEN = "Send Authorization: Bearer <API key or user token>."
 
-def _require_api_key(keys: tuple[str, ...]) -> Callable[[], None]:
+
+def _require_credentials(keys: tuple[str, ...], token_secret: Secret | None) -> Callable[[], None]:
+    """The check of every request's credential: an API key opens every route; a user
+    token (with USER_TOKEN_SECRET set) opens the routes declared `key_or_token`, for its
+    own user only (api.py compares the request's user_id). Without keys or a secret
+    the service is open, as it always was."""
     # Digests, so that every comparison is of equal lengths: compare_digest returns at
     # once on a length mismatch, which would tell a caller how long the keys are.
     digests = [hashlib.sha256(key.encode("ascii")).digest() for key in keys]
+    secret = token_secret.reveal().encode("utf-8") if token_secret is not None else None
 
-    def check() -> None:
-        if not digests or _is_open():
-            return
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        candidate = hashlib.sha256(given.strip().encode("utf-8", "replace")).digest()
+    def is_key(given: str) -> bool:
+        candidate = hashlib.sha256(given.encode("utf-8", "replace")).digest()
         # Compare with every key, never stopping early: the time taken says nothing
         # about which key, or which prefix of one, came close.
         matched = False
         for digest in digests:
             matched |= hmac.compare_digest(candidate, digest)
-        if scheme.lower() != "bearer" or not matched:
-            raise Unauthorized()
+        return matched
+
+    def check() -> None:
+        if _is_open() or (not digests and secret is None):
+            return
+        route = ROUTES.get(request.endpoint or "")
+        takes_token = secret is not None and route is not None and route.auth == "key_or_token"
+        refused = Unauthorized(_KEY_OR_TOKEN if takes_token else None)
+        given = _credential(route, refused)
+        if given is None:
+            if digests:
+                raise refused
+            return  # no keys: the service is open; only a credential sent is checked
+        if is_key(given):
+            return
+        if secret is None:
+            raise refused
+        now = runtime_of(current_app).services.clock().timestamp()
+        try:
+            claims = tokens.verify(secret, given, now)
+        except tokens.ExpiredToken:
+            raise TokenExpired() from None
+        except tokens.InvalidToken:
+            raise refused from None
+        if not takes_token:
+            raise TokenNotAccepted()
+        setattr(g, TOKEN_USER, claims.user_id)
+        setattr(g, TOKEN_EXPIRES_AT, float(claims.expires_at))
 
     return check
 
@@ -191,6 +237,35 @@ def _is_open() -> bool:
         adapter = current_app.url_map.bind_to_environ(request.environ)
         return all(adapter.match(method=m)[0] in OPEN_ENDPOINTS for m in error.valid_methods)
     return request.endpoint in OPEN_ENDPOINTS
+
+
+def _credential(route: Endpoint | None, refused: Unauthorized) -> str | None:
+    """The bearer credential of the request, None without one.
+
+    :raise Unauthorized: `refused` for another scheme than Bearer; its own message for a
+        `?token=` where it is not taken, or for two credentials.
+
+    `?token=` is read only where the route declares it (GET /stream, as EventSource
+    cannot send headers): elsewhere it is refused, never read. A URL ends up in browser
+    history, proxy logs and Referer headers, and a POST whose URL carries the token
+    could be made by any page that knows it, from any site.
+    """
+    header = request.headers.get("Authorization")
+    queried = request.args.getlist("token")
+    if queried:
+        if route is None or not route.query_token:
+            raise Unauthorized(
+                "?token= is taken by GET /stream only: send Authorization: Bearer <token>."
+            )
+        if header is not None or len(queried) > 1:
+            raise Unauthorized("Send one credential: a header or one ?token=, not both.")
+        return queried[0]
+    if header is None:
+        return None
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        raise refused
+    return given.strip()
 
 
 def _start_deadline(seconds: float) -> Callable[[], None]:
@@ -224,6 +299,8 @@ def _note_status(response: Response) -> Response:
 
 def _log_access(exc: BaseException | None) -> None:
     """One line per request once its response is made: no body, header or query string."""
+    if g.get("access_status") == 200 and request.environ.get(HELD) is not None:
+        return  # a stream that starts: asgi.py writes its line when it ends
     now = time.monotonic()
     # From the edge's arrival when asgi.py set it (waiting for a thread included).
     started = request.environ.get(RECEIVED_AT) or g.get("access_started", now)

@@ -68,8 +68,10 @@ def parse_body(model: type[M]) -> M:
     return model.model_validate(json_body())
 
 
-def parse_query(model: type[M], **context: Any) -> M:
-    return model.model_validate(_single_values(), context=context)
+def parse_query(model: type[M], ignored: tuple[str, ...] = (), **context: Any) -> M:
+    """The query string as `model`, less the parameters named in `ignored`."""
+    values = {k: v for k, v in _single_values().items() if k not in ignored}
+    return model.model_validate(values, context=context)
 
 
 def parse_query_or_body(model: type[M]) -> M:

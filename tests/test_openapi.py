@@ -86,7 +86,7 @@ def test_headers_and_errors_are_documented() -> None:
             assert "X-Request-ID" in answer["headers"]
 
 
-def test_probes_and_docs_need_no_key_and_the_rest_does() -> None:
+def test_probes_docs_and_inbox_page_need_no_key_and_the_rest_does() -> None:
     ops = _operations(document(api.endpoints, Config()))
     open_ = {key for key, operation in ops.items() if operation.get("security") == []}
     assert open_ == {
@@ -95,8 +95,39 @@ def test_probes_and_docs_need_no_key_and_the_rest_does() -> None:
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
         ("GET", "/docs/{asset}"),
+        ("GET", "/inbox"),
+        ("GET", "/inbox/{asset}"),
     }
     assert all("401" in ops[key]["responses"] for key in set(ops) - open_)
+
+
+def test_the_inbox_routes_are_documented_as_taking_a_user_token_and_no_other() -> None:
+    doc = document(api.endpoints, Config())
+    ops = _operations(doc)
+    by_token = {key for key, op in ops.items() if {"userToken": []} in op.get("security", [])}
+    assert by_token == {
+        ("GET", "/list"),
+        ("GET", "/count"),
+        ("GET", "/stream"),
+        ("POST", "/read"),
+        ("POST", "/read-all"),
+        ("POST", "/delete"),
+        ("POST", "/delete-all"),
+    }
+    in_query = {key for key, op in ops.items() if {"userTokenQuery": []} in op.get("security", [])}
+    assert in_query == {("GET", "/stream")}
+    assert doc["components"]["securitySchemes"]["userTokenQuery"]["name"] == "token"
+    for key in by_token:
+        examples = ops[key]["responses"]["403"]["content"]["application/json"]["examples"]
+        assert set(examples) == {"token_for_another_user"}, key
+        assert (
+            "token_expired"
+            in ops[key]["responses"]["401"]["content"]["application/json"]["examples"]
+        )
+    for key in set(ops) - by_token - {k for k, op in ops.items() if op.get("security") == []}:
+        assert "security" not in ops[key], key  # the document's default: the API key alone
+        examples = ops[key]["responses"]["403"]["content"]["application/json"]["examples"]
+        assert set(examples) == {"token_not_accepted"}, key
 
 
 def test_docs_and_document_are_served_without_the_key_when_keys_are_set(
