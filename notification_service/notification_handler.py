@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 
 from . import notifications, openapi
-from .api import Answer, Api, Reply
+from .api import Answer, Api, Link, Reply
 from .errors import (
     EmailNotFound,
     IdempotencyKeyInUse,
@@ -57,6 +57,18 @@ api = Api(bp)
 _USER = "A user's id: the `_id` of their document, 24 hexadecimal characters."
 _COUNTS = "The user's counts after the change."
 
+# What a client does next with an answer, as OpenAPI links (schemathesis follows them).
+_CREATED_USER = {"user_id": "$request.body#/user_id"}
+_CREATED = {**_CREATED_USER, "notification_id": "$response.body#/data/notification_id"}
+_CREATE_LINKS = {
+    "MarkRead": Link("read", _CREATED, "Mark the new notification read."),
+    "Delete": Link("delete", _CREATED, "Remove the new notification."),
+    "List": Link("list", _CREATED_USER, "The user's inbox, the new one first."),
+    "FollowEmail": Link(
+        "email_state", {"email_id": "$response.body#/data/email_id"}, "Follow its email."
+    ),
+}
+
 
 @api.route(
     "POST",
@@ -68,6 +80,7 @@ _COUNTS = "The user's counts after the change."
             "Created: for `user_id`, the ids and the user's counts (null counts for a key "
             "that records nothing); for `user_ids`, an outcome per user.",
             CreateResult | FanOutResult,
+            links=_CREATE_LINKS,
         ),
         200: Answer("A fan-out in which no user got the notification.", FanOutResult),
     },
@@ -114,7 +127,22 @@ def _list_limit(config: Any) -> dict[str, Any]:
     source="query",
     model=ListQuery,
     context=_list_limit,
-    answers={200: Answer("The user's counts and one page of notifications.", InboxPage)},
+    answers={
+        200: Answer(
+            "The user's counts and one page of notifications.",
+            InboxPage,
+            links={
+                "MarkNewestRead": Link(
+                    "read",
+                    {
+                        "user_id": "$request.query.user_id",
+                        "notification_id": "$response.body#/data/list/0/id",
+                    },
+                    "Mark the first listed notification read.",
+                )
+            },
+        )
+    },
     errors=(UserNotFound,),
     params={
         "user_id": _USER,
@@ -229,7 +257,13 @@ def delete_all(request: DeleteAllRequest) -> DeleteResult:
     source="body",
     model=EmailRequest,
     answers={
-        202: Answer("Queued: the email's id, to follow it with GET /email/{id}.", EmailQueued)
+        202: Answer(
+            "Queued: the email's id, to follow it with GET /email/{id}.",
+            EmailQueued,
+            links={
+                "FollowEmail": Link("email_state", {"email_id": "$response.body#/data/email_id"})
+            },
+        )
     },
     errors=(UserNotFound, UserHasNoEmail, IdempotencyKeyReused, IdempotencyKeyInUse),
     idempotency_scope="email",
@@ -361,7 +395,7 @@ def docs() -> Response:
     tag="operations",
     open=True,
     uses_database=False,
-    params={"asset": "One of " + ", ".join(sorted(_DOCS_ASSETS)) + "."},
+    params={"asset": "A file the page loads."},
 )
 def docs_asset(path: AssetPath) -> Response:
     """A script or style sheet of the documentation page."""
