@@ -39,6 +39,19 @@ TOKEN_EXPIRES_AT = "token_expires_at"
 
 
 @dataclass(frozen=True)
+class Link:
+    """An OpenAPI link: what of this answer (or its request) another route takes.
+
+    `parameters` maps that route's parameter names to runtime expressions, e.g.
+    `$response.body#/data/notification_id` or `$request.body#/user_id`.
+    """
+
+    operation_id: str
+    parameters: dict[str, str]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Answer:
     """One documented answer of a route.
 
@@ -53,6 +66,7 @@ class Answer:
     media_types: tuple[str, ...] = ("application/json",)
     envelope: bool = True
     example: Any = None
+    links: dict[str, Link] = field(default_factory=dict)  # by name
 
 
 @dataclass(frozen=True)

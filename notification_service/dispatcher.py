@@ -528,8 +528,7 @@ class DispatcherPool:
     def instrument(self, events: DispatchEvents) -> None:
         """Report to `events` from now on, for a pool started with other events.
 
-        For create_app, which starts its pool before the app (and metrics.py's view)
-        exists: a claim or send reported in between goes to the earlier events.
+        A claim or send reported in between goes to the earlier events.
         """
         for dispatcher in self.dispatchers:
             # One attribute assignment: the dispatcher's thread sees the old context

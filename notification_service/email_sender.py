@@ -17,6 +17,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
@@ -205,7 +206,10 @@ def ascii_address(address: str) -> str:
             raise ValueError(f"bad domain in {address!r}: {exc}") from None
     normalized = f"{local}@{domain}"
     # Address() parses the addr-spec and refuses what is not exactly one address.
-    return Address(addr_spec=normalized).addr_spec
+    try:
+        return Address(addr_spec=normalized).addr_spec
+    except HeaderParseError as exc:  # a dot first or last in a part, or two in a row
+        raise ValueError(f"not an email address: {address!r} ({exc})") from None
 
 
 # -- header values, written as literal text ------------------------------------------

@@ -27,8 +27,6 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response
-from flask.blueprints import BlueprintSetupState
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
@@ -48,7 +46,6 @@ from .mongo_connector import DatabaseUnavailable, with_own_deadline
 if TYPE_CHECKING:
     # Imported where used: notifications.py counts through this module.
     from .notifications import Services
-    from .server import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +189,10 @@ class _ProcessCollector(Collector):
         yield from _process.collect()
 
 
+# What a scrape answers with: the classic text format, which every Prometheus reads.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+
 def scrape(svc: Services) -> bytes:
     """The text exposition of every metric: the processes' (summed over the
     multiprocess directory when there is one), then the deployment's."""
@@ -202,25 +203,3 @@ def scrape(svc: Services) -> bytes:
         registry.register(_ProcessCollector())
     registry.register(DeploymentCollector(svc))
     return generate_latest(registry)
-
-
-bp = Blueprint("metrics", __name__)
-
-
-@bp.get("/metrics")
-def metrics() -> Response:
-    """Prometheus metrics in the classic text format (what every Prometheus reads).
-    Needs the API key when API_KEYS is set."""
-    from .web import services
-
-    return Response(scrape(services()), content_type=CONTENT_TYPE_PLAIN_0_0_4)
-
-
-@bp.record_once
-def _instrument_dispatchers(state: BlueprintSetupState) -> None:
-    # create_app starts its dispatchers before the app exists: they report here from
-    # the moment the view is registered.
-    runtime: Runtime = state.app.extensions["notification_service"]
-    pool = runtime.dispatchers
-    if pool is not None:
-        pool.instrument(PrometheusEvents())

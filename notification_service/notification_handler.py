@@ -13,9 +13,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from . import notifications, openapi, tokens
+from . import metrics, notifications, openapi, tokens
 from . import stream as live
-from .api import TOKEN_EXPIRES_AT, Answer, Api, Reply
+from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .errors import (
     EmailNotFound,
     IdempotencyKeyInUse,
@@ -44,6 +44,7 @@ from .schemas import (
     EmailState,
     FanOutResult,
     Health,
+    InboxAssetPath,
     InboxPage,
     InboxQuery,
     ListQuery,
@@ -63,6 +64,18 @@ api = Api(bp)
 _USER = "A user's id: the `_id` of their document, 24 hexadecimal characters."
 _COUNTS = "The user's counts after the change."
 
+# What a client does next with an answer, as OpenAPI links (schemathesis follows them).
+_CREATED_USER = {"user_id": "$request.body#/user_id"}
+_CREATED = {**_CREATED_USER, "notification_id": "$response.body#/data/notification_id"}
+_CREATE_LINKS = {
+    "MarkRead": Link("read", _CREATED, "Mark the new notification read."),
+    "Delete": Link("delete", _CREATED, "Remove the new notification."),
+    "List": Link("list", _CREATED_USER, "The user's inbox, the new one first."),
+    "FollowEmail": Link(
+        "email_state", {"email_id": "$response.body#/data/email_id"}, "Follow its email."
+    ),
+}
+
 
 @api.route(
     "POST",
@@ -74,6 +87,7 @@ _COUNTS = "The user's counts after the change."
             "Created: for `user_id`, the ids and the user's counts (null counts for a key "
             "that records nothing); for `user_ids`, an outcome per user.",
             CreateResult | FanOutResult,
+            links=_CREATE_LINKS,
         ),
         200: Answer("A fan-out in which no user got the notification.", FanOutResult),
     },
@@ -121,7 +135,22 @@ def _list_limit(config: Any) -> dict[str, Any]:
     source="query",
     model=ListQuery,
     context=_list_limit,
-    answers={200: Answer("The user's counts and one page of notifications.", InboxPage)},
+    answers={
+        200: Answer(
+            "The user's counts and one page of notifications.",
+            InboxPage,
+            links={
+                "MarkNewestRead": Link(
+                    "read",
+                    {
+                        "user_id": "$request.query.user_id",
+                        "notification_id": "$response.body#/data/list/0/id",
+                    },
+                    "Mark the first listed notification read.",
+                )
+            },
+        )
+    },
     errors=(UserNotFound,),
     params={
         "user_id": _USER,
@@ -332,7 +361,13 @@ def token(request: TokenRequest) -> TokenIssued:
     source="body",
     model=EmailRequest,
     answers={
-        202: Answer("Queued: the email's id, to follow it with GET /email/{id}.", EmailQueued)
+        202: Answer(
+            "Queued: the email's id, to follow it with GET /email/{id}.",
+            EmailQueued,
+            links={
+                "FollowEmail": Link("email_state", {"email_id": "$response.body#/data/email_id"})
+            },
+        )
     },
     errors=(UserNotFound, UserHasNoEmail, IdempotencyKeyReused, IdempotencyKeyInUse),
     idempotency_scope="email",
@@ -401,6 +436,29 @@ def ready() -> Readiness:
 
 @api.route(
     "GET",
+    "/metrics",
+    answers={
+        200: Answer(
+            "Prometheus' text format: the processes' counters and histograms, and the "
+            "outbox's depth read from the database (database_up 0 when it does not answer).",
+            media_types=("text/plain",),
+            envelope=False,
+        )
+    },
+    tag="operations",
+    # A scrape answers 200 while the database does not (database_up 0), never 503.
+    uses_database=False,
+)
+def metrics_() -> Response:
+    """Metrics for Prometheus: requests, notifications, emails, the outbox, SMTP.
+
+    Needs the API key when API_KEYS is set (Prometheus sends it with `authorization`).
+    """
+    return Response(metrics.scrape(services()), content_type=metrics.CONTENT_TYPE)
+
+
+@api.route(
+    "GET",
     "/openapi.json",
     answers={200: Answer("This document.", envelope=False)},
     tag="operations",
@@ -464,7 +522,7 @@ def docs() -> Response:
     tag="operations",
     auth="open",
     uses_database=False,
-    params={"asset": "One of " + ", ".join(sorted(_DOCS_ASSETS)) + "."},
+    params={"asset": "A file the page loads."},
 )
 def docs_asset(path: AssetPath) -> Response:
     """A script or style sheet of the documentation page."""
@@ -524,7 +582,7 @@ def inbox(query: InboxQuery) -> Response:
     "GET",
     "/inbox/<asset>",
     source="path",
-    model=AssetPath,
+    model=InboxAssetPath,
     answers={
         200: Answer(
             "A file of the inbox page.",
@@ -536,9 +594,9 @@ def inbox(query: InboxQuery) -> Response:
     tag="inbox page",
     auth="open",
     uses_database=False,
-    params={"asset": "One of " + ", ".join(sorted(_INBOX_ASSETS)) + "."},
+    params={"asset": "A file the page loads."},
 )
-def inbox_asset(path: AssetPath) -> Response:
+def inbox_asset(path: InboxAssetPath) -> Response:
     """The script or style sheet of the inbox page."""
     if path.asset not in _INBOX_ASSETS:
         raise NotFound("No such file of the inbox page.")

@@ -53,6 +53,11 @@ requests of its own `user_id` (403 `token_for_another_user` otherwise) until it 
 takes it as `?token=`, as EventSource cannot send headers.
 """
 
+_QUERY_OR_BODY = (
+    "The fields may instead be sent as a JSON object body (Content-Type: "
+    "application/json), or some in each; a field given both ways must be equal."
+)
+
 # Errors by kind of route, beside the ones each route declares.
 _BODY_ERRORS: tuple[type[ApiError], ...] = (BadRequest, PayloadTooLarge, RequestTimeout)
 _BAD_BODY_CODES = ("bad_request", "invalid_json", "unsupported_content_type")
@@ -67,6 +72,7 @@ def document(endpoints: list[Endpoint], config: Config) -> dict[str, Any]:
         paths.setdefault(path, {})[endpoint.method.lower()] = _operation(
             endpoint, config, components
         )
+    _check_links(paths)
     tags = sorted({e.tag for e in endpoints}, key=[e.tag for e in endpoints].index)
     return {
         "openapi": "3.1.0",
@@ -121,16 +127,23 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
         "tags": [endpoint.tag],
         "summary": endpoint.summary,
     }
-    if endpoint.description:
-        operation["description"] = endpoint.description
+    description = endpoint.description
+    if endpoint.source == "query_or_body":
+        # Documented as query parameters alone: OpenAPI cannot say that each field may
+        # come from either place, so a body schema beside required parameters would
+        # call valid what is refused (the two disagree) and invalid what is accepted
+        # (a field given only in the query).
+        description = f"{description} {_QUERY_OR_BODY}".strip()
+    if description:
+        operation["description"] = description
     parameters: list[Any] = [{"$ref": "#/components/parameters/RequestId"}]
     if endpoint.model is not None:
         context = endpoint.context(config) if endpoint.context is not None else {}
         location = "path" if endpoint.source == "path" else "query"
         if endpoint.source != "body":
             parameters[:0] = _parameters(endpoint, location, context, components)
-        if endpoint.source in ("body", "query_or_body"):
-            operation["requestBody"] = _request_body(endpoint, components)
+        if endpoint.source == "body":
+            operation["requestBody"] = _request_body(endpoint, config, components)
     if endpoint.idempotency_scope is not None:
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
@@ -186,20 +199,18 @@ def _without_null(field: Schema) -> Schema:
     return field
 
 
-def _request_body(endpoint: Endpoint, components: dict[str, Schema]) -> Any:
+def _request_body(endpoint: Endpoint, config: Config, components: dict[str, Schema]) -> Any:
     assert endpoint.model is not None
     media: dict[str, Any] = {"schema": _model_schema(endpoint.model, components)}
     if endpoint.body_example is not None:
         media["example"] = endpoint.body_example
-    body: dict[str, Any] = {"required": endpoint.source == "body", "content": {
-        "application/json": media
-    }}  # fmt: skip
-    if endpoint.source == "query_or_body":
-        body["description"] = (
-            "The same fields as the query parameters, as a JSON object, instead of them "
-            "(a field given both ways must be equal)."
-        )
-    return body
+    return {
+        # The fields' limits count characters; this one counts the bytes sent.
+        "description": f"At most {config.max_body_bytes} bytes as sent (MAX_BODY_BYTES): "
+        "a larger body is refused with 413 `payload_too_large`, whatever its fields.",
+        "required": True,
+        "content": {"application/json": media},
+    }
 
 
 def _responses(endpoint: Endpoint, components: dict[str, Schema]) -> dict[str, Any]:
@@ -218,6 +229,15 @@ def _answer(endpoint: Endpoint, status: int, answer: Answer, components: dict[st
     if endpoint.idempotency_scope is not None:
         headers["Idempotent-Replay"] = {"$ref": "#/components/headers/Idempotent-Replay"}
     response: dict[str, Any] = {"description": answer.description, "headers": headers}
+    if answer.links:
+        response["links"] = {
+            name: {
+                "operationId": link.operation_id,
+                "parameters": link.parameters,
+                **({"description": link.description} if link.description else {}),
+            }
+            for name, link in answer.links.items()
+        }
     if answer.envelope and answer.schema is not None:
         data = _type_schema(answer.schema, components)
         envelope = {
@@ -233,6 +253,28 @@ def _answer(endpoint: Endpoint, status: int, answer: Answer, components: dict[st
         example = {} if answer.example is None else {"example": answer.example}
         response["content"] = {media_type: dict(example) for media_type in answer.media_types}
     return response
+
+
+def _check_links(paths: dict[str, dict[str, Any]]) -> None:
+    """Every link names an operation of the document and parameters it has.
+
+    :raise ValueError: naming the link, so a renamed view or field is caught here.
+    """
+    parameters = {
+        operation["operationId"]: {p["name"] for p in operation["parameters"] if "name" in p}
+        for methods in paths.values()
+        for operation in methods.values()
+    }
+    for methods in paths.values():
+        for operation in methods.values():
+            for response in operation["responses"].values():
+                for name, link in response.get("links", {}).items():
+                    target = parameters.get(link["operationId"])
+                    if target is None or not set(link["parameters"]) <= target:
+                        raise ValueError(
+                            f"{operation['operationId']}: link {name} names "
+                            "an operation or parameters the document lacks"
+                        )
 
 
 def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
@@ -379,15 +421,20 @@ _PARAMETERS: dict[str, Any] = {
         "once, and a retry gets the first answer again (with Idempotent-Replay: true). "
         "1-255 printable ASCII characters; keys are kept IDEMPOTENCY_TTL_HOURS, per route; "
         "use random ones.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 255,
+            "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e]*[\\x21-\\x7e])?$",
+        },
     },
     "LastEventId": {
         "name": "Last-Event-ID",
         "in": "header",
         "required": False,
         "description": "The id of the last event received (EventSource sends it when it "
-        "reconnects): the notifications made since are sent first.",
-        "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{24}$"},
+        "reconnects): the notifications made since are sent first. Empty: none.",
+        "schema": {"type": "string", "pattern": "^([0-9a-fA-F]{24})?$"},
     },
     "IfNoneMatch": {
         "name": "If-None-Match",

@@ -18,14 +18,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 # pydantic makes JSON schemas only of typing_extensions' TypedDict before Python 3.12.
-from typing_extensions import TypedDict
+from typing_extensions import TypeAliasType, TypedDict
 
 from .errors import ValidationFailed
 from .keys import NotificationKey
@@ -39,14 +42,27 @@ FAN_OUT_MAX_USERS = 1000
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{24}")
 # Deliberately loose: the SMTP server is the judge of an address; this refuses what
-# could never be one or would break a header (spaces, line breaks, no domain).
-_EMAIL_RE = re.compile(r"[^@\s<>()\[\]\\,;:\"]{1,64}@[A-Za-z0-9.-]{1,253}")
+# could never be one, would break a header (spaces, controls, line breaks), cannot be
+# sent (a non-ASCII local part needs SMTPUTF8, which email_sender does not speak) or
+# that Python's address parser refuses (a dot first or last, or two in a row, in either
+# part). Written out, not with `\s`: one pattern for Python and for the document's ECMA
+# regex (their `\s` differ: Python's holds \x1c-\x1f and \x85).
+_ATEXT = r"\x21\x23-\x27\x2a\x2b\x2d\x2f-\x39\x3d\x3f\x41-\x5a\x5e-\x7e"  # RFC 5322
+_LABEL = r"A-Za-z0-9-"
+EMAIL_PATTERN = (
+    # "=?" could start an RFC 2047 encoded word, which a reader of the To header might
+    # decode into line breaks and headers of its own; no real address needs it.
+    r"(?!.*\.\.)(?!.*=\?)"
+    # Dots inside each part only. No other lookahead: schemathesis generates from the
+    # document's pattern, and lookaheads (lengths of parts, say) make it crawl.
+    rf"[{_ATEXT}](?:[{_ATEXT}.]{{0,62}}[{_ATEXT}])?"
+    rf"@[{_LABEL}](?:[{_LABEL}.]{{0,251}}[{_LABEL}])?"
+)
+_EMAIL_RE = re.compile(EMAIL_PATTERN)
 
 
 def is_email_address(value: str) -> bool:
-    # "=?" could start an RFC 2047 encoded word, which a reader of the To header might
-    # decode into line breaks and headers of its own; no real address needs it.
-    return _EMAIL_RE.fullmatch(value) is not None and ".." not in value and "=?" not in value
+    return _EMAIL_RE.fullmatch(value) is not None
 
 
 def _object_id(value: str) -> str:
@@ -150,24 +166,56 @@ EmailAddress = Annotated[
         {
             "type": "string",
             "maxLength": 254,
-            "pattern": r'^(?!.*\.\.)(?!.*=\?)[^@\s<>()\[\]\\,;:"]{1,64}@[A-Za-z0-9.-]{1,253}$',
+            "pattern": f"^{EMAIL_PATTERN}$",
             "examples": ["someone@example.com"],
         }
     ),
 ]
+
+
+class _SchemaExtra:
+    """Keywords added to a type's JSON schema; unlike WithJsonSchema, the type's own
+    schema (and the references in it) stays."""
+
+    def __init__(self, **extra: Any) -> None:
+        self.extra = extra
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {**handler(core_schema), **self.extra}
+
+
+_JSON_KEY = {"pattern": "^(?![$])[^.\\u0000]*$"}
+# What `_check_value` lets through at every depth, as far as JSON Schema can say it: keys
+# without `$` first, `.` or NUL; integers in BSON's 64 bits, any other number (JSON
+# Schema calls 1e30 an integer too, so one written that way is documented as refused).
+# The size and depth limits, counted over the whole, are in JsonObject's description.
+JsonValue = TypeAliasType(
+    "JsonValue",
+    "Annotated[dict[str, JsonValue], _SchemaExtra(propertyNames=_JSON_KEY)]"
+    " | list[JsonValue] | str"
+    " | Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)]"
+    " | Annotated[float, WithJsonSchema({'type': 'number', 'not': {'type': 'integer'}})]"
+    " | bool | None",
+)
 JsonObject = Annotated[
     dict[str, Any],
-    AfterValidator(_json_object),
-    WithJsonSchema(
-        {
-            "type": "object",
-            "description": f"Any JSON object, stored and listed as given: at most "
-            f"{DATA_MAX_BYTES} bytes once encoded, {DATA_MAX_DEPTH} levels deep; no key, "
-            "at any depth, starts with `$` or holds `.`.",
-            "propertyNames": {"pattern": "^(?![$])[^.\\u0000]*$"},
-            "examples": [{"title": "A new post"}],
-        }
+    # The schema only: `_json_object` is the judge, with its own messages.
+    BeforeValidator(
+        lambda value: value,
+        json_schema_input_type=Annotated[
+            dict[str, JsonValue],
+            _SchemaExtra(
+                description=f"Any JSON object, stored and listed as given: at most "
+                f"{DATA_MAX_BYTES} bytes once encoded, {DATA_MAX_DEPTH} levels deep; no "
+                "key, at any depth, starts with `$` or holds `.`; integers fit in 64 bits.",
+                propertyNames=_JSON_KEY,
+                examples=[{"title": "A new post"}],
+            ),
+        ],
     ),
+    AfterValidator(_json_object),
 ]
 # The line breaks str.splitlines() knows, which a header must not hold.
 _ONE_LINE_PATTERN = "^[^\n\r\u000b\u000c\u001c\u001d\u001e\u0085\u2028\u2029]*$"
@@ -176,6 +224,17 @@ Text = Annotated[str, AfterValidator(_valid_text)]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _exactly_one(**kinds: str) -> dict[str, Any]:
+    """The JSON schema of "exactly one of these fields, not null": null, like an absent
+    field, is none (the models' `... | None = None`)."""
+    return {
+        "oneOf": [
+            {"required": [name], "properties": {name: {"type": kind}}}
+            for name, kind in kinds.items()
+        ]
+    }
 
 
 class _Query(BaseModel):
@@ -187,11 +246,21 @@ class _Query(BaseModel):
 class CreateRequest(_Body):
     """One notification for one user (`user_id`), or for each of `user_ids` (fan-out)."""
 
+    model_config = ConfigDict(json_schema_extra=_exactly_one(user_id="string", user_ids="array"))
+
     user_id: ObjectIdStr | None = None
     user_ids: (
         Annotated[
             list[ObjectIdStr],
-            Field(min_length=1, max_length=FAN_OUT_MAX_USERS),
+            # uniqueItems says it of equal strings; _distinct also of "AB…" and "ab…".
+            Field(
+                min_length=1,
+                max_length=FAN_OUT_MAX_USERS,
+                json_schema_extra={
+                    "uniqueItems": True,
+                    "description": "Distinct ids (compared without regard to case).",
+                },
+            ),
             AfterValidator(_distinct),
         ]
         | None
@@ -268,6 +337,8 @@ HTML_MAX_CHARS = 512 * 1024
 class EmailRequest(_Body):
     """An email with the caller's own subject and text, to a user or to an address."""
 
+    model_config = ConfigDict(json_schema_extra=_exactly_one(user_id="string", to="string"))
+
     user_id: ObjectIdStr | None = None
     to: EmailAddress | None = None
     subject: Annotated[
@@ -293,9 +364,19 @@ class EmailRequest(_Body):
         return self
 
 
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's "integer" holds 3600.0 too (what some JSON writers send); strict
+    # parsing would refuse it. Other floats stay floats, and are refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class TokenRequest(_Body):
     user_id: ObjectIdStr
-    ttl_seconds: Annotated[int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] = DEFAULT_TTL_SECONDS
+    ttl_seconds: Annotated[
+        int, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS), BeforeValidator(_whole_number)
+    ] = DEFAULT_TTL_SECONDS
 
 
 class InboxQuery(_Query):
@@ -309,8 +390,19 @@ class EmailIdPath(_Query):
     email_id: ObjectIdStr
 
 
+# The files of the /docs and /inbox pages (notification_handler serves them, and
+# nothing else).
+DOCS_ASSETS = ("docs.js", "swagger-ui-bundle.js", "swagger-ui.css")
+INBOX_ASSETS = ("inbox.css", "inbox.js")
+
+
 class AssetPath(_Query):
-    asset: Annotated[str, Field(max_length=64)]
+    # Any other name is a 404 `not_found`, as any unknown path is, not a 422.
+    asset: Annotated[str, Field(max_length=64, json_schema_extra={"enum": list(DOCS_ASSETS)})]
+
+
+class InboxAssetPath(_Query):
+    asset: Annotated[str, Field(max_length=64, json_schema_extra={"enum": list(INBOX_ASSETS)})]
 
 
 class TokenIssued(TypedDict):

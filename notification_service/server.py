@@ -114,6 +114,7 @@ def create_app(config: Config | None = None) -> Flask:
                 runtime.services.outbox,
                 runtime.services.clock,
                 runtime.services.store.has_notification,
+                events=metrics.PrometheusEvents(),
             ),
             config.dispatcher_threads,
         )
@@ -126,16 +127,13 @@ def create_app(config: Config | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     app.extensions["notification_service"] = runtime
     app.register_blueprint(notification_handler.bp)
-    app.register_blueprint(metrics.bp)
     _register_errors(app)
     # In this order: an id for every answer, then the edge's refusal, then the key.
     app.before_request(_start_access)
     app.before_request(_assign_request_id)
     app.before_request(_raise_edge_error)
     app.before_request(
-        _require_credentials(
-            tuple(key.reveal() for key in config.api_keys), config.user_token_key
-        )
+        _require_credentials(tuple(key.reveal() for key in config.api_keys), config.user_token_key)
     )
     app.before_request(_start_deadline(config.db_timeout_ms / 1000))
     app.teardown_request(_end_deadline)

@@ -215,7 +215,18 @@ def test_line_breaks_in_header_values_are_refused(field: str, brk: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "to", ["not-an-address", "a@b.example, c@d.example", "Bob <bob@example.com>", "jörg@example.de"]
+    "to",
+    [
+        "not-an-address",
+        "a@b.example, c@d.example",
+        "Bob <bob@example.com>",
+        "jörg@example.de",
+        # The parser's own error, not a ValueError, before: the dispatcher took it for a
+        # bug and retried the email, and its batch, until the attempts ran out.
+        "a@.example.com",
+        "a@example.com.",
+        "a@example..com",
+    ],
 )
 def test_anything_but_one_bare_ascii_address_is_refused(to: str) -> None:
     with pytest.raises(ValueError):

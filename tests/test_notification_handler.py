@@ -650,6 +650,17 @@ def test_email_to_a_user_uses_their_address(
         # An encoded word in an address: a reader could decode it into other headers.
         {"to": "=?utf-8?q?a=0D=0ABcc:_v@evil.example?=@example.com", "subject": "s", "text": "t"},
         {"to": "a=?utf-8?b?DQpCY2M6IHY=?=@example.com", "subject": "s", "text": "t"},
+        # Control characters, and a local part the sender cannot send (no SMTPUTF8):
+        # queued, it could only fail later.
+        {"to": "a\x01b@example.com", "subject": "s", "text": "t"},
+        {"to": "a\x7fb@example.com", "subject": "s", "text": "t"},
+        {"to": "a\x1db@example.com", "subject": "s", "text": "t"},
+        {"to": "a\ufeffb@example.com", "subject": "s", "text": "t"},
+        {"to": "jörg@example.com", "subject": "s", "text": "t"},
+        # A dot first or last in either part: the dispatcher's parser refuses it.
+        {"to": "a@.example.com", "subject": "s", "text": "t"},
+        {"to": "a@example.com.", "subject": "s", "text": "t"},
+        {"to": ".a@example.com", "subject": "s", "text": "t"},
     ],
 )
 def test_bad_email_request_is_422_and_queues_nothing(

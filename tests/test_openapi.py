@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
+from notification_service.api import Answer, Link
 from notification_service.config import Config
 from notification_service.notification_handler import api
 from notification_service.openapi import document
@@ -42,8 +45,7 @@ def test_every_route_of_the_app_is_in_the_document(app: Flask) -> None:
     served = {
         (method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule))
         for rule in app.url_map.iter_rules()
-        # /metrics: metrics.py's own blueprint until it is declared in the route table.
-        if rule.endpoint not in ("static", "metrics.metrics")
+        if rule.endpoint != "static"
         for method in rule.methods or ()
         if method not in ("HEAD", "OPTIONS")
     }
@@ -174,3 +176,35 @@ def test_docs_serve_nothing_else_of_the_package(client: FlaskClient) -> None:
         response = client.get(path)
         assert response.status_code in (404, 422), path
         assert response.get_json()["success"] is False
+
+
+def test_the_documented_docs_assets_are_those_the_page_loads(client: FlaskClient) -> None:
+    doc = client.get("/openapi.json").get_json()
+    asset = doc["paths"]["/docs/{asset}"]["get"]["parameters"][0]
+    assert asset["name"] == "asset"
+    loaded = re.findall(r'(?:src|href)="docs/([^"]+)"', client.get("/docs").get_data(as_text=True))
+    assert sorted(asset["schema"]["enum"]) == sorted(loaded)
+    for name in asset["schema"]["enum"]:
+        assert client.get(f"/docs/{name}").status_code == 200, name
+
+
+def test_every_link_names_an_operation_and_its_parameters() -> None:
+    doc = document(api.endpoints, Config())
+    by_id = {operation["operationId"]: operation for operation in _operations(doc).values()}
+    links = [
+        link
+        for operation in by_id.values()
+        for answer in operation["responses"].values()
+        for link in answer.get("links", {}).values()
+    ]
+    assert len(links) >= 5
+    for link in links:
+        names = {p.get("name") for p in by_id[link["operationId"]]["parameters"]}
+        assert set(link["parameters"]) <= names, link
+
+
+def test_a_link_to_a_parameter_that_does_not_exist_is_refused() -> None:
+    broken = Answer("x", links={"Nowhere": Link("read", {"no_such_parameter": "$request.body#/a"})})
+    endpoint = replace(api.endpoints[0], answers={201: broken})
+    with pytest.raises(ValueError, match="link Nowhere"):
+        document([endpoint, *api.endpoints[1:]], Config())

@@ -436,6 +436,16 @@ def test_post_token_mints_a_token_for_key_holders(guarded: FlaskClient, user_id:
     assert guarded.post("/token", json={"user_id": user_id}).status_code == 401
 
 
+def test_post_token_takes_a_whole_lifetime_written_as_a_float(
+    guarded: FlaskClient, user_id: str
+) -> None:
+    # JSON Schema's integer holds 120.0 too (the contract run sent it).
+    minted = guarded.post("/token", json={"user_id": user_id, "ttl_seconds": 120.0},
+                          headers=bearer(KEY))  # fmt: skip
+    assert minted.status_code == 201
+    assert minted.get_json()["data"]["expires_at"] <= int(time.time()) + 120
+
+
 @pytest.mark.parametrize(
     "body",
     [
