@@ -12,6 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from pydantic import BaseModel
 
 from . import metrics, notifications, openapi, tokens
 from . import stream as live
@@ -506,30 +507,40 @@ def docs() -> Response:
     return _static_file("docs.html", "text/html", _DOCS_POLICY)
 
 
-@api.route(
-    "GET",
-    "/docs/<asset>",
-    source="path",
-    model=AssetPath,
-    answers={
-        200: Answer(
-            "A file of the documentation page.",
-            media_types=("text/css", "text/javascript"),
-            envelope=False,
-        )
-    },
-    errors=(NotFound,),
-    tag="operations",
-    auth="open",
-    uses_database=False,
-    params={"asset": "A file the page loads."},
-)
-def docs_asset(path: AssetPath) -> Response:
-    """A script or style sheet of the documentation page."""
-    if path.asset not in _DOCS_ASSETS:  # a fixed list: nothing else of the package is served
-        raise NotFound("No such file of the documentation page.")
-    file, media_type = _DOCS_ASSETS[path.asset]
-    return _static_file(file, media_type, _DOCS_POLICY)
+def _assets(name: str, page: str, label: str, model: type[BaseModel],
+            assets: dict[str, tuple[str, str]], policy: str, tag: str) -> None:  # fmt: skip
+    """Declare `GET /<page>/<asset>`: the scripts and style sheets of one page, from a
+    fixed list, so that nothing else of the package is ever served."""
+
+    def view(path: Any) -> Response:
+        if path.asset not in assets:
+            raise NotFound(f"No such file of the {label} page.")
+        file, media_type = assets[path.asset]
+        return _static_file(file, media_type, policy)
+
+    view.__name__ = name
+    view.__doc__ = f"A script or style sheet of the {label} page."
+    api.route(
+        "GET",
+        f"/{page}/<asset>",
+        source="path",
+        model=model,
+        answers={
+            200: Answer(
+                f"A file of the {label} page.",
+                media_types=("text/css", "text/javascript"),
+                envelope=False,
+            )
+        },
+        errors=(NotFound,),
+        tag=tag,
+        auth="open",
+        uses_database=False,
+        params={"asset": "A file the page loads."},
+    )(view)
+
+
+_assets("docs_asset", "docs", "documentation", AssetPath, _DOCS_ASSETS, _DOCS_POLICY, "operations")
 
 
 _INBOX_ASSETS = {
@@ -578,30 +589,7 @@ def inbox(query: InboxQuery) -> Response:
     return page
 
 
-@api.route(
-    "GET",
-    "/inbox/<asset>",
-    source="path",
-    model=InboxAssetPath,
-    answers={
-        200: Answer(
-            "A file of the inbox page.",
-            media_types=("text/css", "text/javascript"),
-            envelope=False,
-        )
-    },
-    errors=(NotFound,),
-    tag="inbox page",
-    auth="open",
-    uses_database=False,
-    params={"asset": "A file the page loads."},
-)
-def inbox_asset(path: InboxAssetPath) -> Response:
-    """The script or style sheet of the inbox page."""
-    if path.asset not in _INBOX_ASSETS:
-        raise NotFound("No such file of the inbox page.")
-    file, media_type = _INBOX_ASSETS[path.asset]
-    return _static_file(file, media_type, _INBOX_POLICY)
+_assets("inbox_asset", "inbox", "inbox", InboxAssetPath, _INBOX_ASSETS, _INBOX_POLICY, "inbox page")
 
 
 def _static_file(path: str, media_type: str, policy: str) -> Response:
