@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # oplog_growth.py (300,000 writes a server, about 25 minutes) runs on its own.
-BENCHMARKS = ["email_throughput.py", "serving.py", "durability.py", "inbox.py"]
+BENCHMARKS = ["email_throughput.py", "serving.py", "durability.py", "inbox.py", "streams.py"]
 
 
 def main() -> int:
