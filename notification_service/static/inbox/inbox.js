@@ -109,9 +109,12 @@ function follow() {
   });
   events.addEventListener("counts", (event) => {
     const counts = JSON.parse(event.data);
-    showCounts(counts);
+    // New counts come with the list they count (refresh shows both at once): a badge
+    // ahead of its list would say 2 unread beside 3 marked unread.
     if (!shown || counts.elements !== shown.elements || counts.new !== shown.new) {
       refresh().catch((error) => report(error.message, true));
+    } else {
+      showCounts(counts);
     }
   });
   events.onopen = () => report("Live: new notifications appear at the top.");
