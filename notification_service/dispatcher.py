@@ -581,3 +581,13 @@ class DispatcherPool:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        busy = [thread.name for thread in self.threads if thread.is_alive()]
+        if busy:
+            # The process may now exit with them: say what becomes of their emails.
+            log.warning(
+                "%d dispatcher thread(s) still sending after %.0f s (%s): their emails "
+                "stay 'sending' until the claim's lease runs out, then are sent again",
+                len(busy),
+                timeout,
+                ", ".join(busy),
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -383,6 +384,40 @@ def test_stopping_the_pool_finishes_and_closes(
     assert pool is not None and all(t.is_alive() for t in pool.threads)
     runtime(app).close()
     assert not any(t.is_alive() for t in pool.threads)
+
+
+def test_a_stop_that_gives_up_on_a_send_says_so(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An SMTP server that accepts the connection and never greets: the send hangs.
+    hung = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(hung.accept()[0]), daemon=True).start()
+    config = make_config(
+        smtp_host="127.0.0.1",
+        smtp_port=hung.getsockname()[1],
+        smtp_security="none",
+        smtp_timeout=3.0,
+        dispatcher_threads=1,
+    )
+    app = make_app(config)
+    email = {"to": "someone@example.com", "subject": "s", "text": "t"}
+    assert app.test_client().post("/email", json=email).status_code == 202
+    started = time.monotonic()
+    while not accepted and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    assert accepted, "the dispatcher never connected"
+    pool = runtime(app).dispatchers
+    assert pool is not None
+    with caplog.at_level(logging.WARNING, logger="notification_service.dispatcher"):
+        pool.stop(timeout=0.2)
+    assert "1 dispatcher thread(s) still sending" in caplog.text
+    assert "sent again" in caplog.text
+    for connection in accepted:
+        connection.close()
+    hung.close()
 
 
 # --- pure pieces -----------------------------------------------------------------------
