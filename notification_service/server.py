@@ -203,12 +203,14 @@ def _require_credentials(keys: tuple[str, ...], token_secret: Secret | None) -> 
         route = ROUTES.get(request.endpoint or "")
         takes_token = secret is not None and route is not None and route.auth == "key_or_token"
         refused = Unauthorized(_KEY_OR_TOKEN if takes_token else None)
-        given = _credential(route, refused)
+        given, in_url = _credential(route, refused)
         if given is None:
             if digests:
                 raise refused
             return  # no keys: the service is open; only a credential sent is checked
-        if is_key(given):
+        # ?token= takes user tokens only: a key, which opens everything, must never be
+        # taken from a URL (history, proxy logs, Referer).
+        if not in_url and is_key(given):
             return
         if secret is None:
             raise refused
@@ -237,8 +239,9 @@ def _is_open() -> bool:
     return request.endpoint in OPEN_ENDPOINTS
 
 
-def _credential(route: Endpoint | None, refused: Unauthorized) -> str | None:
-    """The bearer credential of the request, None without one.
+def _credential(route: Endpoint | None, refused: Unauthorized) -> tuple[str | None, bool]:
+    """The bearer credential of the request (None without one), and whether it came
+    from the URL's `?token=`.
 
     :raise Unauthorized: `refused` for another scheme than Bearer; its own message for a
         `?token=` where it is not taken, or for two credentials.
@@ -257,13 +260,13 @@ def _credential(route: Endpoint | None, refused: Unauthorized) -> str | None:
             )
         if header is not None or len(queried) > 1:
             raise Unauthorized("Send one credential: a header or one ?token=, not both.")
-        return queried[0]
+        return queried[0], True
     if header is None:
-        return None
+        return None, False
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer":
         raise refused
-    return given.strip()
+    return given.strip(), False
 
 
 def _start_deadline(seconds: float) -> Callable[[], None]:

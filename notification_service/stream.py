@@ -40,7 +40,7 @@ from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from . import logs
+from . import logs, metrics
 from .config import Config
 from .errors import TooManyStreams, ValidationFailed
 from .mongo_connector import ChangeStreamsUnsupported, DatabaseUnavailable, Document, InboxStore
@@ -266,17 +266,19 @@ class StreamHub:
             pass  # the client has gone: ASGI servers may say so from send()
         finally:
             self.release()
-            if status == 200:  # other answers were logged by the app (server.py)
+            if status == 200:  # other answers were logged and counted by the app
+                seconds = time.monotonic() - received_at
                 logs.log_access(
                     {
                         "method": "GET",
                         "route": "/stream",
                         "path": "/stream",
                         "status": 200,
-                        "duration_ms": round((time.monotonic() - received_at) * 1000, 3),
+                        "duration_ms": round(seconds * 1000, 3),
                         "request_id": dict(headers).get(b"x-request-id", b"").decode("latin-1"),
                     }
                 )
+                metrics.observe_request("GET", "/stream", 200, seconds)
 
     async def _follow(self, held: Held, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -541,10 +543,13 @@ class Watcher:
                 self._pause("reading inboxes", exc)
                 continue
             with self._lock:
+                # Only for users still followed: one whose last stream closed during the
+                # read was forgotten by unfollow, and would otherwise be kept for ever.
                 for user_id in users:
-                    self._versions[user_id] = (
-                        states[user_id]["version"] if user_id in states else None
-                    )
+                    if user_id in self._followed:
+                        self._versions[user_id] = (
+                            states[user_id]["version"] if user_id in states else None
+                        )
             self.deliver({user_id: states.get(user_id) for user_id in users})
 
     def _pause(self, what: str, exc: Exception) -> None:

@@ -599,6 +599,17 @@ def test_one_access_line_when_the_stream_ends_without_the_query_string(
     assert (line["method"], line["path"], line["status"]) == ("GET", "/stream", 200)
     assert line["request_id"] == "stream-42" and line["duration_ms"] >= 300
     assert user not in json.dumps(line)
+    # And it is counted in the metrics, as every other answered request is.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        scraped = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    assert (
+        'notification_service_http_requests_total{method="GET",route="/stream",status="200"}'
+        in scraped
+    )
 
 
 def test_sigterm_ends_open_streams_and_the_server_stops_at_once(
@@ -705,3 +716,43 @@ def test_the_stream_is_documented_as_an_event_stream() -> None:
     assert set(examples) == {"too_many_streams", "database_unavailable"}
     assert "Retry-After" in operation["responses"]["503"]["headers"]
     assert {"401", "404", "422"} <= set(operation["responses"])
+
+
+class _ClosingStore:
+    """The real store, whose inbox read ends the last stream of the users it reads: a
+    stream that closes while the watcher reads its user's inbox."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.watcher: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def feed_states(self, users: list[str], now: datetime) -> Any:
+        states = self.store.feed_states(users, now)
+        for user in users:
+            self.watcher.unfollow(user)
+        return states
+
+
+def test_a_stream_closed_during_its_users_read_leaves_nothing_followed(
+    client: FlaskClient, user_id: str
+) -> None:
+    from notification_service.stream import Watcher
+
+    services = runtime_of(client.application).services
+    store = _ClosingStore(services.store)
+    delivered: list[Any] = []
+    watcher = Watcher(store, services.clock, 0.05, 100, delivered.append)  # type: ignore[arg-type]
+    store.watcher = watcher
+    try:
+        watcher.follow(user_id)
+        deadline = time.monotonic() + 5
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert delivered, "the watcher never read the inbox"
+        # Nothing is kept of a user no stream follows: state kept would grow for ever.
+        assert user_id not in watcher._versions
+    finally:
+        watcher.close()

@@ -375,8 +375,17 @@ def test_the_api_key_still_opens_everything_beside_tokens(
 ) -> None:
     notify(guarded, user_id)
     assert guarded.get(f"/list?user_id={user_id}", headers=bearer(KEY)).status_code == 200
-    assert guarded.get(f"/stream?user_id={user_id}&token={KEY}").status_code == 200
+    assert guarded.get(f"/stream?user_id={user_id}", headers=bearer(KEY)).status_code == 200
     assert guarded.get(f"/list?user_id={user_id}").status_code == 401
+
+
+def test_an_api_key_is_never_taken_from_the_url(guarded: FlaskClient, user_id: str) -> None:
+    # ?token= is for a user's token: a key there would sit in histories, proxy logs and
+    # Referer headers, and it opens every user's notifications.
+    notify(guarded, user_id)
+    refused = guarded.get(f"/stream?user_id={user_id}&token={KEY}")
+    assert refused.status_code == 401
+    assert refused.get_json()["error"]["code"] == "unauthorized"
 
 
 def test_rotating_the_api_keys_leaves_tokens_valid_and_another_secret_ends_them(
