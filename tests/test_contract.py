@@ -165,6 +165,9 @@ CONFIG = schemathesis.Config.from_dict(
             ),
             # Three names, each answered with up to 1.5 MB.
             {"include-name": "GET /docs/{asset}", "generation": {"max-examples": 5}},
+            # A stream that opens stays open until the client gives up (about 3 s each):
+            # its refusals are what generated requests find; a few openings tell the rest.
+            {"include-name": "GET /stream", "generation": {"max-examples": 15}},
         ],
     }
 )
