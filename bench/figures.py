@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 class Figure:
     section: str  # "6. Email"
     name: str  # "dispatcher / smtplib"
-    unit: str  # "emails/s", "×", "ms"
+    unit: str  # "emails/s", "ratio", "ms"
     goal: str = ""  # "≥ 0.8", stated beside the figure; empty when there is none
     met: Callable[[float], bool] | None = None  # applied to the median
     note: str = ""  # why a goal is missed, where the time goes
