@@ -71,8 +71,11 @@ fmt: $(DEV_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Every performance figure side by side, about 10 minutes: bench/RESULTS.md and the
+## charts bench/*.png. QUICK=1: about a minute, written to bench/quick/ (not recorded).
+QUICK ?=
 bench: $(DEV_STAMP)
-	$(BIN)/python bench/run.py
+	QUICK=$(QUICK) $(BIN)/python bench/run.py
 
 check-config: $(SERVE_STAMP)
 	$(BIN)/python -m notification_service check-config
