@@ -113,7 +113,7 @@ def web_server_argv(config: Config, log_config: Path | None = None) -> list[str]
     that granian's own lines are in LOG_FORMAT too."""
     # granian reads each request's headers in Rust under a timeout, and asgi.py reads the
     # body on the event loop under the same timeout: a slow client holds a socket, never
-    # one of the WEB_THREADS threads that run the app (bench/README.md has the figures).
+    # one of the WEB_THREADS threads that run the app (docs/measurements-history.md).
     logging_argv = [] if log_config is None else ["--log-config", str(log_config)]
     return [
         sys.executable, "-m", "granian",

@@ -487,7 +487,7 @@ class InboxStore:
     def _create_query(self, oid: ObjectId, require_email: bool, repeat_of: str | None) -> Document:
         # `_id` and plain field conditions only: SecantusDB serves these from the _id
         # index, and scans the collection for `$or`, `$and` or `$nor` (1 ms against
-        # 24 ms per call with 1,000 users; bench/README.md).
+        # 24 ms per call with 1,000 users; docs/measurements-history.md).
         query: Document = {"_id": oid}
         if require_email:
             query["email"] = {"$type": "string", "$ne": ""}

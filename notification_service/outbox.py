@@ -269,7 +269,7 @@ class Outbox:
         so two dispatchers can never both hold one; `token` (unique per batch) then
         finds exactly what this call won. Three operations per batch instead of a
         find_one_and_update per email: on SecantusDB the latter costs ~20 ms, which
-        would cap a dispatcher thread at ~50 emails/s (bench/README.md).
+        would cap a dispatcher thread at ~50 emails/s (docs/measurements-history.md).
         """
         for _ in range(3):
             ids = self._candidates(now, limit)
