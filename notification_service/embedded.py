@@ -18,9 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .config import Config
+from .mongo_connector import connect
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,20 @@ class Child:
 
 
 def spawn(
-    name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | None = None
+    name: str,
+    argv: Sequence[str],
+    run_dir: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Child:
     """Start `argv` in its own process group (Ctrl-C reaches only the supervisor, which
     then stops children in order) and record its pid under `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile = run_dir / f"{name}.pid"
     kill_stale(pidfile)
-    process = subprocess.Popen(list(argv), process_group=0, preexec_fn=_die_with_parent, env=env)
+    process = subprocess.Popen(
+        list(argv), process_group=0, preexec_fn=_die_with_parent, env=env, cwd=cwd
+    )
     # What /proc shows, not argv: a script runs as "python3 script ...", and this is
     # what kill_stale compares against.
     pidfile.write_text(f"{process.pid}\n{_cmdline(process.pid) or ' '.join(argv)}\n")
@@ -188,15 +198,19 @@ DATABASE_FLAGS: tuple[str, ...] = (
 DATABASE_URI_OPTIONS = "retryWrites=false"
 
 
-def database_argv(data_dir: Path, port: int) -> list[str]:
-    """The command line of the embedded database; tests and benchmarks use it too."""
+def database_argv(data_dir: Path | None, port: int) -> list[str]:
+    """The command line of the embedded database; tests and benchmarks use it too.
+
+    `data_dir` None keeps the data in memory, as the tests do: DATABASE_FLAGS are then
+    left out (there is no journal to sync, and the tests never ran with them).
+    """
     return [
         secantusd_command(),
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--storage-path", str(data_dir),
+        "--storage-path", ":memory:" if data_dir is None else str(data_dir),
         "--log-level", "WARNING",
-        *DATABASE_FLAGS,
+        *(() if data_dir is None else DATABASE_FLAGS),
     ]  # fmt: skip
 
 
@@ -205,28 +219,99 @@ def database_uri(port: int) -> str:
     return f"mongodb://127.0.0.1:{port}/notifications?{DATABASE_URI_OPTIONS}"
 
 
-def start_database(data_dir: Path, run_dir: Path, port: int | None = None) -> tuple[Child, str]:
-    """Start SecantusDB keeping its data in `data_dir`; return it and its DB_URI.
+def start_database(
+    data_dir: Path | None,
+    run_dir: Path,
+    port: int | None = None,
+    *,
+    extra: Sequence[str] = (),
+    name: str = "database",
+) -> tuple[Child, str]:
+    """Start SecantusDB keeping its data in `data_dir` (None: in memory); return it and
+    its DB_URI once it answers a ping.
 
-    `port` (default: a free one) lets a restart keep the address clients know.
+    `port` (default: a free one) lets a restart keep the address clients know; `extra`
+    adds secantusd-py flags (--standalone, --enable-test-commands).
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     child = _start_listening(
         "the embedded database (secantusd-py)",
-        "database",
-        database_argv(data_dir, port),
+        name,
+        [*database_argv(data_dir, port), *extra],
         run_dir,
         port,
         60,
     )
-    return child, database_uri(port)
+    uri = database_uri(port)
+    try:
+        # Listening is not answering: a replica set elects itself primary first.
+        client = connect(Config(db_uri=uri, db_timeout_ms=30_000))
+        try:
+            client.admin.command("ping")
+        finally:
+            client.close()
+    except BaseException:
+        child.stop()
+        raise
+    return child, uri
 
 
-def start_mail_sink(mail_dir: Path, run_dir: Path) -> tuple[Child, int]:
+def start_mail_sink(mail_dir: Path, run_dir: Path, *, name: str = "mail-sink") -> tuple[Child, int]:
     """Start the SMTP sink that saves each message as a .eml file under `mail_dir`."""
     port = free_port()
     argv = [sys.executable, "-m", "notification_service", "sink",
             "--port", str(port), "--dir", str(mail_dir)]  # fmt: skip
-    child = _start_listening("the mail sink", "mail-sink", argv, run_dir, port, 30)
+    child = _start_listening("the mail sink", name, argv, run_dir, port, 30)
     return child, port
+
+
+def _service_child(command: str, env: Mapping[str, str], run_dir: Path, name: str) -> Child:
+    # Run from run_dir: a ./.env in the caller's directory must not configure it, and a
+    # relative DATA_DIR (default "var") lands there.
+    argv = [sys.executable, "-m", "notification_service", command]
+    return spawn(name, argv, run_dir, {**os.environ, **env}, cwd=run_dir)
+
+
+def _health(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def start_service(
+    env: Mapping[str, str],
+    run_dir: Path,
+    *,
+    port: int | None = None,
+    name: str = "service",
+    timeout: float = 60,
+) -> tuple[Child, str]:
+    """Start `python -m notification_service serve` (what `make run` runs) with
+    os.environ, then `env`, then PORT; return it and its base URL once GET /health
+    answers 200.
+
+    :raise RuntimeError: it exited or did not answer in time, after stopping it.
+    """
+    port = port or free_port()
+    child = _service_child("serve", {**env, "PORT": str(port)}, run_dir, name)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if _health(url):
+                return child, url
+        if child.process.poll() is not None or time.monotonic() > deadline:
+            status = child.process.poll()
+            child.stop()
+            raise RuntimeError(
+                f"the service exited with status {status} before answering"
+                if status is not None
+                else f"the service did not answer on {url} within {timeout:.0f}s"
+            )
+        time.sleep(0.1)
+
+
+def start_worker(env: Mapping[str, str], run_dir: Path, *, name: str = "worker") -> Child:
+    """Start `python -m notification_service worker` with os.environ, then `env`."""
+    return _service_child("worker", env, run_dir, name)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +20,9 @@ from notification_service.embedded import (
     kill_stale,
     spawn,
     start_database,
+    start_mail_sink,
+    start_service,
+    start_worker,
 )
 from notification_service.mongo_connector import connect
 
@@ -112,3 +117,53 @@ def test_only_the_embedded_database_turns_retryable_writes_off() -> None:
     finally:
         embedded.close()
         operators.close()
+
+
+USER = "638f394d4b7243fc0399ea67"
+
+
+def group_gone(pgid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_service_and_worker_started_as_make_run_deliver_and_stop_completely(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    database, uri = start_database(None, run)
+    sink, sink_port = start_mail_sink(tmp_path / "mail", run, name="sink")
+    children = [database, sink]
+    try:
+        settings = {
+            "DB_URI": uri, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(sink_port),
+            "SMTP_SECURITY": "none", "EMAIL": "test@example.com", "WEB_WORKERS": "1",
+            "DISPATCHER_THREADS": "0",  # only the worker sends
+        }  # fmt: skip
+        service, url = start_service(settings, run)
+        children.append(service)
+        assert (run / "service.pid").exists()
+        create = urllib.request.Request(
+            f"{url}/create",
+            data=json.dumps({"user_id": USER, "key": "registration"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(create, timeout=10) as response:
+            assert response.status == 201
+        children.append(start_worker(settings, run))
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "mail").glob("*.eml")):
+            assert time.monotonic() < deadline, "the worker sent nothing"
+            time.sleep(0.1)
+    finally:
+        for child in reversed(children):
+            child.stop()
+    # granian's workers included: nothing of any group is left, nor any pid file.
+    assert all(group_gone(child.process.pid) for child in children)
+    assert list(run.glob("*.pid")) == []
