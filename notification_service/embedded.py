@@ -1,9 +1,10 @@
 """Development defaults for `make run`: an embedded database and a local SMTP sink.
 
-Both run as separate processes. SecantusDB is GPL-2.0 and is only ever started as a
-program (`secantusd-py`), never imported. Each child is tied to this process: it gets
-SIGTERM if we die (Linux PR_SET_PDEATHSIG), and a pid file lets the next start clean up
-whatever a crash left behind anyway.
+The one way to start them, and the service and its workers, for `serve`, the tests and
+the benchmarks alike. All run as separate processes. SecantusDB is GPL-2.0 and is only
+ever started as a program (`secantusd-py`), never imported. Each child is tied to this
+process: it gets SIGTERM if we die (Linux PR_SET_PDEATHSIG), and a pid file lets the
+next start clean up whatever a crash left behind anyway.
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ A test that needs other settings builds its own with `make_config(...)`.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +27,7 @@ from flask.testing import FlaskClient
 from pymongo import MongoClient
 
 from notification_service.config import Config
-from notification_service.embedded import free_port, secantusd_command
+from notification_service.embedded import Child, free_port, start_database
 from notification_service.server import Runtime, create_app, runtime_of
 
 pytest_plugins = ("smtp_fixtures",)
@@ -33,38 +35,25 @@ pytest_plugins = ("smtp_fixtures",)
 
 @dataclass
 class MongoServer:
-    """A SecantusDB process on a free port; `freeze`/`thaw` stop and continue it."""
+    """SecantusDB in memory on a free port, started as `make run` starts it
+    (embedded.start_database); `freeze`/`thaw` stop and continue it."""
 
     port: int
-    process: subprocess.Popen[bytes]
+    child: Child
 
     @classmethod
     def start(cls, *extra: str) -> MongoServer:
         port = free_port()
-        process = subprocess.Popen(
-            [secantusd_command(), "--host", "127.0.0.1", "--port", str(port),
-             "--storage-path", ":memory:", "--log-level", "WARNING", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"secantusd-py exited with {process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                server = cls(port, process)
-                server.wait_ready()
-                return server
-            time.sleep(0.1)
-        process.kill()
-        raise RuntimeError("secantusd-py did not start within 60s")
+        # A pid file directory of its own: several servers run at once.
+        child, _ = start_database(None, Path(tempfile.mkdtemp()), port, extra=extra)
+        return cls(port, child)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.child.process
 
     def uri(self, database: str) -> str:
         return f"mongodb://127.0.0.1:{self.port}/{database}"
-
-    def wait_ready(self) -> None:
-        with MongoClient(self.uri("admin"), serverSelectionTimeoutMS=30_000) as client:
-            client.admin.command("ping")
 
     def freeze(self) -> None:
         """SIGSTOP, and wait until every thread has really stopped (it is asynchronous)."""
@@ -88,12 +77,8 @@ class MongoServer:
 
     def stop(self) -> None:
         self.thaw()
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.child.stop()
+        shutil.rmtree(self.child.pidfile.parent)
 
 
 @pytest.fixture(scope="session")

@@ -5,21 +5,19 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from bson import ObjectId
-from conftest import MongoServer, free_port
+from conftest import MongoServer
 
-from notification_service.__main__ import web_server_argv
-from notification_service.config import Config
+from notification_service.embedded import Child, free_port, start_service
 
 CLIENT_TIMEOUT = 1.0
 MAX_BODY = 4096
@@ -28,7 +26,7 @@ MAX_BODY = 4096
 @dataclass
 class Served:
     port: int
-    process: subprocess.Popen[bytes]
+    child: Child
 
     def raw(self, data: bytes, *, half_close: bool = False, wait: float = 5.0) -> bytes:
         """Send bytes as they are; return everything the server answers until it closes."""
@@ -56,41 +54,32 @@ class Served:
 
 
 def start_served(
-    mongo_server: MongoServer, client_timeout: float = CLIENT_TIMEOUT, **settings: str
+    mongo_server: MongoServer,
+    run_dir: Path,
+    client_timeout: float = CLIENT_TIMEOUT,
+    **settings: str,
 ) -> Served:
-    """The service exactly as `serve` runs it, with short client timeouts."""
-    port = free_port()
-    config = replace(Config(), port=port, web_workers=1, client_timeout_seconds=client_timeout)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "API_"))}
-    env.update(
-        DB_URI=mongo_server.uri("asgi_edge"),
-        SMTP_HOST="127.0.0.1",  # never used: no dispatchers
-        DISPATCHER_THREADS="0",
-        PORT=str(port),
-        CLIENT_TIMEOUT_SECONDS=str(client_timeout),
-        MAX_BODY_BYTES=str(MAX_BODY),
-        LOG_LEVEL="WARNING",
+    """The service as `serve` runs it (granian, asgi.py), with short client timeouts."""
+    env = {
+        "DB_URI": mongo_server.uri("asgi_edge"),
+        "SMTP_HOST": "127.0.0.1",  # never used: no dispatchers
+        "DISPATCHER_THREADS": "0",
+        "WEB_WORKERS": "1",
+        "CLIENT_TIMEOUT_SECONDS": str(client_timeout),
+        "MAX_BODY_BYTES": str(MAX_BODY),
+        "LOG_LEVEL": "WARNING",
         **settings,
-    )
-    process = subprocess.Popen(web_server_argv(config), env=env)
-    server = Served(port, process)
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, "the web server exited"
-        with contextlib.suppress(OSError):
-            if server.request("GET", "/health")[0] == 200:
-                break
-        assert time.monotonic() < deadline, "the web server did not answer"
-        time.sleep(0.2)
-    return server
+    }
+    port = free_port()
+    child, _ = start_service(env, run_dir, port=port)
+    return Served(port, child)
 
 
 @pytest.fixture(scope="module")
-def served(mongo_server: MongoServer) -> Iterator[Served]:
-    server = start_served(mongo_server)
+def served(mongo_server: MongoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    server = start_served(mongo_server, tmp_path_factory.mktemp("served"))
     yield server
-    server.process.terminate()
-    server.process.wait(30)
+    server.child.stop()
 
 
 @pytest.fixture
@@ -261,15 +250,15 @@ def test_query_and_path_survive_the_translation_to_wsgi(served: Served, user: st
 
 
 def test_sigterm_lets_a_request_in_flight_finish(
-    mongo_server: MongoServer, user: str, mongo_admin: Any
+    mongo_server: MongoServer, user: str, mongo_admin: Any, tmp_path: Path
 ) -> None:
-    server = start_served(mongo_server, client_timeout=10)
+    server = start_served(mongo_server, tmp_path, client_timeout=10)
     try:
         request = create_request(user)
         with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
             sock.sendall(request[:-10])  # the request has begun: headers and most of the body
             time.sleep(0.5)
-            server.process.terminate()
+            server.child.process.terminate()
             time.sleep(0.5)
             sock.sendall(request[-10:])
             received = b""
@@ -278,10 +267,9 @@ def test_sigterm_lets_a_request_in_flight_finish(
                     received += chunk
         assert status_and_json(received)[0] == 201
         assert len(stored(mongo_admin, user)) == 1
-        assert server.process.wait(30) == 0
+        assert server.child.process.wait(30) == 0
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
+        server.child.stop()
 
 
 def test_header_names_with_underscores_are_ignored(served: Served, user: str) -> None:
@@ -299,12 +287,12 @@ def test_header_names_with_underscores_are_ignored(served: Served, user: str) ->
 
 
 def test_with_the_database_frozen_every_request_answers_within_db_timeout(
-    user: str,
+    user: str, tmp_path: Path
 ) -> None:
     # More requests than threads: those that wait for a thread must not get a fresh
     # DB_TIMEOUT_MS once they start, or the last of them would answer after three times it.
     frozen = MongoServer.start()
-    server = start_served(frozen, WEB_THREADS="2", DB_TIMEOUT_MS="1500")
+    server = start_served(frozen, tmp_path, WEB_THREADS="2", DB_TIMEOUT_MS="1500")
     try:
         assert server.request("GET", f"/list?user_id={user}")[0] == 404  # connected
         frozen.freeze()
@@ -324,5 +312,4 @@ def test_with_the_database_frozen_every_request_answers_within_db_timeout(
         assert max(elapsed for _, elapsed in results) < 1.5 + 1.0, results
     finally:
         frozen.stop()
-        server.process.terminate()
-        server.process.wait(30)
+        server.child.stop()

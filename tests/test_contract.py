@@ -16,15 +16,11 @@ schemathesis does (its own choice, outside Hypothesis).
 from __future__ import annotations
 
 import contextlib
-import http.client
 import itertools
-import os
 import re
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import hypothesis
@@ -32,11 +28,12 @@ import pytest
 import requests
 import schemathesis
 from bson import ObjectId
-from conftest import MongoServer, free_port
+from conftest import MongoServer
 from pymongo import MongoClient
 from smtp_fixtures import SmtpServer
 
 from notification_service.config import Config
+from notification_service.embedded import start_service
 from notification_service.notification_handler import api
 from notification_service.openapi import document
 
@@ -46,20 +43,10 @@ KEY = "contract-test-key-" + "k" * 16
 EXAMPLE_USER = "6756b2f1a4c3e0d9b8f71234"
 
 
+@dataclass
 class Service:
-    def __init__(self, port: int, process: subprocess.Popen[bytes]) -> None:
-        self.port = port
-        self.process = process
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.session = requests.Session()  # one connection, kept alive
-
-    def health(self) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", "/health")
-            return conn.getresponse().status
-        finally:
-            conn.close()
+    base_url: str
+    session: requests.Session = field(default_factory=requests.Session)  # one connection
 
 
 @pytest.fixture(scope="module")
@@ -85,49 +72,29 @@ def service(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Service]:
     run_dir = tmp_path_factory.mktemp("contract")
-    port = free_port()
-    settings = ("DB_", "SMTP_", "API_", "PROMETHEUS_", "DISPATCH", "EMAIL", "LOG_", "WEB_",
-                "USER_TOKEN", "STREAM_")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(settings)}
-    env.update(
-        DB_URI=mongo_server.uri(contract_db),
+    env = {
+        "DB_URI": mongo_server.uri(contract_db),
         **smtp.env(),
-        PORT=str(port),
-        WEB_WORKERS="1",
-        API_KEYS=KEY,
+        "WEB_WORKERS": "1",
+        "API_KEYS": KEY,
         # POST /token mints tokens (without the secret it answers 501 tokens_not_configured).
-        USER_TOKEN_SECRET="contract-" + "s" * 32,
-        EMAIL="created@example.com",  # test mode: /create makes the users it does not know
+        "USER_TOKEN_SECRET": "contract-" + "s" * 32,
+        "EMAIL": "created@example.com",  # test mode: /create makes the users it does not know
         # The dispatcher sends for real (GET /email shows sent and failed emails too),
         # but slowly: the fan-outs queue thousands, whose sending would take the CPU
         # from the run.
-        SMTP_RATE_LIMIT="2",
-        LOG_LEVEL="WARNING",
-        TMPDIR=str(run_dir),  # serve's run directory, here rather than in /tmp
-    )
+        "SMTP_RATE_LIMIT": "2",
+        "LOG_LEVEL": "WARNING",
+        "TMPDIR": str(run_dir),  # serve's run directory, here rather than in /tmp
+    }
     # serve execs granian: the process is the web server, SIGTERM its graceful stop.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=run_dir
-    )
-    served = Service(port, process)
+    child, url = start_service(env, run_dir)
+    served = Service(url)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, "the service exited"
-            with contextlib.suppress(OSError):
-                if served.health() == 200:
-                    break
-            assert time.monotonic() < deadline, "the service did not answer"
-            time.sleep(0.1)
         yield served
     finally:
         served.session.close()
-        process.terminate()
-        try:
-            process.wait(45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        child.stop(timeout=45)
 
 
 # schemathesis's own lists (5xx is not_a_server_error's to report), and 413: a body over

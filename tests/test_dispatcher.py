@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from notification_service.dispatcher import (
     backoff_seconds,
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
+from notification_service.embedded import start_worker
 from notification_service.mongo_connector import DatabaseUnavailable, InboxStore
 from notification_service.notifications import utc_now
 from notification_service.outbox import Outbox
@@ -264,18 +266,7 @@ def test_consecutive_sends_reuse_one_connection(
 
 def worker_env(config: Config, server: SmtpServer, **extra: str) -> dict[str, str]:
     assert config.db_uri is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "DISPATCH"))}
-    env.update(server.env(), DB_URI=config.db_uri, LOG_LEVEL="WARNING")
-    env.update(extra)
-    return env
-
-
-def start_worker(env: dict[str, str], threads: int = 1) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "notification_service", "worker", "--threads", str(threads)],
-        env=env,
-        cwd="/",  # no stray .env from the checkout
-    )
+    return {**server.env(), "DB_URI": config.db_uri, "LOG_LEVEL": "WARNING", **extra}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -297,7 +288,12 @@ def silent_smtp() -> Iterator[int]:
 
 
 def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
-    mail_app: Flask, smtp_server: SmtpServer, silent_smtp: int, db: Any, user_id: str
+    mail_app: Flask,
+    smtp_server: SmtpServer,
+    silent_smtp: int,
+    db: Any,
+    user_id: str,
+    tmp_path: Path,
 ) -> None:
     services = runtime(mail_app).services
     mail_app.test_client().post("/create", json={"user_id": user_id, "key": "registration"})
@@ -305,12 +301,12 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
         services.config, smtp_server, SMTP_PORT=str(silent_smtp), SMTP_TIMEOUT="2",
         DISPATCH_LEASE_SECONDS="8",
     )  # fmt: skip
-    worker = start_worker(env)
+    worker = start_worker(env, tmp_path)
     try:
         wait_until(lambda: outbox(db)[0]["status"] == "sending", 20, "the worker's claim")
     finally:
-        worker.send_signal(signal.SIGKILL)
-        worker.wait()
+        worker.process.kill()  # mid-send: no chance to record anything
+        worker.process.wait()
     [claimed] = outbox(db)
     assert claimed["attempts"] == 1
 
@@ -326,7 +322,7 @@ def test_claim_of_a_killed_dispatcher_is_taken_over_after_the_lease(
 
 
 def test_three_worker_processes_deliver_every_email_exactly_once(
-    mail_app: Flask, smtp_server: SmtpServer, db: Any
+    mail_app: Flask, smtp_server: SmtpServer, db: Any, tmp_path: Path
 ) -> None:
     services = runtime(mail_app).services
     now = datetime.now(UTC)
@@ -340,16 +336,16 @@ def test_three_worker_processes_deliver_every_email_exactly_once(
             for i in range(total)
         ]
     )  # fmt: skip
-    env = worker_env(services.config, smtp_server)
-    workers = [start_worker(env, threads=2) for _ in range(3)]
+    env = worker_env(services.config, smtp_server, DISPATCHER_THREADS="2")
+    workers = [start_worker(env, tmp_path, name=f"worker-{i}") for i in range(3)]
     try:
         wait_until(
             lambda: db.email_outbox.count_documents({"status": "sent"}) == total, 120, "delivery"
         )
     finally:
         for w in workers:
-            w.send_signal(signal.SIGTERM)
-        codes = [w.wait(30) for w in workers]
+            w.process.terminate()
+        codes = [w.process.wait(30) for w in workers]
     assert codes == [0, 0, 0]  # SIGTERM is a clean stop
     received = smtp_server.wait_for_messages(total, timeout=10)
     ids = [m.message["Message-ID"] for m in received]
@@ -460,9 +456,9 @@ def test_worker_logs_the_backlog_and_stops_cleanly(
         )  # fmt: skip
     smtp_server.stop()  # nothing can leave: the backlog stays
     env = worker_env(services.config, smtp_server, LOG_LEVEL="INFO")
-    worker = subprocess.Popen(
+    worker = subprocess.Popen(  # its stderr read here
         [sys.executable, "-m", "notification_service", "worker"],
-        env=env,
+        env={**os.environ, **env},
         cwd="/",
         stderr=subprocess.PIPE,
         text=True,

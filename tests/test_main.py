@@ -22,26 +22,26 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from bson import ObjectId
-from conftest import MongoServer, free_port
+from conftest import MongoServer
 from pymongo import MongoClient
 
 from notification_service.__main__ import main
-from notification_service.embedded import alive
+from notification_service.embedded import Child, alive, free_port, start_service
 
 USER = "638f394d4b7243fc0399ea67"
 
 
-def start_serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
-    env.update(PORT=str(port), DATA_DIR=str(data_dir), EMAIL="test@example.com", WEB_WORKERS="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=data_dir
-    )
+def start_serve(data_dir: Path, **settings: str) -> tuple[Child, str]:
+    """`serve` keeping its data in `data_dir`; without DB_URI and SMTP_HOST in `settings`
+    it starts the embedded database and mail sink, as `make run` does."""
+    env = {"DATA_DIR": str(data_dir), "EMAIL": "test@example.com", "WEB_WORKERS": "1",
+           "DB_URI": "", "SMTP_HOST": ""} | settings  # fmt: skip
+    return start_service(env, data_dir / "test-run")
 
 
-def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def call(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
+        f"{url}{path}",
         method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
@@ -51,18 +51,6 @@ def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
-
-
-def wait_serving(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "serve exited"
-        try:
-            call(port, "GET", f"/list?user_id={USER}")
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("serve did not answer in time")
 
 
 def child_pids(data_dir: Path) -> list[int]:
@@ -77,13 +65,11 @@ def wait_gone(pids: list[int], timeout: float = 30) -> None:
 
 
 def test_serve_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
-    port = free_port()
-    process = start_serve(tmp_path, port)
+    serve, url = start_serve(tmp_path)
     try:
-        wait_serving(port, process)
         pids = child_pids(tmp_path)
         assert len(pids) == 3  # database, mail sink, web server
-        status, body = call(port, "POST", "/create", {"user_id": USER, "key": "registration"})
+        status, body = call(url, "POST", "/create", {"user_id": USER, "key": "registration"})
         assert status == 201 and body["success"] is True
         deadline = time.monotonic() + 15
         while not list((tmp_path / "mail").glob("*.eml")):
@@ -91,34 +77,29 @@ def test_serve_runs_everything_and_ctrl_c_stops_it_all(tmp_path: Path) -> None:
             time.sleep(0.1)
         [eml] = (tmp_path / "mail").glob("*.eml")
         assert b"registration" in eml.read_bytes()
-        process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.process.wait(60) == 0
         wait_gone(pids)
         assert child_pids(tmp_path) == []
     finally:
-        if process.poll() is None:
-            process.kill()
+        serve.stop()
 
 
 def test_serve_starts_again_after_a_crash_and_keeps_data(tmp_path: Path) -> None:
-    port = free_port()
-    process = start_serve(tmp_path, port)
+    serve, url = start_serve(tmp_path)
     try:
-        wait_serving(port, process)
-        assert call(port, "POST", "/create", {"user_id": USER, "key": "new_post"})[0] == 201
+        assert call(url, "POST", "/create", {"user_id": USER, "key": "new_post"})[0] == 201
         pids = child_pids(tmp_path)
-        process.kill()  # no chance to clean up: the children must not outlive it
-        process.wait()
+        serve.process.kill()  # no chance to clean up: the children must not outlive it
+        serve.process.wait()
         wait_gone(pids)
-        process = start_serve(tmp_path, port)
-        wait_serving(port, process)
-        status, body = call(port, "GET", f"/list?user_id={USER}")
+        serve, url = start_serve(tmp_path)
+        status, body = call(url, "GET", f"/list?user_id={USER}")
         assert status == 200 and body["success"] is True
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        serve.stop()
 
 
 def test_invalid_configuration_stops_the_start_naming_the_variable(
@@ -133,25 +114,16 @@ def test_invalid_configuration_stops_the_start_naming_the_variable(
 def test_serve_with_database_and_smtp_settings_delivers_there(
     tmp_path: Path, db_uri: str, smtp_server: Any
 ) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
-    env.update(
-        smtp_server.env(), PORT=str(port), DB_URI=db_uri, EMAIL="test@example.com", WEB_WORKERS="1"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=tmp_path
-    )
+    serve, url = start_serve(tmp_path, **smtp_server.env(), DB_URI=db_uri)
     try:
-        wait_serving(port, process)
-        assert not (tmp_path / "var").exists()  # nothing embedded was started
-        assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+        assert not (tmp_path / "run").exists()  # nothing embedded was started
+        assert call(url, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
         [received] = smtp_server.wait_for_messages(1, timeout=15)
         assert "registration" in received.message["Subject"]
-        process.send_signal(signal.SIGTERM)  # gunicorn itself: serve replaced itself with it
-        assert process.wait(60) == 0
+        serve.process.send_signal(signal.SIGTERM)  # granian itself: serve exec'd it
+        assert serve.process.wait(60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        serve.stop()
 
 
 # --- SIGTERM drains what is in flight -------------------------------------------------
@@ -193,20 +165,13 @@ def test_sigterm_answers_the_request_in_flight_and_records_the_send_in_flight(
     controller = Controller(smtp, hostname="127.0.0.1", port=free_port())
     controller.start()
     database = f"drain_{ObjectId()}"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
-    env.update(
-        DB_URI=failpoint_server.uri(database), SMTP_HOST="127.0.0.1",
-        SMTP_PORT=str(controller.port), SMTP_SECURITY="none", PORT=str(port),
-        EMAIL="test@example.com", WEB_WORKERS="1", DISPATCHER_THREADS="1",
+    serve, url = start_serve(
+        tmp_path, DB_URI=failpoint_server.uri(database), SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(controller.port), SMTP_SECURITY="none", DISPATCHER_THREADS="1",
     )  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "notification_service", "serve"], env=env, cwd=tmp_path
-    )
     answered: list[tuple[int, Any, float]] = []
     try:
-        wait_serving(port, process)
-        assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+        assert call(url, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
         assert smtp.data_started.wait(15), "the dispatcher did not start the send"
         with MongoClient(failpoint_server.uri("admin")) as admin:
             # The dispatcher is inside SMTP, not the database: the block is the request's.
@@ -217,20 +182,19 @@ def test_sigterm_answers_the_request_in_flight_and_records_the_send_in_flight(
             )  # fmt: skip
 
         def count() -> None:
-            status, body = call(port, "GET", f"/count?user_id={USER}")
+            status, body = call(url, "GET", f"/count?user_id={USER}")
             answered.append((status, body, time.monotonic()))
 
         request = threading.Thread(target=count)
         request.start()
         time.sleep(0.5)
         terminated = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(60) == 0
         exited = time.monotonic()
         request.join(10)
     finally:
-        if process.poll() is None:
-            process.kill()
+        serve.stop()
         controller.stop()
     [(status, body, answered_at)] = answered
     assert status == 200 and body["success"] is True
@@ -287,14 +251,16 @@ def run_serve_and_stop(env: dict[str, str], cwd: Path, port: int, smtp_server: A
         for reader in readers:
             reader.start()
         try:
-            wait_serving(port, process)
-            assert call(port, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
-            smtp_server.wait_for_messages(1, timeout=15)
-            # Every worker loaded: granian loses a SIGTERM that reaches one still loading.
-            deadline = time.monotonic() + 30
+            # Every worker loaded (granian loses a SIGTERM that reaches one still
+            # loading); it listened before it started them.
+            deadline = time.monotonic() + 60
             while not any("Started worker-2" in line for line in lines):
+                assert process.poll() is None, "serve exited"
                 assert time.monotonic() < deadline, "the second web worker did not start"
                 time.sleep(0.1)
+            url = f"http://127.0.0.1:{port}"
+            assert call(url, "POST", "/create", {"user_id": USER, "key": "registration"})[0] == 201
+            smtp_server.wait_for_messages(1, timeout=15)
             process.send_signal(signal.SIGTERM)
             assert process.wait(60) == 0
         finally:
@@ -310,11 +276,9 @@ def test_every_line_serve_prints_is_in_log_format_granians_own_included(
     tmp_path: Path, db_uri: str, smtp_server: Any, log_format: str
 ) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "SMTP_", "DISPATCH"))}
-    env.update(
-        smtp_server.env(), PORT=str(port), DB_URI=db_uri, EMAIL="test@example.com",
-        WEB_WORKERS="2", LOG_LEVEL="INFO", LOG_FORMAT=log_format,
-    )  # fmt: skip
+    env = {**os.environ, **smtp_server.env(), "PORT": str(port), "DB_URI": db_uri,
+           "EMAIL": "test@example.com", "WEB_WORKERS": "2", "LOG_LEVEL": "INFO",
+           "LOG_FORMAT": log_format}  # fmt: skip
     lines = run_serve_and_stop(env, tmp_path, port, smtp_server)
     said: list[tuple[str, str]] = []
     for line in lines:
@@ -344,17 +308,14 @@ def test_serve_gives_its_web_server_an_emptied_metrics_directory(tmp_path: Path)
     stale = tmp_path / "run" / "metrics" / "counter_1.db"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by an earlier run")
-    port = free_port()
-    process = start_serve(tmp_path, port)
+    serve, url = start_serve(tmp_path)
     try:
-        wait_serving(port, process)
         assert not stale.exists()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             text = response.read().decode()
         assert "notification_service_http_requests_total" in text
         assert "notification_service_database_up 1.0" in text
-        process.send_signal(signal.SIGINT)
-        assert process.wait(60) == 0
+        serve.process.send_signal(signal.SIGINT)
+        assert serve.process.wait(60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        serve.stop()
