@@ -188,14 +188,14 @@ def secantusd_command() -> str:
 # - The oplog bounds (SecantusDB keeps 100,000 entries or an hour by default): nothing
 #   here reads the oplog yet (no change streams), and 10 minutes are enough for a
 #   change stream to resume. After 300,000 writes the data directory held 0.4 GB
-#   against 1.2 GB with the defaults, at the same cost per write (bench/README.md).
+#   against 1.2 GB with the defaults, at the same cost per write (docs/measurements-history.md).
 DATABASE_FLAGS: tuple[str, ...] = (
     "--sync-on-commit",
     "--oplog-max-entries", "20000",
     "--oplog-retention-seconds", "600",
 )  # fmt: skip
 # One node: there is no other primary to fail over to, and SecantusDB's registry of
-# retryable-write replies made every write several times dearer (bench/README.md).
+# retryable-write replies made every write several times dearer (docs/measurements-history.md).
 DATABASE_URI_OPTIONS = "retryWrites=false"
 
 
