@@ -7,6 +7,8 @@ A test that needs other settings builds its own with `make_config(...)`.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +33,16 @@ from notification_service.embedded import Child, free_port, start_database
 from notification_service.server import Runtime, create_app, runtime_of
 
 pytest_plugins = ("smtp_fixtures",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep a developer's exported settings away from the services the tests start
+    (embedded.start_service passes os.environ on, as `make run` must): every variable
+    .env.example documents, and the metrics directory `serve` would share."""
+    example = Path(__file__).resolve().parent.parent / ".env.example"
+    names = re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", example.read_text(), re.MULTILINE)
+    for name in [*names, "PROMETHEUS_MULTIPROC_DIR"]:
+        os.environ.pop(name, None)
 
 
 @dataclass
