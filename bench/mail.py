@@ -76,7 +76,7 @@ def records(count: int, config: Config) -> list[dict[str, Any]]:
 def email_figures(
     db_uri: str, sink_port: int, rounds: int, quick: bool, progress: Callable[[str], None]
 ) -> list[Figure]:
-    count, name = (100 if quick else 500), f"bench_email_{uuid.uuid4().hex[:8]}"
+    count, name = (150 if quick else 750), f"bench_email_{uuid.uuid4().hex[:8]}"
     commands = Commands(name)
     monitoring.register(commands)  # before build_runtime creates the service's client
     # As `make run` runs its dispatchers: the defaults, and what serve sets for its sink.
