@@ -18,6 +18,8 @@ class Figure:
     note: str = ""  # why a goal is missed, where the time goes
     rounds: list[float] = field(default_factory=list)
     load: list[tuple[float, float]] = field(default_factory=list)  # 1-min load before, after
+    # What the figure is made of, one value a round, shown beside it: "service req/s".
+    detail: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, measure: Callable[[], float]) -> float:
         """Run one round of `measure`, keeping its value and the load around it."""
@@ -26,6 +28,12 @@ class Figure:
         self.rounds.append(value)
         self.load.append((before, os.getloadavg()[0]))
         return value
+
+    def keep(self, name: str, value: float) -> None:
+        self.detail.setdefault(name, []).append(value)
+
+    def part(self, name: str) -> float:
+        return statistics.median(self.detail[name])
 
     @property
     def median(self) -> float:

@@ -1,32 +1,386 @@
-"""Run every benchmark, one after the other: `make bench`.
-
-Each script prints its figures and saves its raw output under bench/results/;
-bench/README.md says how to read them. `make bench QUICK=1` makes short runs that only
-print, so they never replace the recorded full runs.
-"""
+"""`make bench`: every performance claim side by side in one run, in interleaved rounds;
+writes bench/RESULTS.md and bench/*.png (QUICK=1: shorter, bench/RESULTS-quick.md)."""
 
 from __future__ import annotations
 
+import importlib.metadata as meta
+import json
 import os
+import platform
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-HERE = Path(__file__).resolve().parent
-# oplog_growth.py (300,000 writes a server, about 25 minutes) runs on its own.
-BENCHMARKS = ["email_throughput.py", "serving.py", "durability.py", "inbox.py", "streams.py"]
+import psutil
+from figures import Figure
+from harness import Load, Request, cpu_seconds, http_load, mongo_load, rss_mb
+from service import ENDPOINTS, HERE, Recorder, Server, Stack, Users, seed
+
+from notification_service.embedded import free_port
+
+QUICK = os.environ.get("QUICK", "") not in ("", "0")
+ROUNDS, SECONDS, CONNS = (1, 1, (16,)) if QUICK else (3, 2, (1, 16, 64))
+AT, RUN = 16, 300 * SECONDS  # the connections of other sections; distinct requests a run
+SIZES = {500: 10, 100: 30, 10: 100} if QUICK else {500: 30, 100: 100, 10: 300}  # users
+LARGE, MIXED = (10_000, 10_000) if QUICK else (100_000, 100_000)
+GROWN = ("GET /list", "GET /count", "POST /create") if QUICK else tuple(ENDPOINTS)
+# Endpoints that share users never undo each other's work (reads; creates only prepend).
+ROLE = {"GET /list": 0, "GET /count": 0, "POST /read": 1, "POST /read-all": 2,
+        "POST /delete": 3, "POST /create": 4, "POST /create +email": 4}  # fmt: skip
+ONE = ("GET /list", "GET /count", "POST /read", "POST /read-all", "POST /delete", "POST /create")
+WHY = {
+    "POST /create +email": "one transaction: the record, the user read for the email, the "
+    "outbox insert, commitTransaction",
+    "write": "the update, then a read by _id of the counts and of what this write changed "
+    "(findAndModify would be one, but SecantusDB answers it with a collection scan)",
+}
+# What a section's table shows of the runs behind a figure.
+SHOW = {"2": ("req/s", "p50", "p99"), "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"),
+        "9": ("req/s", "server CPU")}  # fmt: skip
+START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
+LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
+Side = tuple[str, Callable[[], Load]]
+Duel = tuple[Figure, list[Side]]
+
+
+def progress(line: str) -> None:
+    print(f"[{time.monotonic() - START:4.0f}s] {line}", file=CONSOLE)
+
+
+def ratio(section: str, name: str, goal: str = "", least: float | None = None) -> Figure:
+    met = None if least is None else (lambda v: v >= least)
+    return Figure(section, name, "ratio", goal, met)
+
+
+def versus(fig: Figure, rnd: int, sides: list[Side]) -> float:
+    """One round of the sides (reversed on odd rounds): the first's rate / the last's."""
+    rates = {}
+    for name, run in sides if rnd % 2 == 0 else sides[::-1]:
+        load = run()
+        rates[name] = load.rate
+        cpu = {f"{k} CPU ms/req": v for k, v in load.cpu_ms.items()}
+        parts = {"req/s": load.rate, "p50 ms": load.p50_ms, "p99 ms": load.p99_ms, **cpu}
+        for key, value in {**parts, "errors": load.errors}.items():
+            fig.keep(f"{name} {key}", value)
+    return rates[sides[0][0]] / rates[sides[-1][0]]
+
+
+def play(duels: list[Duel]) -> list[Figure]:
+    """ROUNDS rounds, each of every duel in turn."""
+    for rnd in range(ROUNDS):
+        for fig, sides in duels:
+            value = fig.add(partial(versus, fig, rnd, sides))
+            rates = " vs ".join(f"{fig.detail[f'{name} req/s'][-1]:.0f}" for name, _ in sides)
+            progress(f"{rnd + 1}/{ROUNDS} §{fig.section[0]} {fig.name}: {value:.2f} ({rates}/s)")
+    return [fig for fig, _ in duels]
+
+
+class Bench:
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.cursors = stack, dict[tuple[str, str, int], int]()
+        self.main = {role: Users(10 + role, 1000, 10) for role in set(ROLE.values())}
+        sizes = enumerate(SIZES.items())
+        self.sized = {(size, role): Users(20 + 10 * i + role, count, size)
+                      for i, (size, count) in sizes for role in self.main}  # fmt: skip
+        template = Users(1, 10, 10)
+        for users in [template, *self.main.values(), *self.sized.values()]:
+            seed(stack.db_uri, users)
+        self.svc, self.floor = stack.service("service"), stack.floor()
+        self.recorder = Recorder(stack.env)
+        recorded = {e: self.recorder.record(e, template) for e in ENDPOINTS}
+        self.commands = {e: count for e, (count, _) in recorded.items()}
+        self.replays = {e: replay for e, (_, replay) in recorded.items()}
+
+    def cpu(self, pid: int) -> dict[str, int]:
+        return {"server": pid, "db": self.stack.db.process.pid}
+
+    def picks(self, where: str, endpoint: str, users: Users, count: int = RUN) -> list[Any]:
+        """The next `count` (user, notification) of the endpoint on that server's data."""
+        start = self.cursors.get((where, endpoint, users.group), 0)
+        self.cursors[(where, endpoint, users.group)] = start + count
+        return [users.pick(n) for n in range(start, start + count)]
+
+    def http(self, server: Server, endpoint: str, users: Users, conns: int = AT) -> Load:
+        reqs = [ENDPOINTS[endpoint](*p) for p in self.picks(server.url, endpoint, users)]
+        load = http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid))
+        return self._took(server.url, endpoint, users, load, conns)
+
+    def raw(self, endpoint: str, users: Users, conns: int) -> Load:
+        reqs = [self.replays[endpoint](*p) for p in self.picks(self.svc.url, endpoint, users)]
+        load = mongo_load(self.stack.db_uri, reqs, conns, SECONDS, self.cpu(self.svc.pid))
+        return self._took(self.svc.url, endpoint, users, load, 0)
+
+    def _took(self, where: str, endpoint: str, users: Users, load: Load, unanswered: int) -> Load:
+        """Those not sent are the next run's (those sent, answered or not, were done)."""
+        self.cursors[(where, endpoint, users.group)] -= RUN - min(RUN, load.requests + unanswered)
+        return load
+
+    def side(self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT) -> Side:
+        return name, partial(self.http, server, endpoint, users, conns)
+
+
+def cost(bench: Bench) -> list[Figure]:
+    s1, s2, s3 = "1. Service cost per request", "2. Throughput and latency", "3. Database work"
+    floor = Figure(s1, f"floor: a one-line Flask JSON endpoint, {AT} conns", "CPU ms/req")
+    get: list[Request] = [("GET", "/", None)]
+    duels: list[Duel] = [
+        (floor, [("floor", partial(http_load, bench.floor.url, get, AT, SECONDS,
+                                   {"server": bench.floor.pid}))])]  # fmt: skip
+    for e in ENDPOINTS:
+        users = bench.main[ROLE[e]]
+        duels += [(ratio(s2, f"{e}, {c} conns: service / raw pymongo", "≥ 0.9", 0.9),
+                   [bench.side("service", bench.svc, e, users, c),
+                    ("raw", partial(bench.raw, e, users, c))]) for c in CONNS]  # fmt: skip
+    pairs = {f.name.split(",")[0]: f for f in play(duels)[1:] if f" {AT} conns" in f.name}
+    floor.rounds = floor.detail.pop("floor server CPU ms/req")
+    cost, work = [], []
+    for e, pair in pairs.items():
+        service, client = (pair.detail[f"{k} CPU ms/req"] for k in ("service server", "raw client"))
+        fig = Figure(s1, f"{e}: (service - raw client) / floor", "ratio", "≤ 1.5",
+                     lambda v: v <= 1.5, load=pair.load)  # fmt: skip
+        fig.rounds = [(s - c) / f for s, c, f in zip(service, client, floor.rounds, strict=True)]
+        fig.detail = {"service CPU ms/req": service, "raw client CPU ms/req": client}
+        n, one = bench.commands[e], e in ONE
+        cost.append(fig)
+        work.append(Figure(s3, f"{e}: commands per request", "commands", "1" if one else "",
+                           (lambda v: v <= 1) if one else None, rounds=[n], load=pair.load,
+                           note="" if n == 1 else WHY.get(e, WHY["write"])))  # fmt: skip
+        work[-1].detail["database CPU ms/req"] = pair.detail["service db CPU ms/req"]
+    return [floor, *cost, *[fig for fig, _ in duels[1:]], *work]
+
+
+def growth(bench: Bench, stack: Stack) -> list[Figure]:
+    sides = []
+    for total in (LARGE, 1000):
+        uri = urlsplit(stack.db_uri)._replace(path=f"/users_{total}").geturl()
+        users = {role: Users(10 + role, total // len(bench.main), 10) for role in bench.main}
+        progress(f"seeding {total:,} users")
+        for group in users.values():
+            seed(uri, group)
+        sides.append((f"{total:,} users", stack.service(f"users-{total}", DB_URI=uri), users))
+    duels = [(ratio("4. Growth", f"{e}: {LARGE:,} / 1,000 users", "≥ 0.9 (flat)", 0.9),
+              [bench.side(name, server, e, users[ROLE[e]]) for name, server, users in sides])
+             for e in GROWN]  # fmt: skip
+    duels += [(ratio("4. Growth", f"{e}: 500 / 10 notifications a user"),
+               [bench.side(f"{size} notifications", bench.svc, e, bench.sized[(size, ROLE[e])])
+                for size in SIZES]) for e in GROWN]  # fmt: skip
+    figs = play(duels)
+    for _, server, _ in sides:
+        server.child.stop()
+    return figs
+
+
+def fan_out(bench: Bench) -> list[Figure]:
+    users = bench.main[ROLE["POST /create"]]
+    body = json.dumps({"user_ids": [users.pick(n)[0] for n in range(1000)], "key": "new_message"})
+    headers = {"Content-Type": "application/json"}
+    post = urllib.request.Request(f"{bench.svc.url}/create", body.encode(), headers)
+
+    def user_ids() -> Load:
+        cpu0, start = cpu_seconds(bench.cpu(bench.svc.pid)), time.perf_counter()
+        with urllib.request.urlopen(post, timeout=600) as response:
+            made = json.load(response)["data"]["totals"]["created"]
+        took, cpu = time.perf_counter() - start, cpu_seconds(bench.cpu(bench.svc.pid))
+        per = {k: 1000 * (cpu[k] - cpu0[k]) / max(1, made) for k in cpu}
+        return Load(made, took, 1000 - made, 1000 * took, 1000 * took, per)
+
+    fig = ratio("5. Fan-out", "notifications/s: user_ids of 1,000 / single creates", "≥ 20", 20)
+    fig.note = "db CPU a notification: SecantusDB's work per update is the bound"
+    single = bench.side("single", bench.svc, "POST /create", users)
+    return play([(fig, [("user_ids", user_ids), single])])
+
+
+def durability(bench: Bench, stack: Stack) -> list[Figure]:
+    loose = stack.service("unjournaled", DB_URI=f"{stack.db_uri}&w=1&journal=false")
+    users = bench.main[ROLE["POST /create"]]
+    fig = ratio("7. Durability's price", f"POST /create, {AT} conns: w=1,journal=false / default")
+    fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the client asks"
+    figs = play([(fig, [bench.side("w=1", loose, "POST /create", users),
+                        bench.side("journaled", bench.svc, "POST /create", users)])])  # fmt: skip
+    loose.child.stop()
+    return figs
+
+
+def peers(bench: Bench, stack: Stack) -> list[Figure]:
+    import peer
+
+    other = peer.start_peer(stack.db_uri, stack.run_dir, free_port())
+    if isinstance(other, str):
+        return [Figure("9. Peers", f"skipped: {other}", "")]
+    stack.children.append(other.child)
+    peer.seed(stack.db_uri, [bench.main[0].pick(n)[0] for n in range(1000)])
+    duels: list[Duel] = []
+    for path, e in (("/list", "GET /list"), ("/create", "POST /create")):
+        reqs = [other.requests[path](u) for u, _ in bench.picks("peer", e, bench.main[ROLE[e]])]
+        cpu = bench.cpu(other.child.process.pid)
+        name = f"{e}, {AT} conns: service / {other.repo} at {other.commit[:7]}"
+        ours = bench.side("service", bench.svc, e, bench.main[ROLE[e]])
+        theirs = partial(http_load, other.base_url, reqs, AT, SECONDS, cpu)
+        duels.append((ratio("9. Peers", name), [ours, ("peer", theirs)]))
+    figs = play(duels)
+    other.child.stop()
+    return figs
+
+
+def memory(bench: Bench) -> list[Figure]:
+    reads, creates, mixed = bench.main[0], bench.main[ROLE["POST /create"]], list[Request]()
+    for n in range(RUN):  # answers of every kind: reads, a write, a 400, a 404, a 405, static
+        user, _ = reads.pick(n)
+        mixed += [ENDPOINTS["GET /list"](user, ""), ENDPOINTS["GET /count"](user, ""),
+                  ENDPOINTS["POST /create"](*creates.pick(n)), ("GET", "/health", None),
+                  ("GET", f"/count?user_id=x{n}", None), ("GET", f"/nope/{n}", None),
+                  ("DELETE", "/list", None), ("GET", "/openapi.json", None)]  # fmt: skip
+    http_load(bench.svc.url, mixed, AT, SECONDS, {})  # every cache filled first
+    before, load_before, done = rss_mb(bench.svc.pid), os.getloadavg()[0], 0
+    while done < MIXED:
+        load = http_load(bench.svc.url, mixed, AT, 10 * SECONDS, {})
+        done += load.requests
+        progress(f"§8 mixed requests: {done:,} of {MIXED:,} at {load.rate:.0f}/s (3 in 8 are 4xx)")
+    figs = []
+    for i, (b, a) in enumerate(zip(before, rss_mb(bench.svc.pid), strict=True)):
+        name = f"{'granian main' if i == 0 else f'worker {i}'}: RSS growth, {done:,} requests"
+        around = [(load_before, os.getloadavg()[0])]
+        figs.append(Figure("8. Memory", name, "MB", "≤ 5", lambda v: v <= 5, rounds=[a - b],
+                           load=around, detail={"RSS before MB": [b]}))  # fmt: skip
+    return figs
+
+
+def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
+    missed = {f.name.split(":")[0].split(",")[0] for f in figures
+              if f.section[0] in "12" and f.verdict == "missed"}  # fmt: skip
+    picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 30 if QUICK else 200)
+             for e in ENDPOINTS if e in missed}  # fmt: skip
+    return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> None:
+    def out(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, cwd=HERE).stdout.strip()
+
+    cpu = [ln.split(":")[1].strip() for ln in out("lscpu").splitlines() if "Model name" in ln]
+    changed = out("git", "status", "-s", "../notification_service") and " + changes"
+    wrk = out("wrk", "-v").split(" [")[0] if shutil.which("wrk") else "no wrk: Python generator"
+    versions = [f"{d} {meta.version(d)}" for d in ("flask", "pymongo", "granian", "secantusdb")]
+    lines = [f"# make bench{' QUICK=1' if QUICK else ''}", "",
+             f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {(time.monotonic() - START) / 60:.0f} "
+             f"min, commit {out('git', 'rev-parse', '--short', 'HEAD')}{changed}, {ROUNDS} "
+             f"interleaved round(s) of runs of {SECONDS} s",
+             f"- {(cpu or ['?'])[0]}, {psutil.cpu_count()} cores, "
+             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, shared with others",
+             f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}", "",
+             "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
+    for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
+        head = "| figure | median (min..max) | goal | | load | detail |"
+        lines += ["", f"## {section}", "", head, "|---|---|---|---|---|---|"]
+        for f in (f for f in figures if f.section == section):
+            spread = f" ({_fmt(min(f.rounds))}..{_fmt(max(f.rounds))})" if len(f.rounds) > 1 else ""
+            value = f"{_fmt(f.median)} {f.unit}{spread}" if f.rounds else ""
+            load = f"{f.load[0][0]:.1f} → {f.load[-1][1]:.1f}" if f.load else ""
+            kinds, shown = (
+                ("req/s", "p50", "p99", "CPU", "errors"),
+                SHOW.get(section[0], ("req/s",)),
+            )
+            detail = [f"{k} {_fmt(statistics.median(v))}" for k, v in f.detail.items()
+                      if not any(t in k for t in kinds) or any(t in k for t in shown)
+                      or ("errors" in k and max(v))] + [f.note] * bool(f.note)  # fmt: skip
+            lines.append(f"| {f.name} | {value} | {f.goal} | {f.verdict} | {load} | "
+                         f"{'; '.join(detail)} |")  # fmt: skip
+    lines += ["", "## Where the service's CPU goes", "", "cProfile (CPU time) of the service in "
+              "one process (create_app, its test client) on each endpoint that missed a goal "
+              "of section 1 or 2; ms/req: cumulative, callees included."]  # fmt: skip
+    for endpoint, rows in profiled.items():
+        lines += ["", f"`{endpoint}`", "", "```", *rows, "```"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def charts(figures: list[Figure], suffix: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    named = {f.name: f for f in figures if f.rounds}
+
+    def chart(name: str, panels: list[tuple[str, str, list[str], tuple[str, ...]]]) -> None:
+        """Panels of bars: (title, figure name with {e}, detail keys, endpoints)."""
+        fig, axes = plt.subplots(1, len(panels), figsize=(9, 5), squeeze=False)
+        for ax, (title, figure, keys, endpoints) in zip(axes[0], panels, strict=True):
+            width, at = 0.8 / len(keys), range(len(endpoints))
+            for k, key in enumerate(keys):
+                values = [named[figure.format(e=e)].part(key) for e in endpoints]
+                ax.bar(
+                    [i + (k - (len(keys) - 1) / 2) * width for i in at], values, width, label=key
+                )
+            ax.set_xticks(at, [e.split(" ", 1)[1] for e in endpoints], rotation=60)
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(HERE / f"{name}{suffix}.png", dpi=100)
+        plt.close(fig)
+
+    try:
+        rates, everything = ["service req/s", "raw req/s"], tuple(ENDPOINTS)
+        chart("throughput", [(f"{c} connections", f"{{e}}, {c} conns: service / raw pymongo",
+                              rates, everything) for c in CONNS])  # fmt: skip
+        floor = next(f.median for f in figures if f.name.startswith("floor"))
+        chart("cpu", [(f"CPU ms per request, {AT} connections (one-line Flask: {floor:.2f})",
+                       "{e}: (service - raw client) / floor",
+                       ["service CPU ms/req", "raw client CPU ms/req"], everything)])  # fmt: skip
+        chart("growth", [("req/s by users in the collection", f"{{e}}: {LARGE:,} / 1,000 users",
+                          [f"{LARGE:,} users req/s", "1,000 users req/s"], GROWN),
+                         ("req/s by notifications a user", "{e}: 500 / 10 notifications a user",
+                          [f"{size} notifications req/s" for size in SIZES], GROWN)])  # fmt: skip
+    except (KeyError, StopIteration) as exc:  # a section failed: its chart is left out
+        progress(f"charts incomplete: {exc!r}")
 
 
 def main() -> int:
-    quick = os.environ.get("QUICK", "") not in ("", "0") or "--quick" in sys.argv[1:]
-    failed = []
-    for script in BENCHMARKS:
-        argv = [sys.executable, str(HERE / script), *(["--quick", "--no-save"] if quick else [])]
-        print(f"\n=== {script} {'(quick)' if quick else ''}", flush=True)
-        if subprocess.run(argv, cwd=HERE.parent).returncode != 0:
-            failed.append(script)
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    failed, figures, profiled = False, list[Figure](), dict[str, list[str]]()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, LOG.open("wb") as log:
+        os.dup2(log.fileno(), 1)  # the servers' output (a line a request), not the console's
+        os.dup2(log.fileno(), 2)
+        progress("seeding users, starting the service and the floor")
+        stack = Stack(Path(tmp))
+        try:
+            bench = Bench(stack)
+
+            def email() -> list[Figure]:
+                import mail
+
+                return mail.email_figures(stack.db_uri, stack.sink_port, ROUNDS, QUICK, progress)
+
+            for section in (partial(cost, bench), partial(growth, bench, stack),
+                            partial(fan_out, bench), email, partial(durability, bench, stack),
+                            partial(peers, bench, stack), partial(memory, bench)):  # fmt: skip
+                try:
+                    figures += section()
+                except Exception as exc:  # the others still run, and all are written
+                    failed = True
+                    progress(f"FAILED: {exc!r}")
+            profiled = profiles(bench, figures)
+        except BaseException as exc:
+            progress(f"FAILED: {exc!r}; the servers' output is in {LOG}")
+            raise
+        finally:
+            stack.stop()
+    path = HERE / ("RESULTS-quick.md" if QUICK else "RESULTS.md")
+    write(path, figures, profiled)
+    charts(figures, "-quick" if QUICK else "")
+    progress(f"wrote {path.name} and the charts")
     return 1 if failed else 0
 
 

@@ -1,0 +1,218 @@
+"""The servers under test as `make run` starts them, the seeded users, each endpoint's
+requests, and the database commands the service sends for them (to count and replay)."""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import os
+import pstats
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bson import ObjectId
+from harness import Commands, Request
+from pymongo import MongoClient, monitoring
+
+from notification_service import embedded
+from notification_service.__main__ import web_server_argv
+from notification_service.config import Config
+from notification_service.mongo_connector import new_id
+from notification_service.server import create_app
+
+HERE = Path(__file__).resolve().parent
+DATA = {"ip": "203.0.113.7", "device": "Firefox on Linux"}
+
+
+def _create(key: str) -> Callable[[str, str], Request]:
+    return lambda u, _: (
+        "POST",
+        "/create",
+        json.dumps({"user_id": u, "key": key, "data": DATA}).encode(),
+    )
+
+
+# Requests for a user and one of their notifications.
+ENDPOINTS: dict[str, Callable[[str, str], Request]] = {
+    "GET /list": lambda u, _: ("GET", f"/list?user_id={u}", None),
+    "GET /count": lambda u, _: ("GET", f"/count?user_id={u}", None),
+    "POST /read": lambda u, n: ("POST", f"/read?user_id={u}&notification_id={n}", None),
+    # Up to a watermark, as the inbox page marks what it shows: each one rewrites the array.
+    "POST /read-all": lambda u, n: ("POST", f"/read-all?user_id={u}&up_to={n}", None),
+    "POST /delete": lambda u, n: ("POST", f"/delete?user_id={u}&notification_id={n}", None),
+    "POST /create": _create("new_message"),  # records only
+    "POST /create +email": _create("new_login"),  # records and queues an email
+}
+
+
+@dataclass
+class Users:
+    group: int
+    count: int
+    size: int  # notifications each, as seeded
+
+    def pick(self, n: int) -> tuple[str, str]:
+        """The n-th request's user and notification: each notification once, then again."""
+        i, j = n % self.count, n // self.count % self.size
+        return f"b{self.group:07x}{i:016x}", f"c{self.group:07x}{i:08x}{j:08x}"
+
+
+def seed(db_uri: str, users: Users) -> None:
+    """Insert the users as the service keeps them: newest first, with exact counts."""
+    now, n = int(time.time()), users.size
+    with MongoClient[dict[str, Any]](db_uri) as client:
+        for first in range(0, users.count, 1000):
+            docs = []
+            for i in range(first, min(first + 1000, users.count)):
+                uid = users.pick(i)[0]
+                ids = [users.pick(i + j * users.count)[1] for j in range(n)]
+                items = [{"id": nid, "timestamp": now - j, "is_new": True, "user_id": uid,
+                          "key": "new_post", "target_id": None, "data": {"title": "A post"}}
+                         for j, nid in enumerate(ids)]  # fmt: skip
+                counts = {"elements": n, "new": n, "version": n, "log": []}
+                docs.append({"_id": ObjectId(uid), "email": f"u{i}@example.com",
+                             "notifications": items, "notifications_counts": counts})  # fmt: skip
+            client.get_default_database()["users"].insert_many(docs)
+
+
+@dataclass
+class Server:
+    name: str
+    child: embedded.Child
+    url: str
+
+    @property
+    def pid(self) -> int:
+        return self.child.process.pid
+
+
+class Stack:
+    """SecantusDB (on disk) and the mail sink as `make run` starts them; web servers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.run_dir, self.children = tmp / "run", list[embedded.Child]()
+        self.db, self.db_uri = embedded.start_database(tmp / "db", self.run_dir)
+        sink, port = embedded.start_mail_sink(tmp / "mail", self.run_dir)
+        self.children += [self.db, sink]
+        self.sink_port = port
+        # What serve gives the web server it starts (its text logs included); 500
+        # notifications a user for section 4 (NOTIFICATIONS_LIMIT's default is 100).
+        self.env = {"DB_URI": self.db_uri, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port),
+                    "SMTP_SECURITY": "none", "LOG_FORMAT": "text",
+                    "NOTIFICATIONS_LIMIT": "500"}  # fmt: skip
+
+    def service(self, name: str, **env: str) -> Server:
+        child, url = embedded.start_service({**self.env, **env}, self.run_dir, name=name)
+        self.children.append(child)
+        return Server(name, child, url)
+
+    def floor(self) -> Server:
+        """granian with the service's flags and front (asgi.BufferedWsgi) on floor.py."""
+        port = embedded.free_port()
+        config = Config.from_env({**self.env, "PORT": str(port)}, dotenv=False)
+        argv = [*web_server_argv(config)[:-1], "floor:create_asgi_app"]
+        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        child = embedded.spawn("floor", argv, self.run_dir, env, cwd=self.run_dir)
+        self.children.append(child)
+        embedded.wait_for_port("127.0.0.1", port, child.process, 60)
+        return Server("floor", child, f"http://127.0.0.1:{port}")
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+_SESSION = (
+    "lsid",
+    "$clusterTime",
+    "txnNumber",
+    "startTransaction",
+    "autocommit",
+    "$db",
+    "maxTimeMS",
+)
+
+
+class Recorder(monitoring.CommandListener):
+    """The service in this process (create_app, its test client), its commands seen by
+    command monitoring."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] | None = None
+        monitoring.register(self)  # before create_app makes the app's client
+        config = Config.from_env({**env, "LOG_LEVEL": "WARNING"}, dotenv=False)
+        self.client: Any = create_app(replace(config, dispatcher_threads=0)).test_client()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.seen is not None:
+            self.seen.append((event.command_name, dict(event.command)))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def send(self, req: Request) -> dict[str, Any]:
+        response = self.client.open(
+            req[1], method=req[0], data=req[2], content_type="application/json"
+        )
+        assert response.status_code < 300, response.get_data(as_text=True)
+        data: dict[str, Any] = response.get_json()["data"]
+        return data
+
+    def record(self, endpoint: str, users: Users) -> tuple[int, Callable[[str, str], Commands]]:
+        """How many commands `endpoint` sends, and its commands for a user and
+        notification. Request 0 goes first: a process's first also asks for the topology."""
+        self.send(ENDPOINTS[endpoint](*users.pick(0)))
+        user, nid = users.pick(1)
+        self.seen = []
+        answer = self.send(ENDPOINTS[endpoint](user, nid))
+        seen, self.seen = self.seen, None
+        made = [v for k, v in answer.items() if k in ("notification_id", "email_id") and v]
+        in_transaction = any("txnNumber" in c for _, c in seen)
+        commands = [(str(c["$db"]), {k: v for k, v in c.items() if k not in _SESSION})
+                    for name, c in seen if name != "commitTransaction"]  # fmt: skip
+
+        def replay(u: str, n: str) -> Commands:
+            swaps = {user: u, nid: n, **{old: new_id() for old in made}}
+            return in_transaction, [(db, _swap(c, swaps)) for db, c in commands]
+
+        return len(seen), replay
+
+    def profile(self, reqs: list[Request]) -> list[str]:
+        """Where this process's CPU goes serving `reqs`: by package, then the service's
+        own functions by cumulative CPU time."""
+        profiler = cProfile.Profile(time.process_time)
+        profiler.runcall(lambda: [self.send(req) for req in reqs])
+        stats: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        by_package: dict[str, float] = {}
+        for (file, _, _), (_, _, own, _, _) in stats.items():
+            name = next((p for p in Path(file).parts if p in _PACKAGES), "stdlib")
+            by_package[name] = by_package.get(name, 0.0) + own
+        total = sum(by_package.values()) or 1.0
+        top = sorted(by_package.items(), key=lambda kv: -kv[1])[:7]
+        lines = ["CPU by package: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top)]
+        ours = [(k, v[3]) for k, v in stats.items() if "notification_service" in k[0]]
+        for (file, _, name), cumulative in sorted(ours, key=lambda kv: -kv[1])[:6]:
+            lines.append(f"{1000 * cumulative / len(reqs):6.2f} ms/req  {Path(file).name}:{name}")
+        return lines
+
+
+_PACKAGES = ("notification_service", "flask", "werkzeug", "pydantic", "pydantic_core",
+             "pymongo", "bson", "jinja2", "prometheus_client")  # fmt: skip
+
+
+def _swap(value: Any, swaps: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return swaps.get(value, value)
+    if isinstance(value, ObjectId):
+        return ObjectId(swaps.get(str(value), str(value)))
+    if isinstance(value, dict):
+        return {k: _swap(v, swaps) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_swap(v, swaps) for v in value]
+    return value
