@@ -150,6 +150,7 @@ def cost(bench: Bench) -> list[Figure]:
                      lambda v: v <= 1.5, load=pair.load)  # fmt: skip
         fig.rounds = [(s - c) / f for s, c, f in zip(service, client, floor.rounds, strict=True)]
         fig.detail = {"service CPU ms/req": service, "raw client CPU ms/req": client}
+        fig.note = "the dispatcher's sending of the email included" if "email" in e else ""
         n, one = bench.commands[e], e in ONE
         cost.append(fig)
         work.append(Figure(s3, f"{e}: commands per request", "commands", "1" if one else "",
