@@ -83,7 +83,7 @@ def http_load(url: str, reqs: list[Request], conns: int, secs: float, cpu: dict[
     """`reqs` in turn from `conns` connections for `secs`, and the CPU per request of
     the `cpu` process groups (name: pid) meanwhile: wrk, else this file."""
     if not shutil.which("wrk"):
-        return _generate({"kind": "http", "url": url, "reqs": reqs}, conns, secs, cpu)
+        return generate("http", url, reqs, conns, secs, cpu)
     # A JSON string of ASCII text is a Lua string literal too.
     rows = [
         ",".join(json.dumps(x.decode() if isinstance(x, bytes) else x) for x in r if x)
@@ -100,16 +100,14 @@ def http_load(url: str, reqs: list[Request], conns: int, secs: float, cpu: dict[
     return load
 
 
-def mongo_load(
-    uri: str, reqs: list[Commands], conns: int, secs: float, cpu: dict[str, int]
+def generate(
+    kind: str, url: str, reqs: list[Any], conns: int, secs: float, cpu: dict[str, int]
 ) -> Load:
-    """Replay `reqs` with raw pymongo; its own CPU per request is "client"."""
-    return _generate({"kind": "mongo", "url": uri, "reqs": reqs}, conns, secs, cpu)
-
-
-def _generate(spec: dict[str, Any], conns: int, secs: float, cpu: dict[str, int]) -> Load:
+    """This file as the load: HTTP `reqs` to `url`, or ("mongo") `Commands` replayed with
+    raw pymongo against the database `url`, whose own CPU a request is "client"."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-        file.write(json_util.dumps({**spec, "conns": conns, "seconds": secs}))
+        spec = {"kind": kind, "url": url, "reqs": reqs, "conns": conns, "seconds": secs}
+        file.write(json_util.dumps(spec))
         file.flush()
         argv = [sys.executable, __file__, file.name]
         with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
@@ -160,8 +158,8 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from pymongo import MongoClient
 
-        # Writes as the service's client asks for them (mongo_connector.connect).
-        client: Any = MongoClient(spec["url"], w="majority", journal=True)
+        # As the service's client: its writes, its budget (DB_TIMEOUT_MS; mongo_connector).
+        client: Any = MongoClient(spec["url"], w="majority", journal=True, timeoutMS=3000)
         ops = [functools.partial(_mongo, client)] * spec["conns"]
     reqs, order, latencies, errors = spec["reqs"], itertools.count(), list[float](), [0]
     print("ready", flush=True)
