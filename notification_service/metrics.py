@@ -116,13 +116,27 @@ def multiprocess_mode() -> bool:
     return values.ValueClass is not values.MutexValue
 
 
+# Each (method, route, status)'s two series: `labels` takes a lock and checks its values
+# on every call, and this runs for every request. The labels are a closed set (above).
+_request_series: dict[tuple[str, str | None, int], tuple[Counter, Histogram]] = {}
+
+
 def observe_request(method: str, route: str | None, status: int, seconds: float) -> None:
     """Count one answered request. `route`: the matched URL rule's template
     (`/email/<email_id>`), None when none matched."""
-    method_label = method if method in KNOWN_METHODS else "other"
-    route_label = route if route is not None else UNMATCHED
-    REQUESTS.labels(method_label, route_label, str(status)).inc()
-    REQUEST_SECONDS.labels(method_label, route_label).observe(seconds)
+    series = _request_series.get((method, route, status))
+    if series is None:
+        method_label = method if method in KNOWN_METHODS else "other"
+        route_label = route if route is not None else UNMATCHED
+        series = (
+            REQUESTS.labels(method_label, route_label, str(status)),
+            REQUEST_SECONDS.labels(method_label, route_label),
+        )
+        if method_label != "other":  # a client's own words must not grow the cache
+            _request_series[(method, route, status)] = series
+    count, duration = series
+    count.inc()
+    duration.observe(seconds)
 
 
 def notifications_created(key: str, count: int = 1) -> None:
