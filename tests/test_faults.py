@@ -309,6 +309,22 @@ def row(scenario: str, fault: str, answers: Sequence[Answer], mail: Delivery, no
                     mail.queued, mail.delivered, mail.duplicates, note))  # fmt: skip
 
 
+def every_email_once_after_smtp(
+    scenario: str,
+    fault: str,
+    failed: str,
+    db: Database[dict[str, Any]],
+    answers: Sequence[Answer],
+    smtp: SmtpServer,
+) -> None:
+    """The SMTP scenarios' end: the outbox drains, the row, then each email once."""
+    done = drained(db, 60)
+    mail = delivery(db, answers, received_by(smtp))
+    row(scenario, fault, answers, mail, f"{mail.attempts - mail.delivered} attempts {failed}")
+    assert [a.status for a in answers] == [202] * len(answers)
+    assert done and not mail.lost and mail.duplicates == 0, mail
+
+
 @dataclass
 class Delivery:
     queued: int  # emails of 2xx answers
@@ -637,18 +653,14 @@ def test_smtp_down_for_a_while_every_email_is_delivered_once(
     )
     time.sleep(3.0)  # ...down for a while: several rounds of backoff
     smtp.start()  # the same port
-    done = drained(db, 60)
-    answers = first + second
-    mail = delivery(db, answers, received_by(smtp))
-    row(
+    every_email_once_after_smtp(
         "3 SMTP down",
         "SMTP server stopped, started again on its port",
-        answers,
-        mail,
-        f"{mail.attempts - mail.delivered} attempts failed while it was down",
+        "failed while it was down",
+        db,
+        first + second,
+        smtp,
     )
-    assert [a.status for a in answers] == [202] * len(answers)
-    assert done and not mail.lost and mail.duplicates == 0, mail
 
 
 @pytest.mark.faults
@@ -680,18 +692,14 @@ def test_a_hung_smtp_server_delays_every_email_but_loses_and_doubles_none(
         )
     finally:
         hung.close()  # resets the connections it never accepted
-    smtp = smtp_factory(port=port)
-    done = drained(db, 60)
-    mail = delivery(db, answers, received_by(smtp))
-    row(
+    every_email_once_after_smtp(
         "3 SMTP hung",
         "a server that accepts and never answers, then a real one on its port",
+        "timed out or were cut",
+        db,
         answers,
-        mail,
-        f"{mail.attempts - mail.delivered} attempts timed out or were cut",
+        smtp_factory(port=port),
     )
-    assert [a.status for a in answers] == [202] * len(answers)
-    assert done and not mail.lost and mail.duplicates == 0, mail
 
 
 @pytest.mark.faults
