@@ -24,13 +24,9 @@ class Figure:
     def add(self, measure: Callable[[], float]) -> float:
         """Run one round of `measure`, keeping its value and the load around it."""
         before = os.getloadavg()[0]
-        value = measure()
-        self.rounds.append(value)
+        self.rounds.append(measure())
         self.load.append((before, os.getloadavg()[0]))
-        return value
-
-    def keep(self, name: str, value: float) -> None:
-        self.detail.setdefault(name, []).append(value)
+        return self.rounds[-1]
 
     def part(self, name: str) -> float:
         return statistics.median(self.detail[name])

@@ -1,24 +1,20 @@
 """Load from a separate process, wrk or this file run as a generator of HTTP requests or of
-raw pymongo commands (threads, keep-alive); CPU and RSS of servers (psutil)."""
+raw pymongo commands (threads); CPU and RSS of servers (psutil)."""
 
 from __future__ import annotations
 
-import functools
-import http.client
 import itertools
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psutil
 from bson import ObjectId, json_util
@@ -50,17 +46,17 @@ def rss_mb(pid: int) -> list[float]:
 
 
 def cpu_seconds(groups: dict[str, int]) -> dict[str, float]:
-    return {
-        name: sum(sum(p.cpu_times()[:2]) for p in processes(pid)) for name, pid in groups.items()
-    }
+    return {k: sum(sum(p.cpu_times()[:2]) for p in processes(pid)) for k, pid in groups.items()}
 
 
 def _load(got: dict[str, Any], groups: dict[str, int], cpu0: dict[str, float]) -> Load:
-    n, cpu = got["requests"], cpu_seconds(groups)
-    per = {k: 1000 * (cpu[k] - cpu0[k]) / max(1, n) for k in groups}
+    n, cpu = max(1, got["requests"]), cpu_seconds(groups)
+    per = {k: 1000 * (cpu[k] - cpu0[k]) / n for k in groups}
     if "cpu" in got:  # the generator's own
-        per["client"] = 1000 * got["cpu"] / max(1, n)
-    return Load(n, got["seconds"], got["errors"], got["p50"], got["p99"], per)
+        per["client"] = 1000 * got["cpu"] / n
+    return Load(
+        int(got["requests"]), got["seconds"], int(got["errors"]), got["p50"], got["p99"], per
+    )
 
 
 _LUA = """local reqs, formatted, i = {%s}, {}, 0
@@ -72,31 +68,31 @@ end
 function request() i = i %% #formatted + 1; return formatted[i] end
 function done(s, lat, _)
   local e = s.errors
-  io.write(string.format('{"requests": %%d, "seconds": %%f, "errors": %%d, "p50": %%f, '
-    .. '"p99": %%f}\\n', s.requests, s.duration / 1e6, e.connect + e.read + e.write + e.status
-    + e.timeout, lat:percentile(50) / 1000, lat:percentile(99) / 1000))
+  print(s.requests, s.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
+    lat:percentile(50) / 1000, lat:percentile(99) / 1000)
 end
 """
+KEYS = ("requests", "seconds", "errors", "p50", "p99")  # what wrk's done() prints
 
 
 def http_load(url: str, reqs: list[Request], conns: int, secs: float, cpu: dict[str, int]) -> Load:
     """`reqs` in turn from `conns` connections for `secs`, and the CPU per request of
     the `cpu` process groups (name: pid) meanwhile: wrk, else this file."""
-    if not shutil.which("wrk"):
-        return generate("http", url, reqs, conns, secs, cpu)
-    # A JSON string of ASCII text is a Lua string literal too.
-    rows = [
-        ",".join(json.dumps(x.decode() if isinstance(x, bytes) else x) for x in r if x)
-        for r in reqs
-    ]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-        lua.write(_LUA % ",".join("{" + row + "}" for row in rows))
-        lua.flush()
-        argv = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "30s", "-s", lua.name, url]
-        cpu0 = cpu_seconds(cpu)
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    load = _load(json.loads(out.splitlines()[-1]), cpu, cpu0)
-    time.sleep(min(load.p99_ms, 5000) / 1000)  # what wrk left in flight, done before the next
+    if shutil.which("wrk"):
+        # A JSON string of ASCII text is a Lua string literal too.
+        rows = ["{" + ",".join(json.dumps(x.decode() if isinstance(x, bytes) else x)
+                               for x in r if x) + "}" for r in reqs]  # fmt: skip
+        with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+            lua.write(_LUA % ",".join(rows))
+            lua.flush()
+            argv = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "30s", "-s", lua.name]
+            cpu0 = cpu_seconds(cpu)
+            out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
+        load = _load(dict(zip(KEYS, map(float, out.split()[-5:]), strict=True)), cpu, cpu0)
+    else:
+        load = generate("http", url, reqs, conns, secs, cpu)
+    # The requests still in flight when the load stops, done before the next run.
+    time.sleep(min(conns / max(load.rate, 1), 5))
     return load
 
 
@@ -105,82 +101,82 @@ def generate(
 ) -> Load:
     """This file as the load: HTTP `reqs` to `url`, or ("mongo") `Commands` replayed with
     raw pymongo against the database `url`, whose own CPU a request is "client"."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-        spec = {"kind": kind, "url": url, "reqs": reqs, "conns": conns, "seconds": secs}
-        file.write(json_util.dumps(spec))
-        file.flush()
-        argv = [sys.executable, __file__, file.name]
-        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
-            assert p.stdin is not None and p.stdout is not None
-            p.stdout.readline()  # connected, requests built: the CPU counts from here
-            cpu0 = cpu_seconds(cpu)
-            p.stdin.close()
-            return _load(json.loads(p.stdout.readline()), cpu, cpu0)
+    spec = {"kind": kind, "url": url, "reqs": reqs, "conns": conns, "seconds": secs}
+    argv = [sys.executable, __file__]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(json_util.dumps(spec) + "\n")
+        p.stdin.flush()
+        p.stdout.readline()  # connected, requests built: the CPU counts from here
+        cpu0 = cpu_seconds(cpu)
+        p.stdin.close()
+        return _load(json.loads(p.stdout.readline()), cpu, cpu0)
 
 
 def _http(url: str) -> Callable[[Any], bool]:
-    conn = http.client.HTTPConnection(urlsplit(url).hostname or "", urlsplit(url).port)
+    """The fallback's request: a connection each, the least code that works without wrk."""
 
     def send(req: list[Any]) -> bool:
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(url + req[1], req[2], headers, method=req[0])
         try:
-            conn.request(req[0], req[1], req[2], {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            return response.status < 400
-        except (OSError, http.client.HTTPException):
-            conn.close()
+            with urllib.request.urlopen(request, timeout=30):
+                return True
+        except OSError:  # HTTPError (4xx and 5xx) included
             return False
 
     return send
 
 
-def _mongo(client: Any, req: list[Any]) -> bool:
-    in_transaction, commands = req
-    for _, command in commands:  # each document a fresh _id, as the service gives it
-        for doc in command.get("documents", ()):
-            doc["_id"] = ObjectId()
+def _mongo(client: Any) -> Callable[[Any], bool]:
+    def send(req: list[Any]) -> bool:
+        in_transaction, commands = req
+        for _, command in commands:  # each document a fresh _id, as the service gives it
+            for doc in command.get("documents", ()):
+                doc["_id"] = ObjectId()
 
-    def run(session: Any = None) -> bool:
-        return all(client[db].command(c, session=session) for db, c in commands)
+        def run(session: Any = None) -> bool:
+            return all(client[db].command(c, session=session) for db, c in commands)
 
-    try:
-        if not in_transaction:
-            return run()
-        with client.start_session() as session:
-            return bool(session.with_transaction(run))
-    except Exception:  # an error, as an HTTP 5xx is
-        return False
+        try:
+            if not in_transaction:
+                return run()
+            with client.start_session() as session:
+                return bool(session.with_transaction(run))
+        except Exception:  # an error, as an HTTP 5xx is
+            return False
+
+    return send
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "http":
-        ops = [_http(spec["url"]) for _ in range(spec["conns"])]
+        op = _http(spec["url"])
     else:
         from pymongo import MongoClient
 
         # As the service's client: its writes, its budget (DB_TIMEOUT_MS; mongo_connector).
-        client: Any = MongoClient(spec["url"], w="majority", journal=True, timeoutMS=3000)
-        ops = [functools.partial(_mongo, client)] * spec["conns"]
+        op = _mongo(MongoClient(spec["url"], w="majority", journal=True, timeoutMS=3000))
     reqs, order, latencies, errors = spec["reqs"], itertools.count(), list[float](), [0]
     print("ready", flush=True)
     sys.stdin.read()
     cpu0, start = time.process_time(), time.perf_counter()
 
-    def work(op: Callable[[Any], bool]) -> None:
+    def work() -> None:
         while (now := time.perf_counter()) < start + spec["seconds"]:
             errors[0] += not op(reqs[next(order) % len(reqs)])
             latencies.append(1000 * (time.perf_counter() - now))
 
-    threads = [threading.Thread(target=work, args=(op,)) for op in ops]
+    threads = [threading.Thread(target=work) for _ in range(spec["conns"])]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     done = sorted(latencies) or [0.0]
-    got = {"requests": len(latencies), "seconds": time.perf_counter() - start, "errors": errors[0],
-           "p50": statistics.median(done), "p99": done[int(len(done) * 0.99)]}  # fmt: skip
-    return got | ({"cpu": time.process_time() - cpu0} if spec["kind"] == "mongo" else {})
+    return {"requests": len(latencies), "seconds": time.perf_counter() - start,
+            "errors": errors[0], "p50": done[len(done) // 2], "p99": done[len(done) * 99 // 100],
+            "cpu": time.process_time() - cpu0}  # fmt: skip
 
 
 if __name__ == "__main__":
-    print(json.dumps(_run(json_util.loads(Path(sys.argv[1]).read_text()))), flush=True)
+    print(json.dumps(_run(json_util.loads(sys.stdin.readline()))), flush=True)

@@ -1,10 +1,11 @@
 """`make bench`: every performance claim side by side in one run, in interleaved rounds;
-writes bench/RESULTS.md and bench/*.png (QUICK=1: shorter, bench/RESULTS-quick.md)."""
+writes bench/RESULTS.md and bench/*.png (QUICK=1: shorter, into bench/quick/)."""
 
 from __future__ import annotations
 
 import importlib.metadata as meta
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,11 +30,13 @@ from service import ENDPOINTS, HERE, Recorder, Server, Stack, Users, seed
 from notification_service.embedded import free_port
 
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
-ROUNDS, SECONDS, CONNS = (1, 1, (16,)) if QUICK else (3, 2, (1, 16, 64))
-AT, RUN = 16, 300 * SECONDS  # the connections of other sections; distinct requests a run
-SIZES = {500: 10, 100: 30, 10: 100} if QUICK else {500: 30, 100: 100, 10: 300}  # users
-LARGE, MIXED = (10_000, 10_000) if QUICK else (100_000, 100_000)
-GROWN = ("GET /list", "GET /count", "POST /create") if QUICK else tuple(ENDPOINTS)
+# wrk runs whole seconds. Beyond the first round, section 2 runs only AT connections.
+ROUNDS, SECONDS, CONNS = (1, 1, (16,)) if QUICK else (3, 1, (1, 16, 64))
+AT, RUN = 16, 300  # the connections of other sections; distinct requests a run
+SIZES = {500: 10, 10: 100} if QUICK else {500: 30, 100: 100, 10: 300}  # users
+USERS, LARGE, MIXED, FAN = (300, 3000, 10_000, 200) if QUICK else (1000, 100_000, 100_000, 1000)
+GROWN = ("GET /list", "POST /create") if QUICK else tuple(ENDPOINTS)
+OUT = HERE / "quick" if QUICK else HERE
 # Endpoints that share users never undo each other's work (reads; creates only prepend).
 ROLE = {"GET /list": 0, "GET /count": 0, "POST /read": 1, "POST /read-all": 2,
         "POST /delete": 3, "POST /create": 4, "POST /create +email": 4}  # fmt: skip
@@ -46,7 +49,7 @@ WHY = {
 }
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"2": ("req/s", "p50", "p99"), "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"),
-        "7": ("req/s",), "9": ("req/s", "server CPU")}  # fmt: skip
+        "7": ("req/s",), "8": ("RSS",), "9": ("req/s", "server CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
 ARRAY = {
@@ -74,14 +77,14 @@ def versus(fig: Figure, rnd: int, sides: list[Side]) -> float:
         cpu = {f"{k} CPU ms/req": v for k, v in load.cpu_ms.items()}
         parts = {"req/s": load.rate, "p50 ms": load.p50_ms, "p99 ms": load.p99_ms, **cpu}
         for key, value in {**parts, "errors": load.errors}.items():
-            fig.keep(f"{name} {key}", value)
+            fig.detail.setdefault(f"{name} {key}", []).append(value)
     return rates[sides[0][0]] / rates[sides[-1][0]]
 
 
-def play(duels: list[Duel]) -> list[Figure]:
-    """ROUNDS rounds, each of every duel in turn."""
+def play(duels: list[Duel], every: Callable[[Figure], bool] = lambda f: True) -> list[Figure]:
+    """ROUNDS rounds, each of every duel in turn (of those not `every`: the first only)."""
     for rnd in range(ROUNDS):
-        for fig, sides in duels:
+        for fig, sides in (d for d in duels if rnd == 0 or every(d[0])):
             value = fig.add(partial(versus, fig, rnd, sides))
             rates = " vs ".join(f"{fig.detail[f'{name} req/s'][-1]:.0f}" for name, _ in sides)
             progress(f"{rnd + 1}/{ROUNDS} §{fig.section[0]} {fig.name}: {value:.2f} ({rates}/s)")
@@ -91,7 +94,7 @@ def play(duels: list[Duel]) -> list[Figure]:
 class Bench:
     def __init__(self, stack: Stack) -> None:
         self.stack, self.cursors = stack, dict[tuple[str, str, int], int]()
-        self.main = {role: Users(10 + role, 1000, 10) for role in set(ROLE.values())}
+        self.main = {role: Users(10 + role, USERS, 10) for role in set(ROLE.values())}
         sizes = enumerate(SIZES.items())
         self.sized = {(size, role): Users(20 + 10 * i + role, count, size)
                       for i, (size, count) in sizes for role in self.main}  # fmt: skip
@@ -108,25 +111,19 @@ class Bench:
         return {"server": pid, "db": self.stack.db.process.pid}
 
     def picks(self, where: str, endpoint: str, users: Users, count: int = RUN) -> list[Any]:
-        """The next `count` (user, notification) of the endpoint on that server's data."""
-        start = self.cursors.get((where, endpoint, users.group), 0)
-        self.cursors[(where, endpoint, users.group)] = start + count
-        return [users.pick(n) for n in range(start, start + count)]
+        """The next `count` (user, notification) of the endpoint on that server's data: a run
+        sends fewer than RUN writes, and a users group holds thousands."""
+        key = (where, endpoint, users.group)
+        self.cursors[key] = end = self.cursors.get(key, 0) + count
+        return [users.pick(n) for n in range(end - count, end)]
 
     def http(self, server: Server, endpoint: str, users: Users, conns: int = AT) -> Load:
         reqs = [ENDPOINTS[endpoint](*p) for p in self.picks(server.url, endpoint, users)]
-        load = http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid))
-        return self._took(server.url, endpoint, users, load, conns)
+        return http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid))
 
     def raw(self, endpoint: str, users: Users, conns: int) -> Load:
         reqs = [self.replays[endpoint](*p) for p in self.picks(self.svc.url, endpoint, users)]
-        load = generate("mongo", self.stack.db_uri, reqs, conns, SECONDS, self.cpu(self.svc.pid))
-        return self._took(self.svc.url, endpoint, users, load, 0)
-
-    def _took(self, where: str, endpoint: str, users: Users, load: Load, unanswered: int) -> Load:
-        """Those not sent are the next run's (those sent, answered or not, were done)."""
-        self.cursors[(where, endpoint, users.group)] -= RUN - min(RUN, load.requests + unanswered)
-        return load
+        return generate("mongo", self.stack.db_uri, reqs, conns, SECONDS, self.cpu(self.svc.pid))
 
     def side(self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT) -> Side:
         return name, partial(self.http, server, endpoint, users, conns)
@@ -144,7 +141,10 @@ def cost(bench: Bench) -> list[Figure]:
         duels += [(ratio(s2, f"{e}, {c} conns: service / raw pymongo", "≥ 0.9", 0.9),
                    [bench.side("service", bench.svc, e, users, c),
                     ("raw", partial(bench.raw, e, users, c))]) for c in CONNS]  # fmt: skip
-    pairs = {f.name.split(",")[0]: f for f in play(duels)[1:] if f" {AT} conns" in f.name}
+    at = f", {AT} conns"
+    pairs = {
+        f.name.split(",")[0]: f for f in play(duels, lambda f: at in f.name)[1:] if at in f.name
+    }
     floor.rounds = floor.detail.pop("floor server CPU ms/req")
     cost, work = [], []
     for e, pair in pairs.items():
@@ -163,15 +163,17 @@ def cost(bench: Bench) -> list[Figure]:
     return [floor, *cost, *[fig for fig, _ in duels[1:]], *work]
 
 
-def growth(bench: Bench, stack: Stack) -> list[Figure]:
-    sides = []
-    for total in (LARGE, 1000):
-        uri = urlsplit(stack.db_uri)._replace(path=f"/users_{total}").geturl()
-        users = {role: Users(10 + role, total // len(bench.main), 10) for role in bench.main}
+def growth(bench: Bench) -> list[Figure]:
+    stack, totals, users = bench.stack, (LARGE, 1000), {}
+    uris = {t: urlsplit(stack.db_uri)._replace(path=f"/users_{t}").geturl() for t in totals}
+    for total in totals:
+        users[total] = {role: Users(10 + role, total // len(bench.main), 10) for role in bench.main}
         progress(f"seeding {total:,} users")
-        for group in users.values():
-            seed(uri, group)
-        sides.append((f"{total:,} users", stack.service(f"users-{total}", DB_URI=uri), users))
+        for group in users[total].values():
+            seed(uris[total], group)
+    sides = [
+        (f"{t:,} users", stack.service(f"users-{t}", DB_URI=uris[t]), users[t]) for t in totals
+    ]
     duels = [(ratio("4. Growth", f"{e}: {LARGE:,} / 1,000 users", "≥ 0.9 (flat)", 0.9),
               [bench.side(name, server, e, users[ROLE[e]]) for name, server, users in sides])
              for e in GROWN]  # fmt: skip
@@ -186,7 +188,7 @@ def growth(bench: Bench, stack: Stack) -> list[Figure]:
 
 def fan_out(bench: Bench) -> list[Figure]:
     users = bench.main[ROLE["POST /create"]]
-    body = json.dumps({"user_ids": [users.pick(n)[0] for n in range(1000)], "key": "new_message"})
+    body = json.dumps({"user_ids": [users.pick(n)[0] for n in range(FAN)], "key": "new_message"})
     headers = {"Content-Type": "application/json"}
     post = urllib.request.Request(f"{bench.svc.url}/create", body.encode(), headers)
 
@@ -196,16 +198,16 @@ def fan_out(bench: Bench) -> list[Figure]:
             made = json.load(response)["data"]["totals"]["created"]
         took, cpu = time.perf_counter() - start, cpu_seconds(bench.cpu(bench.svc.pid))
         per = {k: 1000 * (cpu[k] - cpu0[k]) / max(1, made) for k in cpu}
-        return Load(made, took, 1000 - made, 1000 * took, 1000 * took, per)
+        return Load(made, took, FAN - made, 1000 * took, 1000 * took, per)
 
-    fig = ratio("5. Fan-out", "notifications/s: user_ids of 1,000 / single creates", "≥ 20", 20)
+    fig = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / single creates", "≥ 20", 20)
     fig.note = "db CPU a notification: SecantusDB's work per update is the bound"
     single = bench.side("single", bench.svc, "POST /create", users)
     return play([(fig, [("user_ids", user_ids), single])])
 
 
-def durability(bench: Bench, stack: Stack) -> list[Figure]:
-    loose = stack.service("unjournaled", DB_URI=f"{stack.db_uri}&w=1&journal=false")
+def durability(bench: Bench) -> list[Figure]:
+    loose = bench.stack.service("unjournaled", DB_URI=f"{bench.stack.db_uri}&w=1&journal=false")
     users = bench.main[ROLE["POST /create"]]
     fig = ratio("7. Durability's price", f"POST /create, {AT} conns: w=1,journal=false / default")
     fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the client asks"
@@ -215,43 +217,59 @@ def durability(bench: Bench, stack: Stack) -> list[Figure]:
     return figs
 
 
-def peers(bench: Bench, stack: Stack) -> list[Figure]:
+def peers(bench: Bench) -> list[Figure]:
     import peer
 
-    other = peer.start_peer(stack.db_uri, stack.run_dir, free_port())
+    port, stack = free_port(), bench.stack
+    other = peer.start_peer(stack.db_uri, stack.run_dir, port)
     if isinstance(other, str):
         return [Figure("9. Peers", f"skipped: {other}", "")]
-    stack.children.append(other.child)
-    peer.seed(stack.db_uri, [bench.main[0].pick(n)[0] for n in range(1000)])
+    stack.children.append(other)
+    peer.seed(stack.db_uri, [bench.main[0].pick(n)[0] for n in range(bench.main[0].count)])
     duels: list[Duel] = []
-    for path, e in (("/list", "GET /list"), ("/create", "POST /create")):
-        reqs = [other.requests[path](u) for u, _ in bench.picks("peer", e, bench.main[ROLE[e]])]
-        cpu = bench.cpu(other.child.process.pid)
-        name = f"{e}, {AT} conns: service / {other.repo} at {other.commit[:7]}"
-        ours = bench.side("service", bench.svc, e, bench.main[ROLE[e]])
-        theirs = partial(http_load, other.base_url, reqs, AT, SECONDS, cpu)
-        duels.append((ratio("9. Peers", name), [ours, ("peer", theirs)]))
+    for e, request in peer.REQUESTS.items():
+        reqs = [request(u) for u, _ in bench.picks("peer", e, bench.main[ROLE[e]])]
+        theirs = partial(http_load, f"http://127.0.0.1:{port}", reqs, AT, SECONDS,
+                         bench.cpu(other.process.pid))  # fmt: skip
+        name = f"{e}, {AT} conns: service / {peer.REPO} at {peer.COMMIT[:7]}"
+        duels.append((ratio("9. Peers", name), [bench.side("service", bench.svc, e,
+                      bench.main[ROLE[e]]), ("peer", theirs)]))  # fmt: skip
     figs = play(duels)
-    other.child.stop()
+    other.stop()
     return figs
 
 
+def email(bench: Bench) -> list[Figure]:
+    import mail
+
+    return mail.email_figures(bench.stack.db_uri, bench.stack.sink_port, ROUNDS, QUICK, progress)
+
+
 def memory(bench: Bench) -> list[Figure]:
+    """RSS around MIXED requests from 64 connections: every endpoint and answers of every
+    kind (a 400, a 404, a 405, static), weighted towards those that cost the database little
+    so that the 100,000 the issue asks for take a minute or two, not six."""
     reads, creates, mixed = bench.main[0], bench.main[ROLE["POST /create"]], list[Request]()
-    for n in range(RUN):  # answers of every kind: reads, a write, a 400, a 404, a 405, static
-        user, _ = reads.pick(n)
-        mixed += [ENDPOINTS["GET /list"](user, ""), ENDPOINTS["GET /count"](user, ""),
-                  ENDPOINTS["POST /create"](*creates.pick(n)), ("GET", "/health", None),
-                  ("GET", f"/count?user_id=x{n}", None), ("GET", f"/nope/{n}", None),
-                  ("DELETE", "/list", None), ("GET", "/docs", None)]  # fmt: skip
-    http_load(bench.svc.url, mixed, AT, SECONDS, {})  # every cache filled first
-    before, load_before, done = rss_mb(bench.svc.pid), os.getloadavg()[0], 0
-    while done < MIXED:
-        load = http_load(bench.svc.url, mixed, AT, 10 * SECONDS, {})
-        done += load.requests
-        progress(f"§8 mixed requests: {done:,} of {MIXED:,} at {load.rate:.0f}/s (3 in 8 are 4xx)")
+    writes = [e for e in ENDPOINTS if e.startswith("POST")]
+    for n in range(RUN):  # reads' users are the last section's: their writes disturb no other
+        mixed += [("GET", "/health", None), ("GET", f"/count?user_id=x{n}", None),
+                  ("GET", f"/nope/{n}", None), ("DELETE", "/list", None),
+                  ("GET", "/docs", None)]  # fmt: skip
+        if n % 2 == 0:  # of each 40 requests, 3 read the database and 1 writes
+            read = ("GET /list", "GET /count")[n % 4 // 2]
+            e = writes[n // 8 % len(writes)] if n % 8 == 0 else read
+            mixed.append(ENDPOINTS[e](*(creates if "create" in e else reads).pick(n)))
+    url, pid = bench.svc.url, bench.svc.pid
+    http_load(url, mixed, 64, SECONDS, {})  # every cache filled first
+    before, load_before, done, rate = rss_mb(pid), os.getloadavg()[0], 0, 1000.0
+    while done < MIXED:  # runs sized by the last one's rate to end near MIXED
+        load = http_load(url, mixed, 64, min(30, math.ceil((MIXED - done) / rate)), {})
+        done, rate = done + load.requests, load.rate
+        progress(
+            f"§8 mixed requests: {done:,} of {MIXED:,} at {rate:.0f}/s ({load.errors:,} not 2xx)"
+        )
     figs = []
-    for i, (b, a) in enumerate(zip(before, rss_mb(bench.svc.pid), strict=True)):
+    for i, (b, a) in enumerate(zip(before, rss_mb(pid), strict=True)):
         name = f"{'granian main' if i == 0 else f'worker {i}'}: RSS growth, {done:,} requests"
         around = [(load_before, os.getloadavg()[0])]
         figs.append(Figure("8. Memory", name, "MB", "≤ 5", lambda v: v <= 5, rounds=[a - b],
@@ -262,7 +280,7 @@ def memory(bench: Bench) -> list[Figure]:
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
               if f.section[0] in "12" and f.verdict == "missed"}  # fmt: skip
-    picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 30 if QUICK else 200)
+    picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 10 if QUICK else 100)
              for e in ENDPOINTS if e in missed}  # fmt: skip
     return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
 
@@ -282,76 +300,71 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
     lines = [f"# make bench{' QUICK=1' if QUICK else ''}", "",
              f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {(time.monotonic() - START) / 60:.0f} "
              f"min, commit {out('git', 'rev-parse', '--short', 'HEAD')}{changed}, {ROUNDS} "
-             f"interleaved round(s) of runs of {SECONDS} s",
+             f"interleaved round(s) of runs of {SECONDS} s (section 2: {AT} connections "
+             f"only beyond the first)",
              f"- {(cpu or ['?'])[0]}, {psutil.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, shared with others",
              f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}", "",
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
     for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
-        head = "| figure | median (min..max) | goal | | load | detail |"
-        lines += ["", f"## {section}", "", head, "|---|---|---|---|---|---|"]
+        head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
+        lines += ["", f"## {section}", "", head]
+        shown = SHOW.get(section[0], ("req/s", "CPU"))
         for f in (f for f in figures if f.section == section):
             spread = f" ({_fmt(min(f.rounds))}..{_fmt(max(f.rounds))})" if len(f.rounds) > 1 else ""
             value = f"{_fmt(f.median)} {f.unit}{spread}" if f.rounds else ""
             load = f"{f.load[0][0]:.1f} → {f.load[-1][1]:.1f}" if f.load else ""
-            kinds, shown = (
-                ("req/s", "p50", "p99", "CPU", "errors"),
-                SHOW.get(section[0], ("req/s", "CPU")),
-            )
             detail = [f"{k} {_fmt(statistics.median(v))}" for k, v in f.detail.items()
-                      if not any(t in k for t in kinds) or any(t in k for t in shown)
-                      or ("errors" in k and max(v))] + [f.note] * bool(f.note)  # fmt: skip
+                      if any(t in k for t in shown) or ("errors" in k and max(v))]  # fmt: skip
+            detail += [f.note] if f.note else []
             lines.append(f"| {f.name} | {value} | {f.goal} | {f.verdict} | {load} | "
                          f"{'; '.join(detail)} |")  # fmt: skip
     lines += ["", "## Where the service's CPU goes", "", "cProfile (CPU time) of the service in "
-              "one process (create_app, its test client) on each endpoint that missed a goal "
-              "of section 1 or 2: the share of each module's own CPU, then the service's "
-              "functions, callees included (the profiler's overhead inflates the ms; the "
-              "test client's own work shows as werkzeug)."]  # fmt: skip
+              "one process (its test client: werkzeug's share) on each endpoint missing a goal "
+              "of section 1 or 2: each module's own share, then the service's functions, "
+              "callees included (the profiler inflates the ms)."]  # fmt: skip
     for endpoint, rows in profiled.items():
         lines += ["", f"`{endpoint}`", "", "```", *rows, "```"]
     path.write_text("\n".join(lines) + "\n")
 
 
-def charts(figures: list[Figure], suffix: str) -> None:
+def charts(figures: list[Figure]) -> None:
+    """Bar charts of figures' parts: a panel a (title, figure name with {e}, parts, endpoints)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     named = {f.name: f for f in figures if f.rounds}
-
-    def chart(name: str, panels: list[tuple[str, str, list[str], tuple[str, ...]]]) -> None:
-        """Panels of bars: (title, figure name with {e}, detail keys, endpoints)."""
-        fig, axes = plt.subplots(1, len(panels), figsize=(9, 5), squeeze=False)
-        for ax, (title, figure, keys, endpoints) in zip(axes[0], panels, strict=True):
-            width, at = 0.8 / len(keys), range(len(endpoints))
-            for k, key in enumerate(keys):
-                values = [named[figure.format(e=e)].part(key) for e in endpoints]
-                ax.bar(
-                    [i + (k - (len(keys) - 1) / 2) * width for i in at], values, width, label=key
-                )
-            ax.set_xticks(at, [e.split(" ", 1)[1] for e in endpoints], rotation=60)
-            ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(HERE / f"{name}{suffix}.png", dpi=100)
+    floor = next((f.median for f in figures if f.name.startswith("floor") and f.rounds), 0)
+    panels = {
+        "throughput": [(f"req/s, {c} connections", f"{{e}}, {c} conns: service / raw pymongo",
+                        ["service req/s", "raw req/s"], tuple(ENDPOINTS)) for c in CONNS],
+        "cpu": [(f"CPU ms per request, {AT} connections (one-line Flask: {floor:.2f})",
+                 "{e}: (service - raw client) / floor",
+                 ["service CPU ms/req", "raw client CPU ms/req"], tuple(ENDPOINTS))],
+        "growth": [("req/s by users in the collection", f"{{e}}: {LARGE:,} / 1,000 users",
+                    [f"{LARGE:,} users req/s", "1,000 users req/s"], GROWN),
+                   ("req/s by notifications a user", "{e}: 500 / 10 notifications a user",
+                    [f"{size} notifications req/s" for size in SIZES], GROWN)],
+    }  # fmt: skip
+    for name, chart in panels.items():
+        fig, axes = plt.subplots(1, len(chart), figsize=(9, 5), squeeze=False)
+        try:
+            for ax, (title, figure, keys, endpoints) in zip(axes[0], chart, strict=True):
+                width, at = 0.8 / len(keys), range(len(endpoints))
+                for k, key in enumerate(keys):
+                    values = [named[figure.format(e=e)].part(key) for e in endpoints]
+                    ax.bar([i + (k - (len(keys) - 1) / 2) * width for i in at], values, width,
+                           label=key)  # fmt: skip
+                ax.set_xticks(at, [e.split(" ", 1)[1] for e in endpoints], rotation=60)
+                ax.set_title(title, fontsize=9)
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(OUT / f"{name}.png", dpi=100)
+        except KeyError as exc:  # a section failed: its chart is left out
+            progress(f"no {name}.png: {exc!r} missing")
         plt.close(fig)
-
-    try:
-        rates, everything = ["service req/s", "raw req/s"], tuple(ENDPOINTS)
-        chart("throughput", [(f"{c} connections", f"{{e}}, {c} conns: service / raw pymongo",
-                              rates, everything) for c in CONNS])  # fmt: skip
-        floor = next(f.median for f in figures if f.name.startswith("floor"))
-        chart("cpu", [(f"CPU ms per request, {AT} connections (one-line Flask: {floor:.2f})",
-                       "{e}: (service - raw client) / floor",
-                       ["service CPU ms/req", "raw client CPU ms/req"], everything)])  # fmt: skip
-        chart("growth", [("req/s by users in the collection", f"{{e}}: {LARGE:,} / 1,000 users",
-                          [f"{LARGE:,} users req/s", "1,000 users req/s"], GROWN),
-                         ("req/s by notifications a user", "{e}: 500 / 10 notifications a user",
-                          [f"{size} notifications req/s" for size in SIZES], GROWN)])  # fmt: skip
-    except (KeyError, StopIteration) as exc:  # a section failed: its chart is left out
-        progress(f"charts incomplete: {exc!r}")
 
 
 def main() -> int:
@@ -363,17 +376,9 @@ def main() -> int:
         stack = Stack(Path(tmp))
         try:
             bench = Bench(stack)
-
-            def email() -> list[Figure]:
-                import mail
-
-                return mail.email_figures(stack.db_uri, stack.sink_port, ROUNDS, QUICK, progress)
-
-            for section in (partial(cost, bench), partial(growth, bench, stack),
-                            partial(fan_out, bench), email, partial(durability, bench, stack),
-                            partial(peers, bench, stack), partial(memory, bench)):  # fmt: skip
+            for section in (cost, growth, fan_out, email, durability, peers, memory):
                 try:
-                    figures += section()
+                    figures += section(bench)
                 except Exception as exc:  # the others still run, and all are written
                     failed = True
                     progress(f"FAILED: {exc!r}")
@@ -383,10 +388,10 @@ def main() -> int:
             raise
         finally:
             stack.stop()
-    path = HERE / ("RESULTS-quick.md" if QUICK else "RESULTS.md")
-    write(path, figures, profiled)
-    charts(figures, "-quick" if QUICK else "")
-    progress(f"wrote {path.name} and the charts")
+    OUT.mkdir(exist_ok=True)
+    write(OUT / "RESULTS.md", figures, profiled)
+    charts(figures)
+    progress(f"wrote {OUT.relative_to(HERE.parent)}/RESULTS.md and the charts")
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,11 +29,8 @@ DATA = {"ip": "203.0.113.7", "device": "Firefox on Linux"}
 
 
 def _create(key: str) -> Callable[[str, str], Request]:
-    return lambda u, _: (
-        "POST",
-        "/create",
-        json.dumps({"user_id": u, "key": key, "data": DATA}).encode(),
-    )
+    body = {"key": key, "data": DATA}
+    return lambda u, _: ("POST", "/create", json.dumps({"user_id": u, **body}).encode())
 
 
 # Requests for a user and one of their notifications.
@@ -63,24 +61,24 @@ class Users:
 def seed(db_uri: str, users: Users) -> None:
     """Insert the users as the service keeps them: newest first, with exact counts."""
     now, n = int(time.time()), users.size
+
+    def user(i: int) -> dict[str, Any]:
+        uid = users.pick(i)[0]
+        items = [{"id": users.pick(i + j * users.count)[1], "timestamp": now - j, "is_new": True,
+                  "user_id": uid, "key": "new_post", "target_id": None,
+                  "data": {"title": "A post"}} for j in range(n)]  # fmt: skip
+        counts = {"elements": n, "new": n, "version": n, "log": []}
+        return {"_id": ObjectId(uid), "email": f"u{i}@example.com", "notifications": items,
+                "notifications_counts": counts}  # fmt: skip
+
     with MongoClient[dict[str, Any]](db_uri) as client:
-        for first in range(0, users.count, 1000):
-            docs = []
-            for i in range(first, min(first + 1000, users.count)):
-                uid = users.pick(i)[0]
-                ids = [users.pick(i + j * users.count)[1] for j in range(n)]
-                items = [{"id": nid, "timestamp": now - j, "is_new": True, "user_id": uid,
-                          "key": "new_post", "target_id": None, "data": {"title": "A post"}}
-                         for j, nid in enumerate(ids)]  # fmt: skip
-                counts = {"elements": n, "new": n, "version": n, "log": []}
-                docs.append({"_id": ObjectId(uid), "email": f"u{i}@example.com",
-                             "notifications": items, "notifications_counts": counts})  # fmt: skip
-            client.get_default_database()["users"].insert_many(docs)
+        for first in range(0, users.count, 1000):  # batches that SecantusDB takes in its stride
+            batch = range(first, min(first + 1000, users.count))
+            client.get_default_database()["users"].insert_many(user(i) for i in batch)
 
 
 @dataclass
 class Server:
-    name: str
     child: embedded.Child
     url: str
 
@@ -93,11 +91,10 @@ class Stack:
     """SecantusDB (on disk) and the mail sink as `make run` starts them; web servers."""
 
     def __init__(self, tmp: Path) -> None:
-        self.run_dir, self.children = tmp / "run", list[embedded.Child]()
+        self.run_dir = tmp / "run"
         self.db, self.db_uri = embedded.start_database(tmp / "db", self.run_dir)
         sink, port = embedded.start_mail_sink(tmp / "mail", self.run_dir)
-        self.children += [self.db, sink]
-        self.sink_port = port
+        self.children, self.sink_port = [self.db, sink], port
         # What serve gives the web server it starts (its text logs included); 500
         # notifications a user for section 4 (NOTIFICATIONS_LIMIT's default is 100).
         self.env = {"DB_URI": self.db_uri, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port),
@@ -107,7 +104,7 @@ class Stack:
     def service(self, name: str, **env: str) -> Server:
         child, url = embedded.start_service({**self.env, **env}, self.run_dir, name=name)
         self.children.append(child)
-        return Server(name, child, url)
+        return Server(child, url)
 
     def floor(self) -> Server:
         """granian with the service's flags and front (asgi.BufferedWsgi) on floor.py."""
@@ -118,7 +115,7 @@ class Stack:
         child = embedded.spawn("floor", argv, self.run_dir, env, cwd=self.run_dir)
         self.children.append(child)
         embedded.wait_for_port("127.0.0.1", port, child.process, 60)
-        return Server("floor", child, f"http://127.0.0.1:{port}")
+        return Server(child, f"http://127.0.0.1:{port}")
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -151,12 +148,9 @@ class Recorder(monitoring.CommandListener):
         pass
 
     def send(self, req: Request) -> dict[str, Any]:
-        response = self.client.open(
-            req[1], method=req[0], data=req[2], content_type="application/json"
-        )
-        assert response.status_code < 300, response.get_data(as_text=True)
-        data: dict[str, Any] = response.get_json()["data"]
-        return data
+        got = self.client.open(req[1], method=req[0], data=req[2], content_type="application/json")
+        assert got.status_code < 300, got.get_data(as_text=True)
+        return dict(got.get_json()["data"])
 
     def record(self, endpoint: str, users: Users) -> tuple[int, Callable[[str, str], Commands]]:
         """How many commands `endpoint` sends, and its commands for a user and
@@ -197,14 +191,11 @@ class Recorder(monitoring.CommandListener):
 
 def _module(file: str) -> str:
     """The top-level module of a profiled function: "werkzeug", "logging", "builtins"."""
-    parts = Path(file).parts
-    at = [i for i, p in enumerate(parts[:-1]) if p in ("site-packages", "notification_service")
-          or p.startswith("python3.")]  # fmt: skip
-    if not at:
-        return "builtins" if file == "~" else file
-    if parts[at[-1]] == "notification_service":
-        return parts[at[-1]]
-    return parts[at[-1] + 1].removesuffix(".py")
+    if file == "~":  # a C function
+        return "builtins"
+    if "/notification_service/" in file:
+        return "notification_service"
+    return re.split(r"site-packages/|/python3\.\d+/", file)[-1].split("/")[0].removesuffix(".py")
 
 
 def _swap(value: Any, swaps: dict[str, str]) -> Any:
