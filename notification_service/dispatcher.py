@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -56,7 +56,7 @@ SendOutcome = Literal["sent", "retry", "failed"]
 class DispatchEvents:
     """What dispatchers report as they work: the one instrumentation hook, used by
     metrics.py and the benchmarks. This base class ignores everything; subclass it and
-    pass an instance as `DispatchContext.events` (or to `DispatcherPool.instrument`).
+    pass an instance as `DispatchContext.events`.
 
     Called on the dispatcher's own thread, between sends: keep each call quick, and
     never raise (an exception would count as a bug of the dispatcher's loop).
@@ -197,9 +197,7 @@ class Dispatcher:
             self._held.append((token, None))
             raise
         self._lease_end = claimed_at + lease
-        # The context as it is now, not as this call began: `DispatcherPool.instrument`
-        # may have changed it meanwhile.
-        self.context.events.batch_claimed(len(pending))
+        ctx.events.batch_claimed(len(pending))
         attempted = 0
         sent: list[Any] = []
         try:
@@ -524,16 +522,6 @@ class DispatcherPool:
         self.stopping = stopping
         self.wakes = wakes
         self.dispatchers = dispatchers or []
-
-    def instrument(self, events: DispatchEvents) -> None:
-        """Report to `events` from now on, for a pool started with other events.
-
-        A claim or send reported in between goes to the earlier events.
-        """
-        for dispatcher in self.dispatchers:
-            # One attribute assignment: the dispatcher's thread sees the old context
-            # or the new one, never half of either.
-            dispatcher.context = replace(dispatcher.context, events=events)
 
     @classmethod
     def start(

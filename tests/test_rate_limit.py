@@ -21,12 +21,14 @@ from notification_service.config import Config
 from notification_service.dispatcher import (
     DispatchContext,
     Dispatcher,
+    DispatcherPool,
     DispatchEvents,
     RateLimiter,
     SendOutcome,
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.mongo_connector import DatabaseUnavailable
+from notification_service.server import build_runtime
 
 RATE = 5.0  # emails per second, for the whole deployment
 # What a send's own latency may take off a gap between arrivals: the slots are spaced
@@ -70,27 +72,33 @@ class Sends(DispatchEvents):
 
 
 def test_two_pools_with_their_own_clients_send_no_faster_than_the_rate_in_all(
-    make_app: Callable[..., Flask],
     make_config: Callable[..., Config],
     smtp_server: SmtpServer,
     db: Any,
 ) -> None:
     total = 12
     queue_emails(db, total)
-    # Two apps: each its own client and pool of two threads, as two processes have.
     # One email per claim, so that both pools get some.
     config = make_config(
         **smtp_server.config_kwargs(),
         smtp_rate_limit=RATE,
-        dispatcher_threads=2,
         dispatch_batch_size=1,
     )
-    pools = [runtime(make_app(config)).dispatchers for _ in range(2)]
+    # Two runtimes: each its own client and pool of two threads, as two processes have,
+    # each pool reporting to its own events from its first claim.
     counts = [Sends(), Sends()]
-    for pool, events in zip(pools, counts, strict=True):
-        assert pool is not None
-        pool.instrument(events)
-    times = arrivals(smtp_server, total, timeout=total / RATE + 10)
+    runtimes = [build_runtime(config) for _ in counts]
+    for rt, events in zip(runtimes, counts, strict=True):
+        svc = rt.services
+        context = DispatchContext(
+            config, svc.outbox, svc.clock, svc.store.has_notification, events=events
+        )
+        rt.dispatchers = DispatcherPool.start(context, 2)
+    try:
+        times = arrivals(smtp_server, total, timeout=total / RATE + 10)
+    finally:
+        for rt in runtimes:
+            rt.close()
     for i in range(total):
         for j in range(i + 1, total):
             # Any run of sends, not only the whole: no burst above the rate either.
