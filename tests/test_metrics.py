@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_fixtures import SmtpServer
 
+from notification_service import metrics
 from notification_service.__main__ import web_server_argv
 from notification_service.config import Config
 
@@ -169,6 +170,21 @@ def test_unmatched_paths_and_unknown_methods_add_no_label_values(client: FlaskCl
     assert "BREW" not in after.label_values(name, "method")
     latency = "notification_service_http_request_duration_seconds_count"
     assert grew(before, after, latency, method="GET", route="/health") == 1
+
+
+def test_invented_methods_and_paths_do_not_grow_the_request_series_cache(
+    client: FlaskClient,
+) -> None:
+    # observe_request keeps each (method, route, status)'s series for reuse: a client
+    # inventing methods or paths must not make it grow without bound.
+    client.get("/health")
+    client.get(f"/{uuid.uuid4().hex}")
+    before = len(metrics._request_series)
+    for n in range(200):
+        assert client.open("/health", method=f"X{n}").status_code == 405
+        assert client.get(f"/{uuid.uuid4().hex}/{n}").status_code == 404
+        assert client.get("/health").status_code == 200
+    assert len(metrics._request_series) == before
 
 
 def test_the_apps_dispatcher_moves_the_email_and_smtp_metrics(
