@@ -20,10 +20,10 @@ from notification_service import dispatcher as d
 from notification_service.config import Config
 from notification_service.email_sender import OutgoingEmail, build_message
 from notification_service.email_templates import EmailTemplates
-from notification_service.mongo_connector import new_id
 from notification_service.notifications import message_id, utc_now
 from notification_service.schemas import Notification
 from notification_service.server import build_runtime
+from notification_service.storage.ids import new_id
 
 SECTION = "6. Email"
 

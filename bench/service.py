@@ -21,8 +21,8 @@ from pymongo import MongoClient, monitoring
 from notification_service import embedded
 from notification_service.__main__ import web_server_argv
 from notification_service.config import Config
-from notification_service.mongo_connector import new_id
 from notification_service.server import create_app
+from notification_service.storage.ids import new_id
 
 HERE = Path(__file__).resolve().parent
 DATA = {"ip": "203.0.113.7", "device": "Firefox on Linux"}

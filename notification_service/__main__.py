@@ -101,7 +101,7 @@ def _check_dependencies(config: Config) -> None:
     :raise ConfigError: / :raise TemplateError: naming the variable.
     """
     from .email_templates import EmailTemplates
-    from .mongo_connector import check_uri
+    from .storage.mongo_connector import check_uri
 
     if config.db_uri:
         check_uri(config)
@@ -290,7 +290,7 @@ def run_worker(config: Config, threads: int) -> int:
 
 def _log_progress(outbox: Outbox, last: dict[str, int] | None) -> dict[str, int] | None:
     """Log the outbox backlog when it changed, so a long drain shows its progress."""
-    from .mongo_connector import DatabaseUnavailable
+    from .storage.mongo_connector import DatabaseUnavailable
 
     try:
         backlog = outbox.backlog()

@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from .config import Config
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
-from .mongo_connector import DatabaseUnavailable
 from .outbox import LastError, Outbox
+from .storage.mongo_connector import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 

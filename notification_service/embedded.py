@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .mongo_connector import connect
+from .storage.mongo_connector import connect
 
 log = logging.getLogger(__name__)
 

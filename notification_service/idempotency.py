@@ -49,7 +49,9 @@ from .errors import (
     IdempotencyKeyReused,
     ValidationFailed,
 )
-from .mongo_connector import DatabaseUnavailable, IdBlock, KeyClaim, with_own_deadline
+from .storage.idempotency_store import KeyClaim
+from .storage.ids import IdBlock
+from .storage.mongo_connector import DatabaseUnavailable, with_own_deadline
 from .web import json_body, services
 
 log = logging.getLogger(__name__)

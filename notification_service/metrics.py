@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 
 from .dispatcher import DispatchEvents, SendOutcome
 from .keys import KEYS
-from .mongo_connector import DatabaseUnavailable, with_own_deadline
+from .storage.mongo_connector import DatabaseUnavailable, with_own_deadline
 
 if TYPE_CHECKING:
     # Imported where used: notifications.py counts through this module.

@@ -30,7 +30,6 @@ from .errors import (
     UserNotFound,
 )
 from .idempotency import request_ids
-from .mongo_connector import with_own_deadline
 from .schemas import (
     AssetPath,
     Counts,
@@ -57,6 +56,7 @@ from .schemas import (
     TokenRequest,
     UserQuery,
 )
+from .storage.mongo_connector import with_own_deadline
 from .web import services
 
 bp = Blueprint("notifications", __name__)

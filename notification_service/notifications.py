@@ -16,15 +16,6 @@ from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
 from .keys import KEYS
-from .mongo_connector import (
-    Document,
-    IdBlock,
-    IdempotencyStore,
-    InboxStore,
-    RefusedWrites,
-    has_email,
-    new_id,
-)
 from .outbox import Outbox
 from .schemas import (
     Counts,
@@ -47,6 +38,10 @@ from .schemas import (
     ReadRequest,
     UserQuery,
 )
+from .storage.idempotency_store import IdempotencyStore
+from .storage.ids import IdBlock, new_id
+from .storage.inbox_store import InboxStore, RefusedWrites, has_email
+from .storage.mongo_connector import Document
 
 Clock = Callable[[], datetime]
 

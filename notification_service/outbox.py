@@ -36,7 +36,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
-from .mongo_connector import Document, guarded, only_duplicates
+from .storage.mongo_connector import Document, guarded, only_duplicates
 
 Status = Literal["pending", "queued", "sending", "sent", "failed"]
 # Pending records are deliberately absent: they wait for their request (or the sweep).

@@ -35,17 +35,11 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .mongo_connector import (
-    DatabaseUnavailable,
-    Document,
-    IdempotencyStore,
-    InboxStore,
-    connect,
-    database,
-    deadline,
-)
 from .notifications import Services
 from .outbox import Outbox
+from .storage.idempotency_store import IdempotencyStore
+from .storage.inbox_store import InboxStore
+from .storage.mongo_connector import DatabaseUnavailable, Document, connect, database, deadline
 from .stream import HELD
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from . import logs, metrics
 from .config import Config
 from .errors import TooManyStreams, ValidationFailed
-from .mongo_connector import ChangeStreamsUnsupported, DatabaseUnavailable, Document, InboxStore
+from .storage.inbox_store import ChangeStreamsUnsupported, InboxStore
+from .storage.mongo_connector import DatabaseUnavailable, Document
 
 if TYPE_CHECKING:
     from .asgi import Receive, Send

@@ -37,9 +37,10 @@ from notification_service.dispatcher import (
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.embedded import start_worker
-from notification_service.mongo_connector import DatabaseUnavailable, InboxStore
 from notification_service.notifications import utc_now
 from notification_service.outbox import Outbox
+from notification_service.storage.inbox_store import InboxStore
+from notification_service.storage.mongo_connector import DatabaseUnavailable
 
 FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
 

@@ -24,7 +24,7 @@ from notification_service.embedded import (
     start_service,
     start_worker,
 )
-from notification_service.mongo_connector import connect
+from notification_service.storage.mongo_connector import connect
 
 
 def script(tmp_path: Path, body: str) -> Path:

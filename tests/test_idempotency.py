@@ -22,8 +22,10 @@ from pymongo.errors import PyMongoError
 
 from notification_service.config import Config
 from notification_service.idempotency import fingerprint, idempotent, request_ids
-from notification_service.mongo_connector import DatabaseUnavailable, IdBlock, IdempotencyStore
 from notification_service.server import runtime_of
+from notification_service.storage.idempotency_store import IdempotencyStore
+from notification_service.storage.ids import IdBlock
+from notification_service.storage.mongo_connector import DatabaseUnavailable
 from notification_service.web import ok
 
 KEY = "order-1234 attempt"

@@ -19,14 +19,14 @@ from notification_service.errors import (
     UserHasNoEmail,
     UserNotFound,
 )
-from notification_service.mongo_connector import (
+from notification_service.schemas import Notification
+from notification_service.storage.inbox_store import InboxStore
+from notification_service.storage.mongo_connector import (
     DatabaseUnavailable,
-    InboxStore,
     connect,
     database,
     guarded,
 )
-from notification_service.schemas import Notification
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 

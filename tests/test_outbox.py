@@ -15,8 +15,9 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from notification_service.config import Config
-from notification_service.mongo_connector import Document, connect, database, new_id
 from notification_service.outbox import LastError, Outbox
+from notification_service.storage.ids import new_id
+from notification_service.storage.mongo_connector import Document, connect, database
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 DAY = 86400

@@ -27,8 +27,8 @@ from notification_service.dispatcher import (
     SendOutcome,
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
-from notification_service.mongo_connector import DatabaseUnavailable
 from notification_service.server import build_runtime
+from notification_service.storage.mongo_connector import DatabaseUnavailable
 
 RATE = 5.0  # emails per second, for the whole deployment
 # What a send's own latency may take off a gap between arrivals: the slots are spaced

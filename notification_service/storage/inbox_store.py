@@ -1,65 +1,35 @@
-"""MongoDB access: the client, the users' notification arrays, and database error handling.
-
-The only module (with outbox.py) that imports pymongo. Every call is bounded by the
-client-side operation timeout (DB_TIMEOUT_MS), and every driver error that means "the
-database did not answer" becomes DatabaseUnavailable (which the web layer answers with
-503), so no request hangs and no background loop mistakes an outage for a bug.
-"""
+"""The users' notification arrays: each user's notifications live in an array in
+their own document, newest first and capped."""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import logging
-import os
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Literal, ParamSpec, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from datetime import datetime
+from typing import Any, TypeVar
 
-import pymongo
 from bson import ObjectId
-from pymongo import MongoClient, UpdateOne, uri_parser
+from pymongo import UpdateOne
 from pymongo.change_stream import ChangeStream
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import (
-    BulkWriteError,
-    ConnectionFailure,
-    DuplicateKeyError,
-    OperationFailure,
-    PyMongoError,
-)
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
-from .config import Config, ConfigError
-from .errors import (
-    NotificationNotFound,
-    UserDocumentInvalid,
-    UserHasNoEmail,
-    UserNotFound,
-)
-from .schemas import Notification
+from ..config import Config
+from ..errors import NotificationNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
+from ..schemas import Notification
+from .ids import new_id
+from .mongo_connector import DatabaseUnavailable, Document, guarded, only_duplicates
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
-Document = dict[str, Any]
 _BAD_VALUE = 2  # e.g. "$push: the field must be an array"
 _TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
-_BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
-_DUPLICATE_KEY = 11000
 _ID_BATCH = 50  # ids per `$in` (see InboxStore._in_batches)
 _LOG_SIZE = 8  # writes whose change a user's counts remember (see InboxStore._log)
-
-
-def new_id() -> str:
-    """A fresh ObjectId as 24 lowercase hex characters."""
-    return str(ObjectId())
 
 
 class RefusedWrites(Exception):
@@ -68,115 +38,6 @@ class RefusedWrites(Exception):
     def __init__(self, user_ids: set[str]) -> None:
         super().__init__(f"{len(user_ids)} documents refused the write")
         self.user_ids = user_ids
-
-
-class IdBlock:
-    """The ids one request writes, all derived from one seed.
-
-    A request that is retried with its Idempotency-Key after it was cut short (a crash,
-    an outage) runs again with the same seed, so it writes the records it may already
-    have written under the same ids, and each write can tell it is a repeat. The seed
-    is an ObjectId of its own: the time, five random bytes drawn for this block (not the
-    process's, so the block never meets an id `ObjectId()` makes), a counter from 0.
-    """
-
-    def __init__(self, seed: str | None = None) -> None:
-        if seed is None:
-            stamp = int(time.time()).to_bytes(4, "big")
-            seed = (stamp + os.urandom(5) + bytes(3)).hex()
-        self.seed = seed
-        self._prefix = bytes.fromhex(seed)[:9]
-
-    def id(self, n: int) -> str:
-        """The n-th id of the block (0 <= n < 2**24), 24 lowercase hex characters."""
-        if not 0 <= n < 2**24:
-            raise ValueError(f"id {n} is outside the block")
-        return (self._prefix + n.to_bytes(3, "big")).hex()
-
-
-class DatabaseUnavailable(Exception):
-    """The database did not answer in time (down, unreachable, or past the deadline).
-
-    A storage-level fact, not an HTTP one: server.py answers it with 503 and a
-    Retry-After, the dispatcher waits and tries again.
-    """
-
-
-def guarded(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn "the database did not answer" into DatabaseUnavailable; let real bugs through."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except PyMongoError as exc:
-            # ConnectionFailure covers refused, reset, server selection and network
-            # timeouts; `timeout` covers the client-side operation timeout (CSOT).
-            if isinstance(exc, ConnectionFailure) or exc.timeout:
-                log.warning("database unavailable in %s: %s", func.__qualname__, exc)
-                raise DatabaseUnavailable(str(exc)) from exc
-            raise
-
-    return wrapper
-
-
-def check_uri(config: Config) -> None:
-    """Refuse a DB_URI the driver would refuse later, without connecting.
-
-    :raise ConfigError: naming DB_URI.
-    """
-    uri = config.reveal_db_uri() or ""
-    try:
-        if uri.startswith("mongodb+srv://"):
-            # parse_uri would resolve the SRV record (DNS) right here; leave that to the
-            # client, which retries it within its timeouts.
-            if not urlsplit(uri).hostname:
-                raise ValueError("no host name")
-        else:
-            uri_parser.parse_uri(uri)
-    except (PyMongoError, ValueError) as exc:
-        raise ConfigError(f"DB_URI: {exc}") from None
-    name = config.database_name
-    if len(name.encode()) > 63 or any(c in _BAD_DATABASE_CHARS for c in name):
-        raise ConfigError(
-            f'DB_URI: {name!r} is not a database name (at most 63 bytes, none of / \\ . space " $)'
-        )
-
-
-def connect(config: Config) -> MongoClient[Document]:
-    """Create the process's one client. Call it after fork: pymongo is not fork-safe.
-
-    :raise ConfigError: DB_URI unset or malformed.
-    """
-    if not config.db_uri:
-        raise ConfigError("DB_URI: must be set (make run starts an embedded server without it)")
-    check_uri(config)
-    timeout = config.db_timeout_ms
-    # Every write, on every path (records, outbox inserts, claims, outcomes), waits
-    # until it is in the journal of a majority of the replica set (of the one node,
-    # on a standalone server), so nothing a 2xx answer or a recorded send depends on
-    # is lost to a crash or a failover. Set once on the client: every collection
-    # inherits it. A DB_URI that gives `w` or `journal` itself is followed instead
-    # (keyword arguments would override the URI). retryWrites stays the driver's
-    # default (on) unless DB_URI says otherwise; README "Guarantees" says when to.
-    given = {name.lower() for name, _ in parse_qsl(urlsplit(config.db_uri).query)}
-    durable: dict[str, Any] = {} if given & {"w", "journal"} else {"w": "majority", "journal": True}
-    return MongoClient(
-        config.reveal_db_uri(),
-        appname="notification-service",
-        tz_aware=True,
-        # One budget for the whole operation (selection, connect, round trip), so a
-        # frozen server costs a request at most DB_TIMEOUT_MS before a 503.
-        timeoutMS=timeout,
-        serverSelectionTimeoutMS=timeout,
-        connectTimeoutMS=min(timeout, 2000),
-        connect=False,
-        **durable,
-    )
-
-
-def database(client: MongoClient[Document], config: Config) -> Database[Document]:
-    return client[config.database_name]
 
 
 class InboxStore:
@@ -1104,182 +965,3 @@ def has_email(user: Document) -> bool:
     """Whether the user has an address to send to: the rule of the create's query too."""
     address = user.get("email")
     return isinstance(address, str) and address != ""
-
-
-def only_duplicates(exc: BulkWriteError) -> bool:
-    """Whether a bulk write failed only on documents that exist already (and was durable)."""
-    errors = exc.details.get("writeErrors", [])
-    return (
-        bool(errors)
-        and all(error.get("code") == _DUPLICATE_KEY for error in errors)
-        and not exc.details.get("writeConcernErrors")
-    )
-
-
-# --- Idempotency-Key records --------------------------------------------------------
-
-ClaimOutcome = Literal["claimed", "taken_over", "replay", "reused", "in_use"]
-_INDEX_OPTIONS_CONFLICT = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
-_CLAIM_ATTEMPTS = 3
-
-
-def _millis(moment: datetime) -> datetime:
-    # BSON dates hold milliseconds: a lease written with microseconds would never equal
-    # the value read back, and the conditional updates below match on equality.
-    return moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
-
-
-@dataclass(frozen=True)
-class KeyClaim:
-    """What `IdempotencyStore.claim` found for one key.
-
-    claimed / taken_over: this request holds the key; run it with `seed`'s ids, and
-    finish with `complete`, `forget` or `release` (each conditional on `lease_until`).
-    replay: the first answer, `status` and `body`. reused: the key holds another body.
-    in_use: another request holds the key until `lease_until`.
-    """
-
-    outcome: ClaimOutcome
-    key: str
-    seed: str = ""
-    lease_until: datetime | None = None
-    status: int = 0
-    body: Any = None
-
-
-class IdempotencyStore:
-    """Idempotency-Key records, one per scoped key, under the unique `_id`.
-
-    `{_id: "<scope> <key>", fingerprint, state: "running"|"done", seed, lease_until,
-    created_at, status?, body?}`. The unique `_id` makes the claim one insert that only
-    one request can win, in any process; a TTL index on `created_at` forgets the key
-    after IDEMPOTENCY_TTL_HOURS.
-    """
-
-    def __init__(self, db: Database[Document], config: Config) -> None:
-        self.records: Collection[Document] = db[config.idempotency_collection]
-        self.db = db
-        self.ttl_seconds = config.idempotency_ttl_hours * 3600
-        # A holder past this can no longer write (server.py's deadline), so its key may
-        # be taken over without two requests writing at once.
-        self.lease_seconds = config.write_window_seconds
-        self._indexed = False
-
-    @guarded
-    def ensure_indexes(self) -> None:
-        """The TTL index on `created_at`; an existing one with another TTL is changed."""
-        try:
-            self.records.create_index(
-                "created_at", name="expires", expireAfterSeconds=self.ttl_seconds
-            )
-        except OperationFailure as exc:
-            # The index exists with the old IDEMPOTENCY_TTL_HOURS: collMod changes it in
-            # place (dropping it would leave the keys unexpired meanwhile).
-            if exc.code not in _INDEX_OPTIONS_CONFLICT:
-                raise
-            self.db.command(
-                "collMod",
-                self.records.name,
-                index={"name": "expires", "expireAfterSeconds": self.ttl_seconds},
-            )
-        self._indexed = True
-
-    @guarded
-    def claim(self, key: str, fingerprint: str, now: datetime) -> KeyClaim:
-        """Claim `key` for a request whose body hashes to `fingerprint`, or say why not.
-
-        A running record whose lease is over was left by a request cut short (a crash,
-        a 503 between two writes): it is taken over, keeping its seed, by a conditional
-        update that only one request can win.
-        """
-        if not self._indexed:
-            # The database was down at start-up: without the TTL index no key would
-            # ever be forgotten. (Two threads may both create it; that is harmless.)
-            self.ensure_indexes()
-        lease_until = _millis(now + timedelta(seconds=self.lease_seconds))
-        for _ in range(_CLAIM_ATTEMPTS):
-            seed = IdBlock().seed
-            try:
-                self.records.insert_one(
-                    {
-                        "_id": key,
-                        "fingerprint": fingerprint,
-                        "state": "running",
-                        "seed": seed,
-                        "lease_until": lease_until,
-                        "created_at": _millis(now),
-                    }
-                )
-                return KeyClaim("claimed", key, seed, lease_until)
-            except DuplicateKeyError:
-                pass
-            record = self.records.find_one({"_id": key})
-            if record is None:
-                continue  # expired (TTL) or forgotten after a 4xx since the insert: again
-            if record["fingerprint"] != fingerprint:
-                return KeyClaim("reused", key)
-            if record["state"] == "done":
-                return KeyClaim("replay", key, status=record["status"], body=record["body"])
-            held_until: datetime = record["lease_until"]
-            if held_until > now:
-                return KeyClaim("in_use", key, lease_until=held_until)
-            won = self.records.update_one(
-                {"_id": key, "state": "running", "lease_until": held_until},
-                {"$set": {"lease_until": lease_until}},
-            )
-            if won.modified_count:
-                return KeyClaim("taken_over", key, record["seed"], lease_until)
-            return KeyClaim("in_use", key, lease_until=held_until)
-        # Inserted and removed again under us each time: let the client come back.
-        return KeyClaim("in_use", key, lease_until=lease_until)
-
-    def _held(self, claim: KeyClaim) -> Document:
-        # Only the holder of this lease finishes the record: one that outlived its lease
-        # (clock skew between hosts) must not finish, or forget, its successor's.
-        return {"_id": claim.key, "seed": claim.seed, "lease_until": claim.lease_until}
-
-    @guarded
-    def complete(self, claim: KeyClaim, status: int, body: Any) -> bool:
-        """Store the answer for replays; False if the lease was no longer ours."""
-        result = self.records.update_one(
-            {**self._held(claim), "state": "running"},
-            {"$set": {"state": "done", "status": status, "body": body}},
-        )
-        return result.modified_count == 1
-
-    @guarded
-    def forget(self, claim: KeyClaim) -> bool:
-        """Remove the key (a 4xx wrote nothing), so a corrected retry runs afresh."""
-        return self.records.delete_one({**self._held(claim), "state": "running"}).deleted_count == 1
-
-    @guarded
-    def release(self, claim: KeyClaim, now: datetime) -> bool:
-        """End the lease now, so that the client's retry takes over at once."""
-        result = self.records.update_one(
-            {**self._held(claim), "state": "running"}, {"$set": {"lease_until": _millis(now)}}
-        )
-        return result.modified_count == 1
-
-
-def with_own_deadline(seconds: float, work: Callable[[], R]) -> R:
-    """Run `work` with a database budget of its own, not what is left of the caller's.
-
-    A `pymongo.timeout` inside another can only shorten it; this starts from a fresh
-    context (so `work` must not need the caller's context variables: pass it what it
-    uses).
-    """
-
-    def run() -> R:
-        with pymongo.timeout(seconds):
-            return work()
-
-    return contextvars.Context().run(run)
-
-
-def deadline(seconds: float) -> contextlib.AbstractContextManager[Any]:
-    """Bound every database call made inside the block, all together, by `seconds`.
-
-    The client's timeoutMS bounds each call alone; a request that makes two calls could
-    otherwise take twice DB_TIMEOUT_MS before its 503.
-    """
-    return pymongo.timeout(seconds)
