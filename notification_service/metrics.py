@@ -144,6 +144,13 @@ def notifications_created(key: str, count: int = 1) -> None:
         NOTIFICATIONS.labels(key if key in KEYS else "other").inc(count)
 
 
+class DomainEvents:
+    """The domain's reports (notifications.Events), as metrics."""
+
+    def notifications_created(self, key: str, count: int) -> None:
+        notifications_created(key, count)
+
+
 class PrometheusEvents(DispatchEvents):
     """The dispatchers' reports, as metrics."""
 

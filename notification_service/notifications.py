@@ -7,11 +7,10 @@ Plain functions that take their collaborators (storage, outbox, templates, clock
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from . import metrics
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
@@ -50,6 +49,18 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class Events(Protocol):
+    """What the domain reports as it goes (metrics.py counts it): passed in, so that the
+    domain imports no metrics."""
+
+    def notifications_created(self, key: str, count: int) -> None: ...
+
+
+class NoEvents:
+    def notifications_created(self, key: str, count: int) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Services:
     config: Config
@@ -58,12 +69,14 @@ class Services:
     templates: EmailTemplates
     idempotency: IdempotencyStore
     clock: Clock = utc_now
+    events: Events = field(default_factory=NoEvents)
 
 
 def create_notification(
     svc: Services, request: CreateRequest, ids: IdBlock, *, repeat: bool = False
 ) -> CreateResult:
-    """Record and/or email a notification to one user as its key says.
+    """Record and/or email a notification to one user as its key says: the fan-out of
+    one user, then the user's counts.
 
     `ids` are the request's ids; `repeat` says an earlier attempt with the same ids may
     have written part of it (a retried Idempotency-Key): each write then completes what
@@ -71,76 +84,23 @@ def create_notification(
 
     :raise UserNotFound: unknown user outside test mode (EMAIL unset).
     :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
-    :raise UserDocumentInvalid: the user's field cannot take a notification.
+    :raise UserDocumentInvalid: the user's document cannot take a notification.
     """
     assert request.user_id is not None  # the model requires user_id or user_ids
-    user_id = request.user_id
     route = KEYS[request.key]
-    now = svc.clock()
-    notification = _notification(request, user_id, ids.id(0), now)
-    email_id = ids.id(1)
-    if svc.config.email is not None:
-        # Test mode of the original assignment: the user is made first, so that storing
-        # the notification stays one update.
-        svc.store.ensure_user(user_id, svc.config.email)
-    counts: Counts | None = None
-    if route.record and route.email:
-        counts = _record_with_email(svc, notification, email_id, now, repeat)
-    elif route.record:
-        user = svc.store.append_capped(
-            user_id, notification, now, require_email=False, repeat=repeat
-        )
-        counts = user["counts"]
-    else:
-        user = svc.store.find_user(user_id)
-        svc.outbox.enqueue(_notification_email(svc, notification, user), now, email_id=email_id)
-    # Once done, so a retry of an attempt cut short counts it once (a crash between
-    # here and the idempotency record may count it twice).
-    metrics.notifications_created(request.key)
+    written, refused = _create(svc, request, [request.user_id], ids, repeat)
+    if not written:
+        raise refused[request.user_id]
+    target = written[0]
+    counts = (
+        svc.store.counts(request.user_id, svc.clock(), after_write=True) if route.record else None
+    )
     return {
-        "notification_id": notification["id"] if route.record else None,
-        "email_id": email_id if route.email else None,
+        "notification_id": target.notification["id"] if route.record else None,
+        "email_id": target.email_id if route.email else None,
         "elements": counts["elements"] if counts else None,
         "new": counts["new"] if counts else None,
     }
-
-
-def _record_with_email(
-    svc: Services, notification: Notification, email_id: str, now: datetime, repeat: bool
-) -> Counts:
-    """Store the notification and queue its email so that neither happens without the other.
-
-    With transactions (a replica set), both writes commit together. On a standalone
-    server the email is stored first as pending (never sent as such), then the
-    notification, then the email is released. Cut short between them, a retry with
-    the same Idempotency-Key completes the steps left; without one, the dispatcher's
-    sweep releases a pending email whose notification was stored and drops one whose
-    notification was not (the request failed as a whole, as a transaction would).
-    """
-    user_id = notification["user_id"]
-    if svc.store.supports_transactions():
-        if repeat and svc.outbox.get(email_id) is not None:
-            return _counts(svc.store.counts(user_id, now))  # the first attempt committed
-
-        def both(session: Any) -> Counts:
-            user = svc.store.append_capped(
-                user_id, notification, now, require_email=True, session=session
-            )
-            email = _notification_email(svc, notification, user)
-            svc.outbox.enqueue(email, now, email_id=email_id, session=session)
-            return _counts(user["counts"])
-
-        return svc.store.in_transaction(both)
-    # The email is rendered from the user as read before the writes: the address and
-    # whatever the templates use. A user without an address is refused before any write.
-    email = _notification_email(svc, notification, svc.store.find_user(user_id))
-    svc.outbox.enqueue(email, now, email_id=email_id, pending=True)
-    user = svc.store.append_capped(user_id, notification, now, require_email=True, repeat=repeat)
-    if not svc.outbox.activate([email_id], now) and svc.outbox.get(email_id) is None:
-        # The sweep dropped the pending email while this request (a late retry) was
-        # still to store the notification: it is stored now, so queue the email again.
-        svc.outbox.enqueue(email, now, email_id=email_id)
-    return _counts(user["counts"])
 
 
 def fan_out(
@@ -148,103 +108,163 @@ def fan_out(
 ) -> FanOutResult:
     """The notification for each of `request.user_ids`: one bulk write for the records,
     one insert for the emails, whatever the number of users. A user that is missing,
-    has no address (for a key that emails) or cannot take notifications gets that
-    outcome; the others are written all the same.
-
-    The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
-    """
+    has no address (for a key that emails) or whose document cannot take notifications
+    gets that outcome; the others are written all the same."""
     assert request.user_ids is not None
     route = KEYS[request.key]
-    now = svc.clock()
-    if svc.config.email is not None:
-        svc.store.ensure_users(request.user_ids, svc.config.email)
-    users = svc.store.find_users(request.user_ids)
-    outcomes: dict[str, FanOutOutcome] = {}
-    targets: list[tuple[str, Notification, Document | None, str]] = []
-    for i, user_id in enumerate(request.user_ids):
-        user = users.get(user_id)
-        problem = _fan_out_problem(user, route.record, route.email)
-        if problem is not None:
-            outcomes[user_id] = {"user_id": user_id, "status": problem}
-            continue
-        assert user is not None
-        notification = _notification(request, user_id, ids.id(2 * i), now)
-        email = _notification_email(svc, notification, user) if route.email else None
-        targets.append((user_id, notification, email, ids.id(2 * i + 1)))
-    done, refused = _write_fan_out(svc, targets, route.record, route.email, now, repeat)
-    for user_id, notification, _, email_id in targets:
-        if user_id in refused:
-            outcomes[user_id] = {"user_id": user_id, "status": "user_document_invalid"}
-        elif user_id in done:
-            outcomes[user_id] = {
-                "user_id": user_id,
-                "status": "created",
-                "notification_id": notification["id"] if route.record else None,
-                "email_id": email_id if route.email else None,
-            }
-        else:  # gone (or its document changed) between the read and the write
-            outcomes[user_id] = {"user_id": user_id, "status": "user_not_found"}
+    written, refused = _create(svc, request, request.user_ids, ids, repeat)
+    outcomes: dict[str, FanOutOutcome] = {
+        user_id: {"user_id": user_id, "status": error.code} for user_id, error in refused.items()
+    }
+    for target in written:
+        outcomes[target.user_id] = {
+            "user_id": target.user_id,
+            "status": "created",
+            "notification_id": target.notification["id"] if route.record else None,
+            "email_id": target.email_id if route.email else None,
+        }
     results = [outcomes[user_id] for user_id in request.user_ids]
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
     for outcome in results:
         totals[outcome["status"]] += 1
-    metrics.notifications_created(request.key, totals["created"])
     return {"results": results, "totals": totals}
 
 
 FAN_OUT_STATUSES = ("created", "user_not_found", "user_has_no_email", "user_document_invalid")
+Refusal = UserNotFound | UserHasNoEmail | UserDocumentInvalid
 
 
-def _fan_out_problem(user: Document | None, record: bool, email: bool) -> str | None:
+@dataclass(frozen=True)
+class _Target:
+    """One user's part of a create: the notification, and its email when the key sends one."""
+
+    user_id: str
+    notification: Notification
+    email: Document | None
+    email_id: str
+
+
+def _create(
+    svc: Services, request: CreateRequest, user_ids: list[str], ids: IdBlock, repeat: bool
+) -> tuple[list[_Target], dict[str, Refusal]]:
+    """The one path of every create: record and/or email for each of `user_ids` as the
+    key says, an email only where its record is written. Returns the users written (in
+    order) and, for each of the others, why not.
+
+    The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
+    """
+    route = KEYS[request.key]
+    now = svc.clock()
+    if svc.config.email is not None:
+        # Test mode of the original assignment: the users are made first, so that
+        # storing the notifications stays one update each.
+        svc.store.ensure_users(user_ids, svc.config.email)
+    # The users are read only when an email needs them (its address, the templates'
+    # fields): a key that only records writes at once, and learns who is missing from
+    # the write itself.
+    users = svc.store.find_users(user_ids) if route.email else None
+    refused: dict[str, Refusal] = {}
+    targets: list[_Target] = []
+    for i, user_id in enumerate(user_ids):
+        notification = _notification(request, user_id, ids.id(2 * i), now)
+        email = None
+        if users is not None:
+            user = users.get(user_id)
+            problem = _problem(svc, user, route.record)
+            if problem is not None:
+                refused[user_id] = problem
+                continue
+            assert user is not None
+            email = _notification_email(svc, notification, user)
+        targets.append(_Target(user_id, notification, email, ids.id(2 * i + 1)))
+    done, rejected = _write(svc, targets, route.record, route.email, now, repeat)
+    refused.update(rejected)
+    for target in targets:
+        if target.user_id not in done and target.user_id not in refused:
+            refused[target.user_id] = _why_not(svc, target.user_id, route.email, len(user_ids))
+    written = [t for t in targets if t.user_id in done]
+    # Once done, so a retry of an attempt cut short counts it once (a crash between
+    # here and the idempotency record may count it twice).
+    svc.events.notifications_created(request.key, len(written))
+    return written, refused
+
+
+def _problem(svc: Services, user: Document | None, record: bool) -> Refusal | None:
     if user is None:
-        return "user_not_found"
+        return UserNotFound()
     if record and not user["holds_array"]:
-        return "user_document_invalid"
-    if email and not has_email(user):
-        return "user_has_no_email"
+        return svc.store.not_an_array()
+    if not has_email(user):  # only asked of users read for an email
+        return UserHasNoEmail()
     return None
 
 
-def _write_fan_out(
+def _why_not(svc: Services, user_id: str, require_email: bool, users: int) -> Refusal:
+    """Why a user's write matched nothing: gone, or changed, since it was read (or, for
+    a key that only records, never there). One user's create asks the database, to
+    answer the exact error; a fan-out says `user_not_found`, as it was."""
+    if users == 1:
+        return svc.store.why_not_appended(user_id, require_email=require_email)
+    return UserNotFound()
+
+
+def _write(
     svc: Services,
-    targets: list[tuple[str, Notification, Document | None, str]],
+    targets: list[_Target],
     record: bool,
     email: bool,
     now: datetime,
     repeat: bool,
-) -> tuple[set[str], set[str]]:
-    """Write the fan-out's records and emails; return the users that got theirs, and
-    those whose document refused the write."""
-    entries = [(user_id, notification) for user_id, notification, _, _ in targets]
-    emails = {user_id: (message, email_id) for user_id, _, message, email_id in targets}
+) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+    """Write the records and emails of `targets` so that no email is queued without its
+    record; return the users that got theirs, and those whose document refused the
+    write (with why).
+
+    With transactions (a replica set), records and emails commit together. On a
+    standalone server the emails are stored first as pending (never sent as such),
+    then the records, then the emails of the records written are released. Cut short
+    between them, a retry with the same Idempotency-Key completes the steps left;
+    without one, the dispatcher's sweep releases a pending email whose notification
+    was stored and drops one whose notification was not (the request failed as a
+    whole, as a transaction would).
+    """
+    entries = [(t.user_id, t.notification) for t in targets]
+    by_user = {t.user_id: t for t in targets}
 
     def queue(user_ids: set[str], *, pending: bool = False, session: Any = None) -> None:
-        chosen = [emails[u] for u, _ in entries if u in user_ids]
+        chosen = [t for t in targets if t.user_id in user_ids]
         svc.outbox.enqueue_many(
-            [message for message, _ in chosen if message is not None],  # all, for email keys
+            [t.email for t in chosen if t.email is not None],  # all, for email keys
             now,
-            email_ids=[email_id for _, email_id in chosen],
+            email_ids=[t.email_id for t in chosen],
             pending=pending,
             session=session,
         )
 
-    everyone = set(emails)
+    everyone = set(by_user)
     if not record:
         queue(everyone)
-        return everyone, set()
+        return everyone, {}
     if not email:
-        return svc.store.append_many(entries, now, require_email=False, repeat=repeat)
+        return svc.store.append(entries, now, require_email=False, repeat=repeat)
+    email_ids = [t.email_id for t in targets]
     if svc.store.supports_transactions():
-        if repeat:
-            stored = svc.outbox.existing([email_id for _, email_id in emails.values()])
-            if stored:  # the first attempt committed
-                return {u for u, (_, email_id) in emails.items() if email_id in stored}, set()
-        refused: set[str] = set()
+        refused: dict[str, UserDocumentInvalid] = {}
         for _ in range(3):
             kept = [(u, n) for u, n in entries if u not in refused]
+            attempts = 0
 
             def both(session: Any, kept: list[tuple[str, Notification]] = kept) -> set[str]:
-                done, _ = svc.store.append_many(kept, now, require_email=True, session=session)
+                nonlocal attempts
+                attempts += 1
+                if repeat or attempts > 1:
+                    # A retried request, or the driver running this again after a
+                    # commit whose answer was lost: the emails are there only if that
+                    # earlier commit went through, records and all.
+                    stored = svc.outbox.existing(email_ids, session=session)
+                    if stored:
+                        return {t.user_id for t in targets if t.email_id in stored}
+                done, _ = svc.store.append(kept, now, require_email=True, session=session)
                 queue(done, session=session)
                 return done
 
@@ -252,17 +272,17 @@ def _write_fan_out(
                 return svc.store.in_transaction(both), refused
             except RefusedWrites as exc:
                 # The server aborted the transaction: again, without those users.
-                refused |= exc.user_ids
+                refused.update(exc.refused)
         raise UserDocumentInvalid("Users' documents kept refusing the notification.")
     queue(everyone, pending=True)
-    done, refused = svc.store.append_many(entries, now, require_email=True, repeat=repeat)
-    released = [emails[u][1] for u in done]
+    done, refused = svc.store.append(entries, now, require_email=True, repeat=repeat)
+    released = [by_user[u].email_id for u in done]
     if svc.outbox.activate(released, now) < len(released):
         # A sweep dropped some pending emails while this request (a late retry) was
         # still to store their notifications: queue those again.
         missing = set(released) - svc.outbox.existing(released)
-        queue({u for u in done if emails[u][1] in missing})
-    svc.outbox.discard_pending([emails[u][1] for u in everyone - done])
+        queue({u for u in done if by_user[u].email_id in missing})
+    svc.outbox.discard_pending([by_user[u].email_id for u in everyone - done])
     return done, refused
 
 

@@ -252,11 +252,14 @@ class Outbox:
         return self.records.find_one({"_id": ObjectId(email_id)})
 
     @guarded
-    def existing(self, email_ids: list[str]) -> set[str]:
-        """Which of these emails are stored, in any status (a retried request's check)."""
+    def existing(self, email_ids: list[str], *, session: Any = None) -> set[str]:
+        """Which of these emails are stored, in any status (a retried request's check);
+        `session`: inside its transaction."""
         if not email_ids:
             return set()
-        found = self.records.find({"_id": {"$in": _object_ids(email_ids)}}, projection={"_id": 1})
+        found = self.records.find(
+            {"_id": {"$in": _object_ids(email_ids)}}, projection={"_id": 1}, session=session
+        )
         return {str(doc["_id"]) for doc in found}
 
     @guarded

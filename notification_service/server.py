@@ -84,6 +84,7 @@ def build_runtime(config: Config) -> Runtime:
         outbox=Outbox(db, config.outbox_collection, retention_days=config.outbox_retention_days),
         templates=templates,
         idempotency=IdempotencyStore(db, config),
+        events=metrics.DomainEvents(),
     )
     try:
         services.outbox.ensure_indexes()

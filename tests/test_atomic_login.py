@@ -306,3 +306,54 @@ def test_a_fan_out_has_more_than_one_request_s_database_budget(
         heal(server)
     assert response.status_code == 201, response.get_json()
     assert response.get_json()["data"]["totals"]["created"] == 3
+
+
+def lose_commit_answer(server: MongoServer, labels: list[str], times: int = 1) -> None:
+    """The next `times` commits are applied, but answer a write concern error carrying
+    `labels`, as a commit whose reply was lost in a failover can (fail point)."""
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": times},
+            data={
+                "failCommands": ["commitTransaction"],
+                "writeConcernError": {"code": 100, "errmsg": "the commit's answer was lost"},
+                "errorLabels": labels,
+            },
+        )
+
+
+def test_a_commit_applied_then_retried_answers_201_and_writes_once(
+    app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
+) -> None:
+    # The driver runs the whole transaction again after a commit error labelled
+    # TransientTransactionError; here the first commit went through, so the second run
+    # must find the request's own writes instead of writing them again.
+    if mode != "replica set":
+        pytest.skip("commits are a replica set's")
+    _, db = database
+    lose_commit_answer(server, ["TransientTransactionError"])
+    try:
+        response = login(app.test_client(), user_id)
+    finally:
+        heal(server)
+    assert response.status_code == 201, response.get_json()
+    data = response.get_json()["data"]
+    assert (data["elements"], data["new"]) == (1, 1)
+    assert state(db, user_id) == ([data["notification_id"]], [("queued", data["notification_id"])])
+
+
+def test_a_commit_that_cannot_be_confirmed_is_a_503_not_a_500(
+    app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
+) -> None:
+    if mode != "replica set":
+        pytest.skip("commits are a replica set's")
+    lose_commit_answer(server, [], times=50)
+    try:
+        response = login(app.test_client(), user_id)
+    finally:
+        heal(server)
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "database_unavailable"
+    assert "Retry-After" in response.headers

@@ -38,9 +38,9 @@ def listed(client: FlaskClient, user_id: str, query: str = "") -> dict[str, Any]
     return data
 
 
-def stored_counts(db: Any, user_id: str) -> dict[str, Any]:
+def stored_meta(db: Any, user_id: str) -> dict[str, Any]:
     user = db.users.find_one({"_id": ObjectId(user_id)})
-    return dict(user["notifications_counts"])
+    return dict(user["notifications_meta"])
 
 
 class Clock:
@@ -61,7 +61,7 @@ def clock(app: Flask) -> Clock:
     return fake
 
 
-# --- counts kept in the document -----------------------------------------------------
+# --- counts -----------------------------------------------------
 
 
 def test_count_answers_the_totals_with_an_etag(client: FlaskClient, user_id: str) -> None:
@@ -133,8 +133,7 @@ def test_counts_stay_exact_while_the_cap_drops_new_and_read_ones(
     create(client, user_id)  # drops ids[1], which is read
     assert counts(client, user_id) == (3, 3)
     stored = db.users.find_one({"_id": ObjectId(user_id)})["notifications"]
-    assert len(stored) == 3
-    assert stored_counts(db, user_id)["new"] == sum(n["is_new"] for n in stored)
+    assert counts(client, user_id) == (len(stored), sum(n["is_new"] for n in stored))
 
 
 def test_every_write_answers_the_fresh_counts(client: FlaskClient, user_id: str) -> None:
@@ -150,20 +149,22 @@ def test_every_write_answers_the_fresh_counts(client: FlaskClient, user_id: str)
     assert read["data"] == {"elements": 1, "new": 0}
 
 
-def test_a_document_written_before_the_counts_is_counted_from_its_array(
+def test_a_document_of_an_earlier_release_is_counted_from_its_array(
     client: FlaskClient, db: Any, make_user: Callable[..., str]
 ) -> None:
+    # Earlier releases stored counts beside the array: they are never trusted.
     old = [
         {"id": str(ObjectId()), "timestamp": 1, "is_new": flag, "user_id": "x", "key": "new_post",
          "target_id": None, "data": {}}
         for flag in (True, False, True)
     ]  # fmt: skip
-    user_id = make_user(notifications=old)
+    stale = {"elements": 9, "new": 9, "version": 5, "log": []}
+    user_id = make_user(notifications=old, notifications_counts=stale)
     assert counts(client, user_id) == (3, 2)
     assert listed(client, user_id)["elements"] == 3
     create(client, user_id)
-    stored = stored_counts(db, user_id)
-    assert (stored["elements"], stored["new"], stored["version"]) == (4, 3, 1)
+    assert counts(client, user_id) == (4, 3)
+    assert db.users.find_one({"_id": ObjectId(user_id)})["notifications_meta"] == {"version": 1}
 
 
 def test_counts_follow_an_array_the_application_rewrote(
@@ -175,7 +176,6 @@ def test_counts_follow_an_array_the_application_rewrote(
     assert counts(client, user_id) == (0, 0)
     create(client, user_id)
     assert counts(client, user_id) == (1, 1)
-    assert stored_counts(db, user_id)["elements"] == 1
 
 
 def test_data_that_looks_like_an_expression_is_stored_as_given(
@@ -392,15 +392,16 @@ def test_expired_notifications_are_neither_listed_nor_counted(
     client.post(f"/read?user_id={user_id}&notification_id={recent}")
     stored = db.users.find_one({"_id": ObjectId(user_id)})
     assert [n["id"] for n in stored["notifications"]] == [recent]
-    assert stored["notifications_counts"]["elements"] == 1
 
 
-def test_the_stored_counts_keep_no_scratch_fields(
+def test_the_stored_meta_keeps_no_scratch_fields(
     client: FlaskClient, db: Any, user_id: str
 ) -> None:
     nid = create(client, user_id)
     client.post(f"/read-all?user_id={user_id}")
-    client.post(f"/delete?user_id={user_id}&notification_id={nid}")
-    stored = stored_counts(db, user_id)
-    assert set(stored) == {"elements", "new", "version", "log"}
-    assert [entry["changed"] for entry in stored["log"]] == [1, 1]  # the delete, the read-all
+    client.post(f"/delete-all?user_id={user_id}")
+    stored = stored_meta(db, user_id)
+    assert set(stored) == {"version", "log"}
+    assert stored["version"] == 3
+    assert [entry["changed"] for entry in stored["log"]] == [1, 1]  # delete-all, read-all
+    assert nid not in str(stored)

@@ -1,5 +1,11 @@
-"""The users' notification arrays: each user's notifications live in an array in
-their own document, newest first and capped."""
+"""The users' notification arrays: each user's notifications live in an array in their
+own document, newest first and capped at NOTIFICATIONS_LIMIT.
+
+Every write is one atomic update of the user's document, so concurrent writes to one
+user lose nothing but what the cap drops; the counts are computed when read. The
+shapes of the queries and updates are built in `updates.py`; a method here runs one
+of them and turns the answer (or the server's refusal) into the domain's terms.
+"""
 
 from __future__ import annotations
 
@@ -19,426 +25,46 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 from ..config import Config
 from ..errors import NotificationNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
 from ..schemas import Notification
+from . import updates
 from .ids import new_id
 from .mongo_connector import DatabaseUnavailable, Document, guarded, only_duplicates
+from .updates import Layout
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
 _BAD_VALUE = 2  # e.g. "$push: the field must be an array"
+_PATH_NOT_VIABLE = 28  # e.g. `$inc` through a field that is not a document
 _TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
+_INVALID = 121  # DocumentValidationFailure: the application's validator said no
+_REFUSALS = frozenset({_BAD_VALUE, _PATH_NOT_VIABLE, _INVALID, *_TOO_LARGE})
 _ID_BATCH = 50  # ids per `$in` (see InboxStore._in_batches)
-_LOG_SIZE = 8  # writes whose change a user's counts remember (see InboxStore._log)
 
 
 class RefusedWrites(Exception):
-    """Some users' documents refused their write of a bulk write in a transaction."""
+    """Some users' documents refused their write of a bulk write in a transaction:
+    `refused` says why, by user id."""
 
-    def __init__(self, user_ids: set[str]) -> None:
-        super().__init__(f"{len(user_ids)} documents refused the write")
-        self.user_ids = user_ids
+    def __init__(self, refused: dict[str, UserDocumentInvalid]) -> None:
+        super().__init__(f"{len(refused)} documents refused the write")
+        self.refused = refused
 
 
 class InboxStore:
-    """The users collection: each user's notifications live in an array in their own
-    document, newest first and capped, beside a small `<field>_counts` sub-document
-    ({elements, new, version, changed}) that every write keeps exact.
-
-    Every write is one atomic update of the user's document (an update pipeline), so
-    counts and array never disagree, and concurrent writes to one user lose nothing
-    but what the cap drops. The counts let /count and /list answer without reading
-    through the array. Reads fall back to counting the array when the counts are not
-    there yet (a document written before them) or when, with NOTIFICATIONS_TTL_DAYS,
-    its oldest notification has expired since the last write.
-
-    Where SecantusDB and mongod differ, the forms both accept are used: `"$F.id"` (a
-    path through an array of documents) evaluates to nothing on SecantusDB, so ids are
-    taken with `$map`; `$slice` gets a positive count.
-    """
+    """The users collection: each user's array of notifications, and beside it a small
+    `<field>_meta` ({version, log}) that every write moves."""
 
     def __init__(self, db: Database[Document], config: Config) -> None:
         self.users: Collection[Document] = db[config.users_collection]
-        self.field = config.notifications_field
-        self.counts_field = f"{config.notifications_field}_counts"
-        self.limit = config.notifications_limit
-        days = config.notifications_ttl_days
-        self.ttl_seconds = days * 86400 if days else None
+        self.layout = Layout.of(config)
+        self.field = self.layout.field
         self._transactions: bool | None = None
-
-    # -- expressions -------------------------------------------------------------------
-
-    def _items(self) -> Document:
-        # A missing field is an empty inbox; a field that is not an array is refused by
-        # the writes (409) and reads as empty.
-        return {"$cond": [{"$isArray": f"${self.field}"}, f"${self.field}", []]}
-
-    def _cutoff(self, now: datetime) -> int | None:
-        """Notifications stamped at or before this second have expired."""
-        if self.ttl_seconds is None:
-            return None
-        return int(now.timestamp()) - self.ttl_seconds
-
-    def _live(self, items: Any, cutoff: int | None) -> Any:
-        if cutoff is None:
-            return items
-        return {
-            "$filter": {
-                "input": items,
-                "as": "n",
-                "cond": {"$gt": ["$$n.timestamp", {"$literal": cutoff}]},
-            }
-        }
-
-    def _fresh(self, items: Any, cutoff: int | None) -> Any:
-        """True when nothing in the array has expired: the last (oldest) one has not.
-
-        Clocks of different servers may disagree by a few seconds, so a notification
-        may outlive its TTL by that much; after the next write it is gone exactly.
-        """
-        if cutoff is None:
-            return True
-        oldest = {"$arrayElemAt": [items, -1]}
-        return {
-            "$or": [
-                {"$eq": [{"$size": items}, 0]},
-                {"$gt": [{"$let": {"vars": {"o": oldest}, "in": "$$o.timestamp"}}, cutoff]},
-            ]
-        }
-
-    @staticmethod
-    def _count_new(items: Any) -> Document:
-        return {
-            "$size": {"$filter": {"input": items, "as": "n", "cond": {"$eq": ["$$n.is_new", True]}}}
-        }
-
-    def _counts(self, cutoff: int | None) -> Document:
-        """The user's {elements, new}: stored ones when they are exact, else counted."""
-        items = self._items()
-        stored = f"${self.counts_field}"
-        exact = {
-            "$and": [
-                {"$eq": [{"$type": stored}, "object"]},
-                # Someone else rewrote the array (the application, an older release of
-                # this service): the counts are counted again rather than trusted.
-                {"$eq": [f"{stored}.elements", {"$size": items}]},
-                self._fresh(items, cutoff),
-            ]
-        }
-        return {
-            "$cond": [
-                exact,
-                {"elements": f"{stored}.elements", "new": f"{stored}.new"},
-                {
-                    "$let": {
-                        "vars": {"live": self._live(items, cutoff)},
-                        "in": {"elements": {"$size": "$$live"}, "new": self._count_new("$$live")},
-                    }
-                },
-            ]
-        }
-
-    def _live_items(self, cutoff: int | None) -> Any:
-        """The array without expired notifications, filtered only when one has expired."""
-        items = self._items()
-        if cutoff is None:
-            return items
-        return {"$cond": [self._fresh(items, cutoff), items, self._live(items, cutoff)]}
-
-    def _version(self) -> Document:
-        return {"$ifNull": [f"${self.counts_field}.version", 0]}
-
-    def _rewrite(
-        self,
-        cutoff: int | None,
-        new_array: Callable[[str], Any],
-        measure: Callable[[Any], Any],
-        token: str,
-    ) -> list[Document]:
-        """An update pipeline: the array becomes `new_array($$live)`, the counts are
-        counted again, and how much `measure` (a count) went down is logged under
-        `token`, for the read that follows the write to find (`_state`)."""
-        live = self._live_items(cutoff)
-        counts = f"${self.counts_field}"
-        return [
-            {
-                "$set": {
-                    self.field: {"$let": {"vars": {"live": live}, "in": new_array("$$live")}},
-                    self.counts_field: {
-                        "version": {"$add": [self._version(), 1]},
-                        "before": {"$let": {"vars": {"live": live}, "in": measure("$$live")}},
-                        "log": self._log(),
-                    },
-                }
-            },
-            {
-                "$set": {
-                    self.counts_field: {
-                        "elements": {"$size": f"${self.field}"},
-                        "new": self._count_new(f"${self.field}"),
-                        "version": f"{counts}.version",
-                        "log": {
-                            "$slice": [
-                                {
-                                    "$concatArrays": [
-                                        [
-                                            {
-                                                "by": {"$literal": token},
-                                                "changed": {
-                                                    "$subtract": [
-                                                        f"{counts}.before",
-                                                        measure(f"${self.field}"),
-                                                    ]
-                                                },
-                                            }
-                                        ],
-                                        f"{counts}.log",
-                                    ]
-                                },
-                                _LOG_SIZE,
-                            ]
-                        },
-                    }
-                }
-            },
-            # mongod merges an object literal given to `$set` into an embedded document
-            # already there (SecantusDB replaces it), so the scratch field is removed.
-            {"$unset": f"{self.counts_field}.before"},
-        ]
-
-    def _log(self) -> Document:
-        """The log of recent writes' changes, as it was (empty on an older document).
-
-        Writes are update_one and the answer's numbers come from a read right after
-        (findAndModify would do both at once, but SecantusDB answers it with a scan
-        of the whole collection: 100 ms at 2,000 users against 5 ms). A concurrent
-        write may come in between, so each write logs how much it changed under its
-        own token, and the read picks its own entry out of the last few.
-        """
-        log_field = f"${self.counts_field}.log"
-        return {"$cond": [{"$isArray": log_field}, log_field, []]}
-
-    def _prepend(self, notification: Notification, cutoff: int | None) -> list[Document]:
-        """The update pipeline that records a notification: newest first, capped.
-
-        The counts are carried forward without reading through the array (one look at
-        the element the cap drops) when they are exact; otherwise counted again.
-        """
-        items = self._items()
-        counts = f"${self.counts_field}"
-        size = {"$size": items}
-        dropped = {"$arrayElemAt": [items, self.limit - 1]}
-        drops_new = {
-            "$and": [
-                {"$gte": [size, self.limit]},
-                {"$eq": [{"$let": {"vars": {"d": dropped}, "in": "$$d.is_new"}}, True]},
-            ]
-        }
-        carried = {
-            "$and": [
-                {"$eq": [{"$type": counts}, "object"]},
-                {"$eq": [f"{counts}.elements", size]},
-                {"$lte": [size, self.limit]},
-                self._fresh(items, cutoff),
-            ]
-        }
-        # $literal: the notification's data is the caller's, and a string like "$email"
-        # inside a pipeline would otherwise be read as a field of the user's document.
-        entry = {"$literal": notification}
-        # The application's document may hold something else in the field: then it is
-        # left exactly as it is (the caller sees the field in the answer and says 409).
-        # Checked here, not in the query: SecantusDB answers an `$or` beside `_id` with
-        # a collection scan (24 ms at 1,000 users, where `_id` alone costs 1 ms).
-        takes = self._takes()
-
-        def unless_refused(value: Any, field: str) -> Any:
-            return {"$cond": [takes, value, f"${field}"]}
-
-        return [
-            {
-                "$set": {
-                    self.field: unless_refused(
-                        {
-                            "$slice": [
-                                {"$concatArrays": [[entry], self._live_items(cutoff)]},
-                                self.limit,
-                            ]
-                        },
-                        self.field,
-                    ),
-                    self.counts_field: unless_refused(
-                        self._carried_counts(notification, carried, size, drops_new),
-                        self.counts_field,
-                    ),
-                }
-            },
-            {
-                "$set": {
-                    self.counts_field: {
-                        "$cond": [
-                            {
-                                "$and": [
-                                    {"$isArray": f"${self.field}"},
-                                    {"$eq": [{"$type": f"{counts}.new"}, "null"]},
-                                ]
-                            },
-                            {
-                                "elements": {"$size": f"${self.field}"},
-                                "new": self._count_new(f"${self.field}"),
-                                "version": f"{counts}.version",
-                                "log": f"{counts}.log",
-                            },
-                            counts,
-                        ]
-                    }
-                }
-            },
-        ]
-
-    def _takes(self) -> Document:
-        """Whether the user's field can take a notification: an array, or not there."""
-        return {
-            "$or": [
-                {"$isArray": f"${self.field}"},
-                {"$eq": [{"$type": f"${self.field}"}, "missing"]},
-            ]
-        }
-
-    def _carried_counts(
-        self, notification: Notification, carried: Any, size: Any, drops_new: Any
-    ) -> Document:
-        """The counts after prepending, carried forward when `carried`; else nulls that
-        the pipeline's second stage replaces by counting the array."""
-        counts = f"${self.counts_field}"
-        return {
-            "elements": {"$cond": [carried, {"$min": [{"$add": [size, 1]}, self.limit]}, None]},
-            "new": {
-                "$cond": [
-                    carried,
-                    {
-                        "$add": [
-                            f"{counts}.new",
-                            1 if notification["is_new"] else 0,
-                            {"$cond": [drops_new, -1, 0]},
-                        ]
-                    },
-                    None,
-                ]
-            },
-            "version": {"$add": [self._version(), 1]},
-            "log": self._log(),
-        }
-
-    def _holding(self, cutoff: int | None, **fields: Any) -> Document:
-        """A query for a user with a live (unexpired) notification with these fields."""
-        if cutoff is not None:
-            fields["timestamp"] = {"$gt": cutoff}
-        return {self.field: {"$elemMatch": fields}}
-
-    def _ids(self, items: Any) -> Document:
-        return {"$map": {"input": items, "as": "n", "in": "$$n.id"}}
-
-    def _projection(self, full_user: bool) -> Document:
-        # The whole user when the email needs them, else the counts alone; and the
-        # field's first element, which shows whether the field took the notification.
-        if full_user:
-            return {self.field: {"$slice": 1}}
-        return {"_id": 0, self.counts_field: 1, self.field: {"$slice": 1}}
-
-    def _create_query(self, oid: ObjectId, require_email: bool, repeat_of: str | None) -> Document:
-        # `_id` and plain field conditions only: SecantusDB serves these from the _id
-        # index, and scans the collection for `$or`, `$and` or `$nor` (1 ms against
-        # 24 ms per call with 1,000 users; docs/measurements-history.md).
-        query: Document = {"_id": oid}
-        if require_email:
-            query["email"] = {"$type": "string", "$ne": ""}
-        if repeat_of is not None:
-            # A retry of a request that may have recorded it already (same id block).
-            query[f"{self.field}.id"] = {"$ne": repeat_of}
-        return query
 
     # -- writes ------------------------------------------------------------------------
 
     @guarded
-    def append_capped(
-        self,
-        user_id: str,
-        notification: Notification,
-        now: datetime,
-        *,
-        require_email: bool,
-        repeat: bool = False,
-        session: Any = None,
-    ) -> Document:
-        """Prepend `notification` to the user's capped array in one update; return the
-        user's document after it (the whole user, without the array, with
-        `require_email`; otherwise the counts alone), `counts` under "counts".
-
-        With `repeat`, the notification may be there already (a retried request): then
-        nothing is written and the user's document is returned as it is.
-
-        :raise UserNotFound: no such user.
-        :raise UserHasNoEmail: `require_email` and the user has no email; nothing written.
-        :raise UserDocumentInvalid: the field is not an array, or the document is full.
-        """
-        oid = ObjectId(user_id)
-        query = self._create_query(oid, require_email, notification["id"] if repeat else None)
-        with self._refusals_of_the_document():
-            # update_one, then a read by _id (see `_log` for why not findAndModify).
-            result = self.users.update_one(
-                query, self._prepend(notification, self._cutoff(now)), session=session
-            )
-        if not result.matched_count:
-            as_it_is = self._why_not_appended(
-                oid, require_email, notification["id"] if repeat else None, now
-            )
-            return self._with_counts(as_it_is)
-        user = self.users.find_one(
-            {"_id": oid}, projection=self._projection(require_email), session=session
-        )
-        if user is None:
-            raise UserNotFound()  # deleted by the application right after the write
-        if not isinstance(user.pop(self.field, []), list):
-            raise self._not_an_array()  # the pipeline left the document as it was
-        return self._with_counts(user)
-
-    def _with_counts(self, user: Document) -> Document:
-        counts = user.pop(self.counts_field, None) or {}
-        user["counts"] = {"elements": counts.get("elements", 0), "new": counts.get("new", 0)}
-        return user
-
-    def _why_not_appended(
-        self, oid: ObjectId, require_email: bool, repeat_of: str | None, now: datetime
-    ) -> Document:
-        """Why the create's query matched nothing; the user as it is when it was a repeat.
-
-        :raise UserNotFound: / :raise UserHasNoEmail: / :raise UserDocumentInvalid:
-        """
-        user = self.users.find_one({"_id": oid}, projection={self.field: {"$slice": 1}})
-        if user is None:
-            raise UserNotFound()
-        items = user.pop(self.field, [])
-        if not isinstance(items, list):
-            raise self._not_an_array()
-        if require_email and not has_email(user):
-            raise UserHasNoEmail()
-        if repeat_of is None:
-            # Matched nothing, yet matches now: it changed in between (deleted and made
-            # again, or its field fixed). Rare enough to answer as a conflict.
-            raise UserDocumentInvalid("The user's document changed during the request; retry.")
-        # The earlier attempt recorded it: answer with the counts as they are now.
-        state = self._state(oid, None, now)
-        user[self.counts_field] = state
-        return user if require_email else {self.counts_field: state}
-
-    def _not_an_array(self) -> UserDocumentInvalid:
-        return UserDocumentInvalid(
-            f"The user's {self.field!r} field is not an array.",
-            details=[{"field": self.field, "problem": "is not an array"}],
-        )
-
-    @guarded
-    def append_many(
+    def append(
         self,
         entries: list[tuple[str, Notification]],
         now: datetime,
@@ -446,37 +72,44 @@ class InboxStore:
         require_email: bool,
         repeat: bool = False,
         session: Any = None,
-    ) -> tuple[set[str], set[str]]:
-        """Record one notification for each (user_id, notification) in ONE bulk write;
-        return the user ids that hold theirs afterwards, and those whose document
-        refused the write (at MongoDB's 16 MB, or a validator of the application's).
+    ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+        """Prepend one notification to each (user_id, notification)'s capped array, in
+        ONE bulk write; return the user ids that hold theirs afterwards, and those whose
+        document refused the write, with why (a field that is not an array, MongoDB's
+        16 MB, a validator of the application's).
 
-        Users that do not exist, have no email (with `require_email`) or whose field
-        is not an array are left out, the others are written all the same.
+        Users that do not exist or have no email (with `require_email`) are left out;
+        the others are written all the same. With `repeat` (a retried request, the same
+        ids), a notification already there is not written again, and counts as held.
 
         :raise RefusedWrites: some documents refused, inside a transaction (`session`):
             the server has aborted it; run it again without them.
         """
         if not entries:
-            return set(), set()
-        cutoff = self._cutoff(now)
+            return set(), {}
+        layout = self.layout
         requests = [
             UpdateOne(
-                self._create_query(
-                    ObjectId(user_id), require_email, notification["id"] if repeat else None
+                updates.create_filter(
+                    layout,
+                    ObjectId(user_id),
+                    require_email=require_email,
+                    repeat_of=notification["id"] if repeat else None,
                 ),
-                self._prepend(notification, cutoff),
+                updates.push(layout, notification),
             )
             for user_id, notification in entries
         ]
-        refused: set[str] = set()
+        refused: dict[str, UserDocumentInvalid] = {}
         try:
             result = self.users.bulk_write(requests, ordered=False, session=session)
             matched = result.matched_count
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            refused = {entries[error["index"]][0] for error in errors}
-            log.warning("fan-out: %d writes refused", len(refused))
+            if any(error.get("code") not in _REFUSALS for error in errors):
+                raise  # not the document's refusal: a bug, or the database's own trouble
+            refused = {entries[e["index"]][0]: self._refusal(e["code"]) for e in errors}
+            log.warning("create: %d writes refused", len(refused))
             if session is not None:
                 raise RefusedWrites(refused) from exc
             matched = -1  # unordered: the others went through
@@ -484,27 +117,25 @@ class InboxStore:
             return {user_id for user_id, _ in entries}, refused
         # Which users hold their notification (a user gone, or a repeat).
         wanted = {user_id: notification["id"] for user_id, notification in entries}
-        pipeline = [{"$project": {"ids": self._ids(self._items())}}]
-        held = self._in_batches(list(wanted), pipeline, session)
+        held = self._in_batches(list(wanted), lambda oids: updates.held_ids(layout, oids), session)
         done = {user_id for user_id, doc in held.items() if wanted[user_id] in doc["ids"]}
         return done, refused
 
-    def _in_batches(
-        self, user_ids: list[str], stages: list[Document], session: Any = None
-    ) -> dict[str, Document]:
-        """The users among `user_ids` that exist, as `stages` shape them, by id.
-
-        Asked `_ID_BATCH` ids at a time: SecantusDB's cost for `_id: {$in: [...]}`
-        grows faster than the list (one list of 1,000: 2.3 s; 20 lists of 50: 0.5 s).
-        On mongod one list would do; 20 round trips for 1,000 users cost little there.
-        """
-        found: dict[str, Document] = {}
-        for start in range(0, len(user_ids), _ID_BATCH):
-            batch = [ObjectId(u) for u in user_ids[start : start + _ID_BATCH]]
-            pipeline = [{"$match": {"_id": {"$in": batch}}}, *stages]
-            for doc in self.users.aggregate(pipeline, session=session):
-                found[str(doc["_id"])] = doc
-        return found
+    @guarded
+    def why_not_appended(
+        self, user_id: str, *, require_email: bool
+    ) -> UserDocumentInvalid | UserNotFound | UserHasNoEmail:
+        """Why `append` did not write the user's notification (and it is not there)."""
+        user = self.users.find_one(
+            {"_id": ObjectId(user_id)}, projection={self.field: {"$slice": 1}}
+        )
+        if user is None:
+            return UserNotFound()
+        if not isinstance(user.pop(self.field, []), list):
+            return self.not_an_array()
+        if require_email and not has_email(user):
+            return UserHasNoEmail()
+        return UserDocumentInvalid("The user's document refused the notification.")
 
     @guarded
     def mark_read(self, user_id: str, notification_id: str, now: datetime) -> Document:
@@ -513,94 +144,9 @@ class InboxStore:
 
         :raise UserNotFound: / :raise NotificationNotFound:
         """
-        oid = ObjectId(user_id)
-        target = {"$literal": notification_id}
-
-        def read_it(live: str) -> Any:
-            return {
-                "$map": {
-                    "input": live,
-                    "as": "n",
-                    "in": {
-                        "$cond": [
-                            {"$eq": ["$$n.id", target]},
-                            {"$mergeObjects": ["$$n", {"is_new": False}]},
-                            "$$n",
-                        ]
-                    },
-                }
-            }
-
-        cutoff = self._cutoff(now)
-        return self._write(
-            {"_id": oid, **self._holding(cutoff, id=notification_id, is_new=True)},
-            cutoff,
-            read_it,
-            self._count_new,
-            oid,
-            now,
-            must_hold=notification_id,
-        )
-
-    @guarded
-    def mark_all_read(self, user_id: str, up_to: str | None, now: datetime) -> Document:
-        """Mark every notification read, or only `up_to` and the older ones: one update.
-
-        :raise UserNotFound: / :raise NotificationNotFound: `up_to` is not in the array.
-        """
-        oid = ObjectId(user_id)
-        cutoff = self._cutoff(now)
-        # One condition on the array (SecantusDB scans the collection for an `$and`): the
-        # watermark must be there; without one, something must be unread.
-        if up_to is not None:
-            query: Document = {"_id": oid, **self._holding(cutoff, id=up_to)}
-        else:
-            query = {"_id": oid, **self._holding(cutoff, is_new=True)}
-
-        def read_them(live: str) -> Any:
-            # Newest first: the watermark's position splits the array; from it on, all
-            # are read. Without one, everything from position 0.
-            start: Any = 0
-            if up_to is not None:
-                start = {"$indexOfArray": [self._ids(live), {"$literal": up_to}]}
-            return {
-                "$let": {
-                    "vars": {"start": start},
-                    "in": {
-                        "$map": {
-                            "input": {"$range": [0, {"$size": live}]},
-                            "as": "i",
-                            "in": {
-                                "$let": {
-                                    "vars": {"n": {"$arrayElemAt": [live, "$$i"]}},
-                                    "in": {
-                                        "$cond": [
-                                            {
-                                                "$and": [
-                                                    {"$gte": ["$$start", 0]},
-                                                    {"$gte": ["$$i", "$$start"]},
-                                                ]
-                                            },
-                                            {"$mergeObjects": ["$$n", {"is_new": False}]},
-                                            "$$n",
-                                        ]
-                                    },
-                                }
-                            },
-                        }
-                    },
-                }
-            }
-
-        return self._write(
-            query,
-            cutoff,
-            read_them,
-            self._count_new,
-            oid,
-            now,
-            must_hold=up_to,
-        )
+        oid, cutoff = ObjectId(user_id), self.layout.cutoff(now)
+        query, update = updates.mark_read(self.layout, oid, notification_id, cutoff)
+        return self._write_one(query, update, oid, cutoff, must_hold=notification_id)
 
     @guarded
     def delete(self, user_id: str, notification_id: str, now: datetime) -> Document:
@@ -608,20 +154,44 @@ class InboxStore:
 
         :raise UserNotFound:
         """
-        oid = ObjectId(user_id)
-        target = {"$literal": notification_id}
+        oid, cutoff = ObjectId(user_id), self.layout.cutoff(now)
+        query, update = updates.delete(self.layout, oid, notification_id, cutoff)
+        return self._write_one(query, update, oid, cutoff)
 
-        def without(live: str) -> Any:
-            return {"$filter": {"input": live, "as": "n", "cond": {"$ne": ["$$n.id", target]}}}
+    def _write_one(
+        self,
+        query: Document,
+        update: Document,
+        oid: ObjectId,
+        cutoff: int | None,
+        must_hold: str | None = None,
+    ) -> Document:
+        """Apply an update that changes at most one element, then read the counts: the
+        update's modified count is the number of elements it changed."""
+        with self._refusals_of_the_document():
+            changed = self.users.update_one(query, update).modified_count
+        found = self._state(oid, cutoff, holds=must_hold if not changed else None, prune=True)
+        if found is None:
+            raise UserNotFound()
+        if not changed and must_hold is not None and not found["holds"]:
+            raise NotificationNotFound()
+        return {**found, "changed": changed}
 
-        cutoff = self._cutoff(now)
-        return self._write(
-            {"_id": oid, **self._holding(cutoff, id=notification_id)},
-            cutoff,
-            without,
-            _size,
-            oid,
-            now,
+    @guarded
+    def mark_all_read(self, user_id: str, up_to: str | None, now: datetime) -> Document:
+        """Mark every notification read, or only `up_to` and the older ones: one update.
+
+        :raise UserNotFound: / :raise NotificationNotFound: `up_to` is not in the array.
+        """
+        layout, oid, cutoff = self.layout, ObjectId(user_id), self.layout.cutoff(now)
+        # One condition on the array (SecantusDB scans the collection for an `$and`): the
+        # watermark must be there; without one, something must be unread.
+        if up_to is not None:
+            query: Document = {"_id": oid, **updates.holding(layout, cutoff, id=up_to)}
+        else:
+            query = {"_id": oid, **updates.holding(layout, cutoff, is_new=True)}
+        return self._rewrite(
+            query, updates.read_all(up_to), updates.count_new, oid, cutoff, must_hold=up_to
         )
 
     @guarded
@@ -639,78 +209,67 @@ class InboxStore:
             # with a key "0", which the pipeline must not overwrite).
             query[f"{self.field}.0"] = {"$exists": True}
             query[self.field] = {"$type": "array"}
+        cutoff = self.layout.cutoff(now)
+        return self._rewrite(query, updates.delete_all(only_read), updates.size, oid, cutoff)
 
-        def kept(live: str) -> Any:
-            if not only_read:
-                return {"$literal": []}
-            return {"$filter": {"input": live, "as": "n", "cond": {"$eq": ["$$n.is_new", True]}}}
-
-        return self._write(query, self._cutoff(now), kept, _size, oid, now)
-
-    def _write(
+    def _rewrite(
         self,
         query: Document,
-        cutoff: int | None,
         new_array: Callable[[str], Any],
         measure: Callable[[Any], Any],
         oid: ObjectId,
-        now: datetime,
+        cutoff: int | None,
         must_hold: str | None = None,
     ) -> Document:
-        """Rewrite the array where `query` matches (`_rewrite`), then read the counts
-        and what this write changed; when the query matched nothing (nothing to
+        """Rewrite the array where `query` matches (`updates.rewrite`), then read the
+        counts and what this write changed; when the query matched nothing (nothing to
         change), answer from the read: changed 0, or why it is a 404."""
         token = new_id()
+        pipeline = updates.rewrite(self.layout, cutoff, new_array, measure, token)
         with self._refusals_of_the_document():
-            result = self.users.update_one(query, self._rewrite(cutoff, new_array, measure, token))
-        state = self._state(oid, must_hold, now, token if result.matched_count else None)
-        if state is None:
+            matched = self.users.update_one(query, pipeline).matched_count
+        found = self._state(
+            oid, cutoff, holds=must_hold, token=token if matched else None, prune=True
+        )
+        if found is None:
             raise UserNotFound()
-        if result.matched_count:
-            # Our own entry, unless more than _LOG_SIZE writes came in between.
-            return {**state, "changed": state["changed"] if state["changed"] is not None else 0}
-        if must_hold is not None and not state["holds"]:
+        if matched:
+            # Our own entry, unless more than LOG_SIZE writes came in between.
+            return {**found, "changed": found["changed"] or 0}
+        if must_hold is not None and not found["holds"]:
             raise NotificationNotFound()
-        return {**state, "changed": 0}
+        return {**found, "changed": 0}
 
     # -- reads -------------------------------------------------------------------------
 
     def _state(
-        self, oid: ObjectId, notification_id: str | None, now: datetime, token: str | None = None
+        self,
+        oid: ObjectId,
+        cutoff: int | None,
+        holds: str | None = None,
+        token: str | None = None,
+        prune: bool = False,
     ) -> Document | None:
-        """The user's counts and version, whether `notification_id` is in the array, and
-        what the write logged under `token` changed (None when it is not in the log)."""
-        cutoff = self._cutoff(now)
-        # Only what is asked for: /count, the hot path, projects the counts alone.
-        shown: Document = {"_id": 0, "counts": self._counts(cutoff), "version": self._version()}
-        if notification_id is not None:
-            ids = self._ids(self._live_items(cutoff))
-            shown["holds"] = {"$in": [{"$literal": notification_id}, ids]}
-        if token is not None:
-            mine = {
-                "$filter": {
-                    "input": self._log(),
-                    "as": "e",
-                    "cond": {"$eq": ["$$e.by", {"$literal": token}]},
-                }
-            }
-            changed = {"$map": {"input": mine, "as": "e", "in": "$$e.changed"}}
-            shown["changed"] = {"$ifNull": [{"$arrayElemAt": [changed, 0]}, None]}
-        pipeline = [{"$match": {"_id": oid}}, {"$project": shown}]
-        for doc in self.users.aggregate(pipeline):
+        """{elements, new, version, holds, changed} of the user (`updates.state`); with
+        `prune` (after a write), expired notifications found are removed."""
+        for doc in self.users.aggregate(updates.state(self.layout, oid, cutoff, holds, token)):
+            if prune and doc.pop("expired", False) and cutoff is not None:
+                # Not counted nor listed already: the answer stays as read.
+                self.users.update_one({"_id": oid}, updates.prune(self.layout, cutoff))
             return {"holds": False, "changed": None, **doc.pop("counts"), **doc}
         return None
 
     @guarded
-    def counts(self, user_id: str, now: datetime) -> Document:
-        """{elements, new, version} from the stored counts: one small read.
+    def counts(self, user_id: str, now: datetime, *, after_write: bool = False) -> Document:
+        """{elements, new, version}: one small read. `after_write`: the caller has just
+        written, so notifications found expired are removed.
 
         :raise UserNotFound:
         """
-        state = self._state(ObjectId(user_id), None, now)
-        if state is None:
+        found = self._state(ObjectId(user_id), self.layout.cutoff(now), prune=after_write)
+        if found is None:
             raise UserNotFound()
-        return state
+        return found
 
     @guarded
     def inbox_page(
@@ -728,42 +287,13 @@ class InboxStore:
 
         :raise UserNotFound: no such user.
         """
-        cutoff = self._cutoff(now)
-        live = self._live_items(cutoff)
-        conditions = []
-        if is_new is not None:
-            conditions.append({"$eq": ["$$n.is_new", is_new]})
-        if key is not None:
-            conditions.append({"$eq": ["$$n.key", {"$literal": key}]})
-        if conditions:
-            live = {"$filter": {"input": live, "as": "n", "cond": {"$and": conditions}}}
-        # $slice's count must be positive, so a zero limit asks for the counts alone.
-        # $slice takes 32-bit arguments; no array is anywhere near that long, so a
-        # larger skip gives the same (empty) page instead of a server error.
-        position = min(skip, 2**31 - 1)
-        page: Any = {"$slice": ["$$m", position, limit]} if limit > 0 else {"$literal": []}
-        pipeline: list[Document] = [
-            {"$match": {"_id": ObjectId(user_id)}},
-            {
-                "$project": {
-                    "_id": 0,
-                    "counts": self._counts(cutoff),
-                    "version": self._version(),
-                    "found": {
-                        "$let": {
-                            "vars": {"m": live},
-                            "in": {
-                                "matched": {"$size": "$$m"} if conditions else None,
-                                "list": page,
-                            },
-                        }
-                    },
-                }
-            },
-        ]
+        cutoff = self.layout.cutoff(now)
+        pipeline = updates.page(
+            self.layout, ObjectId(user_id), cutoff, skip, limit, is_new=is_new, key=key
+        )
         for result in self.users.aggregate(pipeline):
             counts, found = result["counts"], result["found"]
-            matched = found["matched"] if conditions else counts["elements"]
+            matched = found["matched"] if found["matched"] is not None else counts["elements"]
             return {
                 **counts,
                 "version": result["version"],
@@ -778,7 +308,8 @@ class InboxStore:
 
         :raise UserNotFound:
         """
-        user = self.users.find_one({"_id": ObjectId(user_id)}, projection={self.field: 0})
+        projection = {self.field: 0, self.layout.meta: 0}
+        user = self.users.find_one({"_id": ObjectId(user_id)}, projection=projection)
         if user is None:
             raise UserNotFound()
         return user
@@ -787,11 +318,26 @@ class InboxStore:
     def find_users(self, user_ids: list[str]) -> dict[str, Document]:
         """The users among `user_ids` that exist (without notifications), by id, with
         `holds_array` saying whether their field can take a notification."""
-        stages: list[Document] = [
-            {"$set": {"holds_array": self._takes()}},
-            {"$project": {self.field: 0, self.counts_field: 0}},
-        ]
-        return self._in_batches(user_ids, stages)
+        return self._in_batches(user_ids, lambda oids: updates.users(self.layout, oids))
+
+    def _in_batches(
+        self,
+        user_ids: list[str],
+        pipeline: Callable[[list[ObjectId]], list[Document]],
+        session: Any = None,
+    ) -> dict[str, Document]:
+        """The users among `user_ids` that exist, as `pipeline(their ids)` shapes them.
+
+        Asked `_ID_BATCH` ids at a time: SecantusDB's cost for `_id: {$in: [...]}`
+        grows faster than the list (one list of 1,000: 2.3 s; 20 lists of 50: 0.5 s).
+        On mongod one list would do; 20 round trips for 1,000 users cost little there.
+        """
+        found: dict[str, Document] = {}
+        for start in range(0, len(user_ids), _ID_BATCH):
+            batch = [ObjectId(u) for u in user_ids[start : start + _ID_BATCH]]
+            for doc in self.users.aggregate(pipeline(batch), session=session):
+                found[str(doc["_id"])] = doc
+        return found
 
     @guarded
     def has_notification(self, user_id: str, notification_id: str) -> bool:
@@ -832,23 +378,17 @@ class InboxStore:
         """What a stream shows of each of `user_ids` that exists, by id: `version`,
         `elements`, `new`, `items` (the live notifications, newest first) and
         `expires_at` (when the oldest of them expires, with NOTIFICATIONS_TTL_DAYS)."""
-        cutoff = self._cutoff(now)
-        stages: list[Document] = [
-            {
-                "$project": {
-                    "counts": self._counts(cutoff),
-                    "version": self._version(),
-                    "items": self._live_items(cutoff),
-                }
-            }
-        ]
+        layout = self.layout
+        stages = updates.feed(layout, layout.cutoff(now))
         states = {}
-        for user_id, doc in self._in_batches(user_ids, stages).items():
+        for user_id, doc in self._in_batches(
+            user_ids, lambda oids: [{"$match": {"_id": {"$in": oids}}}, *stages]
+        ).items():
             items: list[Document] = doc["items"]
             oldest = items[-1].get("timestamp") if items else None
             expires = None
-            if self.ttl_seconds is not None and isinstance(oldest, int):
-                expires = oldest + self.ttl_seconds
+            if layout.ttl_seconds is not None and isinstance(oldest, int):
+                expires = oldest + layout.ttl_seconds
             states[user_id] = {
                 "version": doc["version"],
                 **doc["counts"],
@@ -859,10 +399,13 @@ class InboxStore:
 
     @guarded
     def versions(self, user_ids: list[str]) -> dict[str, Any]:
-        """The counts' `version` of each of `user_ids` that exists: it moves on every
-        write of the inbox (what a stream watches where there are no change streams)."""
-        stages: list[Document] = [{"$project": {"version": self._version()}}]
-        return {u: doc["version"] for u, doc in self._in_batches(user_ids, stages).items()}
+        """The `version` of each of `user_ids` that exists: it moves on every write of
+        the inbox (what a stream watches where there are no change streams)."""
+        stages = updates.versions(self.layout)
+        found = self._in_batches(
+            user_ids, lambda oids: [{"$match": {"_id": {"$in": oids}}}, *stages]
+        )
+        return {u: doc["version"] for u, doc in found.items()}
 
     @guarded
     def watch_users(self, max_await_ms: int) -> UserChanges:
@@ -916,14 +459,26 @@ class InboxStore:
         """
         try:
             yield
-        except OperationFailure as exc:  # WriteError, or findAndModify's failure
-            if exc.code == _BAD_VALUE:
-                raise self._not_an_array() from exc
-            if exc.code in _TOO_LARGE:
-                raise UserDocumentInvalid(
-                    "The user's document is too large to take another notification."
-                ) from exc
+        except OperationFailure as exc:  # WriteError
+            if exc.code in _REFUSALS:
+                raise self._refusal(exc.code) from exc
             raise
+
+    def _refusal(self, code: int | None) -> UserDocumentInvalid:
+        """The 409 for the server's refusal (`code`) of a write to the user's document."""
+        if code == _BAD_VALUE:
+            return self.not_an_array()
+        if code in _TOO_LARGE:
+            return UserDocumentInvalid(
+                "The user's document is too large to take another notification."
+            )
+        return UserDocumentInvalid("The user's document cannot take a notification.")
+
+    def not_an_array(self) -> UserDocumentInvalid:
+        return UserDocumentInvalid(
+            f"The user's {self.field!r} field is not an array.",
+            details=[{"field": self.field, "problem": "is not an array"}],
+        )
 
 
 class ChangeStreamsUnsupported(Exception):
@@ -955,10 +510,6 @@ class UserChanges:
     def close(self) -> None:
         with contextlib.suppress(PyMongoError):
             self._stream.close()
-
-
-def _size(items: Any) -> Document:
-    return {"$size": items}
 
 
 def has_email(user: Document) -> bool:

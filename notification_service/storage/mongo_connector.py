@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pymongo
 from pymongo import MongoClient, uri_parser
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError, WriteConcernError
 
 from ..config import Config, ConfigError
 
@@ -49,14 +49,36 @@ def guarded(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except PyMongoError as exc:
-            # ConnectionFailure covers refused, reset, server selection and network
-            # timeouts; `timeout` covers the client-side operation timeout (CSOT).
-            if isinstance(exc, ConnectionFailure) or exc.timeout:
+            if unavailable(exc):
                 log.warning("database unavailable in %s: %s", func.__qualname__, exc)
                 raise DatabaseUnavailable(str(exc)) from exc
             raise
 
     return wrapper
+
+
+# What the server labels an error that a later attempt may not meet.
+_TRANSIENT_LABELS = (
+    "TransientTransactionError",
+    "UnknownTransactionCommitResult",
+    "RetryableWriteError",
+)
+
+
+def unavailable(exc: PyMongoError) -> bool:
+    """Whether `exc` says the database did not answer, or could not confirm a write: a
+    503 that a retry may get past, never a bug's 500.
+
+    ConnectionFailure covers refused, reset, server selection and network timeouts;
+    `timeout` the client-side operation timeout (CSOT). A write concern error means
+    the write was applied but is not known to be durable (a commit whose answer was
+    lost among them); the labels are the server's own "try again".
+    """
+    if isinstance(exc, ConnectionFailure | WriteConcernError) or exc.timeout:
+        return True
+    if isinstance(exc, BulkWriteError) and exc.details.get("writeConcernErrors"):
+        return True
+    return any(exc.has_error_label(label) for label in _TRANSIENT_LABELS)
 
 
 def check_uri(config: Config) -> None:
