@@ -55,6 +55,11 @@ SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
         "9": ("req/s", "server CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
+RETIRED = (
+    "Goals retired by issue 16, their figures kept: fan-out ≥ 20 times single creates "
+    "(impossible on SecantusDB, whose cost per document bounds it); (service - raw client) / "
+    "floor ≤ 1.5, replaced by section 0's service / minimal: ≤ 1.5 in CPU, ≥ 0.8 in throughput"
+)
 ARRAY = {
     "G": "SecantusDB loads the whole user document to project the counts and a page",
     "P": "SecantusDB rewrites the whole user document (in Python) for each write",
@@ -199,8 +204,8 @@ def cost(bench: Bench) -> list[Figure]:
     cost, work = [], []
     for e, pair in pairs.items():
         service, client = (pair.detail[f"{k} CPU ms/req"] for k in ("service server", "raw client"))
-        fig = Figure(s1, f"{e}: (service - raw client) / floor", "ratio", "≤ 1.5",
-                     lambda v: v <= 1.5, load=pair.load)  # fmt: skip
+        # No goal since issue 16: service / minimal (section 0) is the CPU claim.
+        fig = Figure(s1, f"{e}: (service - raw client) / floor", "ratio", load=pair.load)
         fig.rounds = [(s - c) / f for s, c, f in zip(service, client, floor.rounds, strict=True)]
         fig.detail = {"service CPU ms/req": service, "raw client CPU ms/req": client}
         fig.note = "the dispatcher's sending of the email included" if "email" in e else ""
@@ -250,7 +255,8 @@ def fan_out(bench: Bench) -> list[Figure]:
         per = {k: 1000 * (cpu[k] - cpu0[k]) / max(1, made) for k in cpu}
         return Load(made, took, FAN - made, 1000 * took, 1000 * took, per)
 
-    fig = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / single creates", "≥ 20", 20)
+    # No goal since issue 16: SecantusDB's cost per document bounds it far below 20.
+    fig = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / single creates")
     fig.note = "db CPU a notification: SecantusDB's work per update is the bound"
     single = bench.side("single", bench.svc, "POST /create", users)
     return play([(fig, [("user_ids", user_ids), single])])
@@ -329,7 +335,7 @@ def memory(bench: Bench) -> list[Figure]:
 
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
-              if f.section[0] in "12" and f.verdict == "missed"}  # fmt: skip
+              if f.section[0] in "02" and f.verdict == "missed"}  # fmt: skip
     picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 10 if QUICK else 100)
              for e in ENDPOINTS if e in missed}  # fmt: skip
     return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
@@ -354,7 +360,8 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
              f"only beyond the first)",
              f"- {(cpu or ['?'])[0]}, {psutil.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, shared with others",
-             f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}", "",
+             f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}",
+             f"- {RETIRED}", "",
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
     for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
         head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
@@ -371,7 +378,7 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
                          f"{'; '.join(detail)} |")  # fmt: skip
     lines += ["", "## Where the service's CPU goes", "", "cProfile (CPU time) of the service in "
               "one process (its test client: werkzeug's share) on each endpoint missing a goal "
-              "of section 1 or 2: each module's own share, then the service's functions, "
+              "of section 0 or 2: each module's own share, then the service's functions, "
               "callees included (the profiler inflates the ms)."]  # fmt: skip
     for endpoint, rows in profiled.items():
         lines += ["", f"`{endpoint}`", "", "```", *rows, "```"]
