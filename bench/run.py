@@ -36,6 +36,8 @@ AT, RUN = 16, 300  # the connections of other sections; distinct requests a run
 SIZES = {500: 10, 10: 100} if QUICK else {500: 30, 100: 100, 10: 300}  # users
 USERS, LARGE, MIXED, FAN = (300, 3000, 10_000, 200) if QUICK else (1000, 100_000, 100_000, 1000)
 GROWN = ("GET /list", "POST /create") if QUICK else tuple(ENDPOINTS)
+# Section 0: minimal.py's routes, on users at half the cap and at it, 200 users a group.
+ANCHORED, CAP, GROUP = ("GET /list", "GET /count", "POST /read", "POST /create"), 100, 200
 OUT = HERE / "quick" if QUICK else HERE
 # Endpoints that share users never undo each other's work (reads; creates only prepend).
 ROLE = {"GET /list": 0, "GET /count": 0, "POST /read": 1, "POST /read-all": 2,
@@ -48,10 +50,16 @@ WHY = {
     "(findAndModify would be one, but SecantusDB answers it with a collection scan)",
 }
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
-SHOW = {"2": ("req/s", "p50", "p99"), "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"),
-        "7": ("req/s",), "8": ("RSS",), "9": ("req/s", "server CPU")}  # fmt: skip
+SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
+        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s",), "8": ("RSS",),
+        "9": ("req/s", "server CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
+RETIRED = (
+    "Goals retired by issue 16, their figures kept: fan-out ≥ 20 times single creates "
+    "(impossible on SecantusDB, whose cost per document bounds it); (service - raw client) / "
+    "floor ≤ 1.5, replaced by section 0's service / minimal: ≤ 1.5 in CPU, ≥ 0.8 in throughput"
+)
 ARRAY = {
     "G": "SecantusDB loads the whole user document to project the counts and a page",
     "P": "SecantusDB rewrites the whole user document (in Python) for each write",
@@ -129,6 +137,53 @@ class Bench:
         return name, partial(self.http, server, endpoint, users, conns)
 
 
+def anchor(bench: Bench) -> list[Figure]:
+    """The service beside minimal.py, both at NOTIFICATIONS_LIMIT=100, each on its own users
+    of the same shape, and the two floors (plain WSGI, the service's ASGI front)."""
+    s0, stack, limit = "0. Service / minimal", bench.stack, str(CAP)
+    sides = {
+        "service": stack.service("service-100", NOTIFICATIONS_LIMIT=limit),
+        "minimal": stack.wsgi("minimal", "minimal:create_app", NOTIFICATIONS_LIMIT=limit),
+    }
+    floors = {"WSGI": stack.wsgi("floor-wsgi", "floor:app"), "ASGI": bench.floor}
+    users = {(name, size, role): Users(100 + 50 * i + 10 * j + role, GROUP, size)
+             for i, name in enumerate(sides) for j, size in enumerate((CAP // 2, CAP))
+             for role in {ROLE[e] for e in ANCHORED}}  # fmt: skip
+    progress(f"seeding section 0's {len(users) * GROUP:,} users")
+    for group in users.values():
+        seed(stack.db_uri, group)
+    for name, server in sides.items():  # each worker's client and first requests, unmeasured
+        reads = [ENDPOINTS["GET /count"](*users[(name, CAP, 0)].pick(n)) for n in range(AT)]
+        http_load(server.url, reads, AT, SECONDS, {})
+    get: list[Request] = [("GET", "/", None)]
+    both = Figure(s0, "floors", "ratio")
+    duels: list[Duel] = [
+        (both, [(k, partial(http_load, f.url, get, AT, SECONDS, {"server": f.pid}))
+                for k, f in floors.items()])]  # fmt: skip
+    for size, e in ((size, e) for size in (CAP // 2, CAP) for e in ANCHORED):
+        name = f"{e}, {size} notifications a user, {AT} conns: service / minimal, req/s"
+        pair = [bench.side(k, v, e, users[(k, size, ROLE[e])]) for k, v in sides.items()]
+        duels.append((ratio(s0, name, "≥ 0.8", 0.8), pair))
+    play(duels)
+    for server in (*sides.values(), floors["WSGI"]):
+        server.child.stop()
+    how = {"WSGI": "plain granian WSGI", "ASGI": "the service's granian and ASGI front"}
+    figs = [Figure(s0, f"floor: a one-line Flask JSON endpoint, {how[k]}, {AT} conns",
+                   "CPU ms/req", rounds=both.detail[f"{k} server CPU ms/req"], load=both.load,
+                   detail={"req/s": both.detail[f"{k} req/s"]}) for k in floors]  # fmt: skip
+    for fig, _ in duels[1:]:
+        figs.append(fig)
+        for what, goal in (("server", "≤ 1.5"), ("db", "")):
+            keys = [f"{side} {what} CPU ms/req" for side in sides]
+            service, minimal = parts = [fig.detail.pop(k) for k in keys]
+            name = fig.name.replace("req/s", f"{what} CPU ms/req")
+            cpu = Figure(s0, name, "ratio", goal, (lambda v: v <= 1.5) if goal else None)
+            cpu.rounds = [s / m for s, m in zip(service, minimal, strict=True)]
+            cpu.load, cpu.detail = fig.load, dict(zip(keys, parts, strict=True))
+            figs.append(cpu)
+    return figs
+
+
 def cost(bench: Bench) -> list[Figure]:
     s1, s2, s3 = "1. Service cost per request", "2. Throughput and latency", "3. Database work"
     floor = Figure(s1, f"floor: a one-line Flask JSON endpoint, {AT} conns", "CPU ms/req")
@@ -149,8 +204,8 @@ def cost(bench: Bench) -> list[Figure]:
     cost, work = [], []
     for e, pair in pairs.items():
         service, client = (pair.detail[f"{k} CPU ms/req"] for k in ("service server", "raw client"))
-        fig = Figure(s1, f"{e}: (service - raw client) / floor", "ratio", "≤ 1.5",
-                     lambda v: v <= 1.5, load=pair.load)  # fmt: skip
+        # No goal since issue 16: service / minimal (section 0) is the CPU claim.
+        fig = Figure(s1, f"{e}: (service - raw client) / floor", "ratio", load=pair.load)
         fig.rounds = [(s - c) / f for s, c, f in zip(service, client, floor.rounds, strict=True)]
         fig.detail = {"service CPU ms/req": service, "raw client CPU ms/req": client}
         fig.note = "the dispatcher's sending of the email included" if "email" in e else ""
@@ -200,7 +255,8 @@ def fan_out(bench: Bench) -> list[Figure]:
         per = {k: 1000 * (cpu[k] - cpu0[k]) / max(1, made) for k in cpu}
         return Load(made, took, FAN - made, 1000 * took, 1000 * took, per)
 
-    fig = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / single creates", "≥ 20", 20)
+    # No goal since issue 16: SecantusDB's cost per document bounds it far below 20.
+    fig = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / single creates")
     fig.note = "db CPU a notification: SecantusDB's work per update is the bound"
     single = bench.side("single", bench.svc, "POST /create", users)
     return play([(fig, [("user_ids", user_ids), single])])
@@ -279,7 +335,7 @@ def memory(bench: Bench) -> list[Figure]:
 
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
-              if f.section[0] in "12" and f.verdict == "missed"}  # fmt: skip
+              if f.section[0] in "02" and f.verdict == "missed"}  # fmt: skip
     picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 10 if QUICK else 100)
              for e in ENDPOINTS if e in missed}  # fmt: skip
     return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
@@ -304,7 +360,8 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
              f"only beyond the first)",
              f"- {(cpu or ['?'])[0]}, {psutil.cpu_count()} cores, "
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, shared with others",
-             f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}", "",
+             f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}",
+             f"- {RETIRED}", "",
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
     for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
         head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
@@ -321,7 +378,7 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
                          f"{'; '.join(detail)} |")  # fmt: skip
     lines += ["", "## Where the service's CPU goes", "", "cProfile (CPU time) of the service in "
               "one process (its test client: werkzeug's share) on each endpoint missing a goal "
-              "of section 1 or 2: each module's own share, then the service's functions, "
+              "of section 0 or 2: each module's own share, then the service's functions, "
               "callees included (the profiler inflates the ms)."]  # fmt: skip
     for endpoint, rows in profiled.items():
         lines += ["", f"`{endpoint}`", "", "```", *rows, "```"]
@@ -336,7 +393,8 @@ def charts(figures: list[Figure]) -> None:
     import matplotlib.pyplot as plt
 
     named = {f.name: f for f in figures if f.rounds}
-    floor = next((f.median for f in figures if f.name.startswith("floor") and f.rounds), 0)
+    floor = next((f.median for f in figures if f.section[0] == "1" and f.name.startswith("floor")
+                  and f.rounds), 0)  # fmt: skip
     panels = {
         "throughput": [(f"req/s, {c} connections", f"{{e}}, {c} conns: service / raw pymongo",
                         ["service req/s", "raw req/s"], tuple(ENDPOINTS)) for c in CONNS],
@@ -376,7 +434,7 @@ def main() -> int:
         stack = Stack(Path(tmp))
         try:
             bench = Bench(stack)
-            for section in (cost, growth, fan_out, email, durability, peers, memory):
+            for section in (anchor, cost, growth, fan_out, email, durability, peers, memory):
                 try:
                     figures += section(bench)
                 except Exception as exc:  # the others still run, and all are written

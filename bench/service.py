@@ -8,6 +8,7 @@ import json
 import os
 import pstats
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -110,9 +111,24 @@ class Stack:
         """granian with the service's flags and front (asgi.BufferedWsgi) on floor.py."""
         port = embedded.free_port()
         config = Config.from_env({**self.env, "PORT": str(port)}, dotenv=False)
-        argv = [*web_server_argv(config)[:-1], "floor:create_asgi_app"]
-        env = {**os.environ, "PYTHONPATH": str(HERE)}
-        child = embedded.spawn("floor", argv, self.run_dir, env, cwd=self.run_dir)
+        return self._bench_app("floor", [*web_server_argv(config)[:-1], "floor:create_asgi_app"])
+
+    def wsgi(self, name: str, target: str, **env: str) -> Server:
+        """Plain granian in WSGI mode, the service's workers and threads, on a module of
+        bench/ (`factory`: a target named create_*)."""
+        config = Config.from_env(self.env, dotenv=False)
+        argv = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1",
+                "--port", str(embedded.free_port()), "--workers", str(config.web_workers),
+                "--blocking-threads", str(config.web_threads),
+                *(["--factory"] if ":create_" in target else []), target]  # fmt: skip
+        return self._bench_app(name, argv, env)
+
+    def _bench_app(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
+        """Run `argv` (its --port given) on bench/'s modules, with the service's env."""
+        port = int(argv[argv.index("--port") + 1])
+        path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, **self.env, **(env or {}), "PYTHONPATH": path}
+        child = embedded.spawn(name, argv, self.run_dir, env, cwd=self.run_dir)
         self.children.append(child)
         embedded.wait_for_port("127.0.0.1", port, child.process, 60)
         return Server(child, f"http://127.0.0.1:{port}")
