@@ -88,8 +88,8 @@ class InboxStore:
         if not entries:
             return set(), {}
         layout = self.layout
-        requests = [
-            UpdateOne(
+        writes = [
+            (
                 updates.create_filter(
                     layout,
                     ObjectId(user_id),
@@ -102,11 +102,21 @@ class InboxStore:
         ]
         refused: dict[str, UserDocumentInvalid] = {}
         try:
-            result = self.users.bulk_write(requests, ordered=False, session=session)
-            matched = result.matched_count
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") not in _REFUSALS for error in errors):
+            if len(writes) == 1:
+                # The same command on the wire as a bulk write of one, for less of the
+                # client's CPU (a single create's path).
+                matched = self.users.update_one(*writes[0], session=session).matched_count
+            else:
+                requests = [UpdateOne(query, update) for query, update in writes]
+                result = self.users.bulk_write(requests, ordered=False, session=session)
+                matched = result.matched_count
+        except OperationFailure as exc:
+            errors: list[Document] = (
+                exc.details.get("writeErrors", [])
+                if isinstance(exc, BulkWriteError)
+                else [{"index": 0, "code": exc.code}]
+            )
+            if not errors or any(error.get("code") not in _REFUSALS for error in errors):
                 raise  # not the document's refusal: a bug, or the database's own trouble
             refused = {entries[e["index"]][0]: self._refusal(e["code"]) for e in errors}
             log.warning("create: %d writes refused", len(refused))
