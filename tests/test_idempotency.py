@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from conftest import MongoServer
 from flask import Flask
 from flask.testing import FlaskClient
 from flask.typing import ResponseReturnValue
+from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from notification_service.config import Config
@@ -76,6 +79,23 @@ def reconnect(app: Flask) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+class Clock:
+    """The one thing a test may fake: the service's clock."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def fake_clock(app: Flask) -> Clock:
+    clock = Clock()
+    runtime = runtime_of(app)
+    runtime.services = replace(runtime.services, clock=clock)
+    return clock
 
 
 class Probe:
@@ -367,6 +387,59 @@ def test_the_answer_stands_when_recording_it_fails_and_a_retry_takes_over_later(
     assert retry.get_json() == response.get_json() | {
         "data": {"seed": record["seed"], "takeover": True}
     }
+
+
+@pytest.fixture
+def own_server() -> Iterator[MongoServer]:
+    """A server of this test's own, so freezing it cannot disturb other tests."""
+    server = MongoServer.start()
+    yield server
+    server.stop()
+
+
+def test_a_claim_the_database_applies_after_its_503_frees_the_key_for_the_next_retry(
+    own_server: MongoServer, make_app: Callable[..., Flask]
+) -> None:
+    # Issue 16 item 6b: the database froze during the claim; the claim's insert timed
+    # out (503) and was applied when the database came back, leaving the key running.
+    # The retry 1 s after the thaw must complete the request, with the first ids.
+    timeout = 0.5
+    config = Config(
+        db_uri=own_server.uri("late_claim"), dispatcher_threads=0, db_timeout_ms=int(timeout * 1000)
+    )
+    app = make_app(config)
+    clock = fake_clock(app)
+    client = app.test_client()
+    with MongoClient(own_server.uri("late_claim"), tz_aware=True) as admin:
+        db = admin["late_claim"]
+        user_id = str(db.users.insert_one({"email": "user@example.com"}).inserted_id)
+        body = {"user_id": user_id, "key": "new_login"}
+        runtime_of(app).client.admin.command("ping")  # connected: the insert gets sent
+        start = clock.now
+        own_server.freeze()
+        try:
+            first = post(client, "/create", body)
+        finally:
+            own_server.thaw()
+        assert first.status_code == 503
+        assert first.get_json()["error"]["code"] == "database_unavailable"
+        deadline = time.monotonic() + 10
+        while (record := keys(db, config).find_one({"_id": f"create {KEY}"})) is None:
+            assert time.monotonic() < deadline, "the claim's insert was never applied"
+            time.sleep(0.02)
+        assert record["state"] == "running"
+        reconnect(app)
+        # As in the fault run: the client gave up after DB_TIMEOUT_MS, the database came
+        # back 0.5 s later, and the client retried 1 s after that.
+        clock.now = start + timedelta(seconds=timeout + 0.5 + 1)
+        retry = post(client, "/create", body)
+        assert retry.status_code == 201, retry.get_json()
+        ids = IdBlock(record["seed"])
+        assert retry.get_json()["data"]["notification_id"] == ids.id(0)
+        assert retry.get_json()["data"]["email_id"] == ids.id(1)
+        assert len(notifications_of(db, user_id)) == 1
+        assert db.email_outbox.count_documents({}) == 1
+        assert keys(db, config).find_one({"_id": f"create {KEY}"})["state"] == "done"
 
 
 # --- the header --------------------------------------------------------------------
