@@ -24,7 +24,13 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from notification_service.config import Config
-from notification_service.idempotency import fingerprint, idempotent, request_ids
+from notification_service.idempotency import (
+    LEASE_MARGIN_SECONDS,
+    fingerprint,
+    idempotent,
+    lease_seconds,
+    request_ids,
+)
 from notification_service.server import runtime_of
 from notification_service.storage.idempotency_store import IdempotencyStore
 from notification_service.storage.ids import IdBlock
@@ -222,6 +228,41 @@ def test_keys_survive_a_new_app(
     assert again.get_json() == first.get_json()
     assert len(notifications_of(db, user_id)) == 1
     assert db.email_outbox.count_documents({}) == 1
+
+
+# --- leases ------------------------------------------------------------------------
+
+
+def test_a_lease_is_the_holders_deadline_and_a_margin(
+    make_config: Callable[..., Config],
+) -> None:
+    config = make_config(db_timeout_ms=3000)
+    one = lease_seconds(config, {"user_id": "u", "key": "new_post"})
+    assert one == 3.0 + LEASE_MARGIN_SECONDS
+    assert lease_seconds(config, {"to": "a@example.com", "subject": "s", "text": "t"}) == one
+    # A fan-out's own deadline starts after the claim, which may take DB_TIMEOUT_MS.
+    fan_out = lease_seconds(config, {"user_ids": ["u"], "key": "new_post"})
+    assert fan_out == 3.0 + config.fan_out_timeout_seconds + LEASE_MARGIN_SECONDS
+
+
+def test_a_keyed_create_is_leased_for_its_own_deadline_a_fan_out_for_its_window(
+    app: Flask, db: Any, config: Config, user_id: str
+) -> None:
+    clock = fake_clock(app)
+    client = app.test_client()
+    assert (
+        post(client, "/create", {"user_id": user_id, "key": "new_post"}, "one").status_code == 201
+    )
+    fan_out = post(client, "/create", {"user_ids": [user_id], "key": "new_post"}, "many")
+    assert fan_out.status_code == 201
+
+    def leased(key: str) -> float:
+        record = keys(db, config).find_one({"_id": f"create {key}"})
+        return float((record["lease_until"] - clock.now).total_seconds())
+
+    timeout = config.db_timeout_ms / 1000
+    assert leased("one") == timeout + LEASE_MARGIN_SECONDS
+    assert leased("many") == timeout + config.fan_out_timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 # --- a key held by another request -------------------------------------------------
