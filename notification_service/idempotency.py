@@ -24,7 +24,8 @@ was applied by the database afterwards) leaves its key running; once its lease i
 over a retry takes it over and runs again with the SAME ids (`request_ids()`), so the
 domain's writes repeat idempotently instead of doubling. The lease never ends while
 its holder can still write (`lease_seconds`): DB_TIMEOUT_MS and a second from the
-claim, and a fan-out's own deadline on top. A 503 or a bug ends the lease at once, so
+claim, and a fan-out's own deadline on top. The 409 says in `Retry-After` how long
+the lease has left. A 503 or a bug ends the lease at once, so
 the retry does not wait. A 4xx wrote nothing, so its key is forgotten and a corrected
 request with the same key runs afresh.
 """
@@ -35,8 +36,10 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, ParamSpec
 
 from flask import Response, g, jsonify, make_response, request
@@ -124,6 +127,13 @@ def lease_seconds(config: Config, body: dict[str, Any]) -> float:
     return config.db_timeout_ms / 1000 + own_deadline + LEASE_MARGIN_SECONDS
 
 
+def retry_after(lease_until: datetime | None, now: datetime) -> int:
+    """Whole seconds until a key held until `lease_until` may be taken over; at least 1."""
+    if lease_until is None:
+        return 1
+    return max(1, math.ceil((lease_until - now).total_seconds()))
+
+
 def request_ids() -> tuple[IdBlock, bool]:
     """The ids this request writes, and whether it takes over an interrupted attempt.
 
@@ -163,7 +173,9 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
             if claim.outcome == "reused":
                 raise IdempotencyKeyReused()
             if claim.outcome == "in_use":
-                raise IdempotencyKeyInUse()
+                busy = IdempotencyKeyInUse()
+                busy.headers["Retry-After"] = str(retry_after(claim.lease_until, now))
+                raise busy
             g.idempotency_ids = (IdBlock(claim.seed), claim.outcome == "taken_over")
             return _run(claim, lambda: make_response(view(*args, **kwargs)))
 

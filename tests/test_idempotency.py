@@ -30,6 +30,7 @@ from notification_service.idempotency import (
     idempotent,
     lease_seconds,
     request_ids,
+    retry_after,
 )
 from notification_service.server import runtime_of
 from notification_service.storage.idempotency_store import IdempotencyStore
@@ -233,6 +234,23 @@ def test_keys_survive_a_new_app(
 # --- leases ------------------------------------------------------------------------
 
 
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("left", "expected"),
+    [(7.2, 8), (7.0, 7), (0.001, 1), (0.5, 1), (0.0, 1), (-30.0, 1), (40.0, 40)],
+)
+def test_retry_after_is_the_lease_left_rounded_up_and_at_least_one_second(
+    left: float, expected: int
+) -> None:
+    assert retry_after(NOW + timedelta(seconds=left), NOW) == expected
+
+
+def test_retry_after_without_a_lease_is_one_second() -> None:
+    assert retry_after(None, NOW) == 1
+
+
 def test_a_lease_is_the_holders_deadline_and_a_margin(
     make_config: Callable[..., Config],
 ) -> None:
@@ -268,15 +286,19 @@ def test_a_keyed_create_is_leased_for_its_own_deadline_a_fan_out_for_its_window(
 # --- a key held by another request -------------------------------------------------
 
 
-def test_key_held_by_a_running_request_is_409_with_retry_after(
-    client: FlaskClient, db: Any, config: Config, user_id: str
+def test_key_held_by_a_running_request_is_409_with_the_lease_left_in_retry_after(
+    app: Flask, db: Any, config: Config, user_id: str
 ) -> None:
+    clock = fake_clock(app)
     body = {"user_id": user_id, "key": "new_post"}
-    live = datetime.now(UTC) + timedelta(seconds=config.write_window_seconds)
+    live = clock.now + timedelta(seconds=7.2)
     seed = arrange_running(db, config, f"create {KEY}", body, live)
+    client = app.test_client()
     response = post(client, "/create", body)
     assert response.status_code == 409
-    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Retry-After"] == "8"
+    clock.now += timedelta(seconds=6.5)
+    assert post(client, "/create", body).headers["Retry-After"] == "1"
     assert response.get_json()["error"]["code"] == "idempotency_key_in_use"
     assert notifications_of(db, user_id) == []
     record = keys(db, config).find_one({"_id": f"create {KEY}"})
@@ -471,8 +493,12 @@ def test_a_claim_the_database_applies_after_its_503_frees_the_key_for_the_next_r
         assert record["state"] == "running"
         reconnect(app)
         # As in the fault run: the client gave up after DB_TIMEOUT_MS, the database came
-        # back 0.5 s later, and the client retried 1 s after that.
-        clock.now = start + timedelta(seconds=timeout + 0.5 + 1)
+        # back 0.5 s later; a retry then is told when the lease ends.
+        clock.now = start + timedelta(seconds=timeout + 0.5)
+        early = post(client, "/create", body)
+        assert early.status_code == 409
+        assert early.headers["Retry-After"] == "1"
+        clock.now += timedelta(seconds=1)  # the retry 1 s after the thaw
         retry = post(client, "/create", body)
         assert retry.status_code == 201, retry.get_json()
         ids = IdBlock(record["seed"])

@@ -125,8 +125,8 @@ class IdempotencyStore:
             if won.modified_count:
                 return KeyClaim("taken_over", key, record["seed"], lease_until)
             return KeyClaim("in_use", key, lease_until=held_until)
-        # Inserted and removed again under us each time: let the client come back.
-        return KeyClaim("in_use", key, lease_until=lease_until)
+        # Inserted and removed again under us each time: let the client come back soon.
+        return KeyClaim("in_use", key, lease_until=_millis(now))
 
     def _held(self, claim: KeyClaim) -> Document:
         # Only the holder of this lease finishes the record: one that outlived its lease
