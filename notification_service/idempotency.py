@@ -19,10 +19,13 @@ IDEMPOTENCY_TTL_HOURS (from its first use).
 The body is compared by a fingerprint: SHA-256 of its canonical JSON (sorted keys,
 no whitespace), so key order and spacing do not make two requests differ.
 
-A request cut short (a crash, a 503 between two writes) leaves its key running; once
-its lease is over (Config.write_window_seconds: it can no longer write) a retry takes
-it over and runs again with the SAME ids (`request_ids()`), so the domain's writes
-repeat idempotently instead of doubling. A 503 or a bug ends the lease at once, so
+A request cut short (a crash, a 503 between two writes, a claim that timed out but
+was applied by the database afterwards) leaves its key running; once its lease is
+over a retry takes it over and runs again with the SAME ids (`request_ids()`), so the
+domain's writes repeat idempotently instead of doubling. The lease never ends while
+its holder can still write (`lease_seconds`): DB_TIMEOUT_MS and a second from the
+claim, and a fan-out's own deadline on top. The 409 says in `Retry-After` how long
+the lease has left. A 503 or a bug ends the lease at once, so
 the retry does not wait. A 4xx wrote nothing, so its key is forgotten and a corrected
 request with the same key runs afresh.
 """
@@ -33,8 +36,10 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, ParamSpec
 
 from flask import Response, g, jsonify, make_response, request
@@ -42,6 +47,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from .config import Config
 from .errors import (
     ApiError,
     ErrorDetail,
@@ -61,6 +67,10 @@ P = ParamSpec("P")
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replay"
 MAX_KEY_LENGTH = 255
+# Past its deadline a holder sends nothing more; this covers a write it sent just
+# before, still on its way, and small clock differences between the hosts that write
+# a lease and those that read it (they need NTP, as the dispatchers' leases do).
+LEASE_MARGIN_SECONDS = 1.0
 # Printable ASCII, spaces only between visible characters (so never only spaces).
 _KEY_RE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
@@ -95,6 +105,35 @@ def _bad_key(problem: str) -> ValidationFailed:
     return ValidationFailed(details=[detail])
 
 
+def lease_seconds(config: Config, body: dict[str, Any]) -> float:
+    """How long, from its claim, a request holding a key may still write: its lease.
+
+    Every database call of a request shares one deadline, DB_TIMEOUT_MS from its
+    arrival (server.py), which came before the claim. A fan-out (`user_ids`) then
+    opens a deadline of its own in the handler (notification_handler.create), once
+    the claim has answered. Past the sum nothing of the request is sent; the margin
+    covers what is still on its way. Its key's outcome (complete, forget, release) may
+    be written later, but each is conditional on this very lease, so it never touches
+    a successor's.
+
+    As short as that, because a failed claim cannot be released: a claim that timed
+    out may be applied by the database afterwards (frozen with the insert in hand),
+    when the request has answered 503; a release sent meanwhile would time out as
+    well (another DB_TIMEOUT_MS for the client), or arrive first and find nothing.
+    Only the lease's length frees such a key, and the client's retry takes it over
+    once the first attempt's deadline has passed.
+    """
+    own_deadline = config.fan_out_timeout_seconds if body.get("user_ids") is not None else 0.0
+    return config.db_timeout_ms / 1000 + own_deadline + LEASE_MARGIN_SECONDS
+
+
+def retry_after(lease_until: datetime | None, now: datetime) -> int:
+    """Whole seconds until a key held until `lease_until` may be taken over; at least 1."""
+    if lease_until is None:
+        return 1
+    return max(1, math.ceil((lease_until - now).total_seconds()))
+
+
 def request_ids() -> tuple[IdBlock, bool]:
     """The ids this request writes, and whether it takes over an interrupted attempt.
 
@@ -119,9 +158,13 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
             if key is None:
                 return make_response(view(*args, **kwargs))
             # Parsed first: a body that is not a JSON object is a 400 that claims nothing.
-            digest = fingerprint(json_body())
+            body = json_body()
             svc = services()
-            claim = svc.idempotency.claim(f"{scope} {key}", digest, svc.clock())
+            now = svc.clock()
+            # A claim that fails (503) is not released: see lease_seconds.
+            claim = svc.idempotency.claim(
+                f"{scope} {key}", fingerprint(body), now, lease_seconds(svc.config, body)
+            )
             if claim.outcome == "replay":
                 response = jsonify(claim.body)
                 response.status_code = claim.status
@@ -130,7 +173,9 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
             if claim.outcome == "reused":
                 raise IdempotencyKeyReused()
             if claim.outcome == "in_use":
-                raise IdempotencyKeyInUse()
+                busy = IdempotencyKeyInUse()
+                busy.headers["Retry-After"] = str(retry_after(claim.lease_until, now))
+                raise busy
             g.idempotency_ids = (IdBlock(claim.seed), claim.outcome == "taken_over")
             return _run(claim, lambda: make_response(view(*args, **kwargs)))
 

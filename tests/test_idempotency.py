@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from conftest import MongoServer
 from flask import Flask
 from flask.testing import FlaskClient
 from flask.typing import ResponseReturnValue
+from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from notification_service.config import Config
-from notification_service.idempotency import fingerprint, idempotent, request_ids
+from notification_service.idempotency import (
+    LEASE_MARGIN_SECONDS,
+    fingerprint,
+    idempotent,
+    lease_seconds,
+    request_ids,
+    retry_after,
+)
 from notification_service.server import runtime_of
 from notification_service.storage.idempotency_store import IdempotencyStore
 from notification_service.storage.ids import IdBlock
@@ -76,6 +86,23 @@ def reconnect(app: Flask) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+class Clock:
+    """The one thing a test may fake: the service's clock."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def fake_clock(app: Flask) -> Clock:
+    clock = Clock()
+    runtime = runtime_of(app)
+    runtime.services = replace(runtime.services, clock=clock)
+    return clock
 
 
 class Probe:
@@ -204,18 +231,74 @@ def test_keys_survive_a_new_app(
     assert db.email_outbox.count_documents({}) == 1
 
 
+# --- leases ------------------------------------------------------------------------
+
+
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("left", "expected"),
+    [(7.2, 8), (7.0, 7), (0.001, 1), (0.5, 1), (0.0, 1), (-30.0, 1), (40.0, 40)],
+)
+def test_retry_after_is_the_lease_left_rounded_up_and_at_least_one_second(
+    left: float, expected: int
+) -> None:
+    assert retry_after(NOW + timedelta(seconds=left), NOW) == expected
+
+
+def test_retry_after_without_a_lease_is_one_second() -> None:
+    assert retry_after(None, NOW) == 1
+
+
+def test_a_lease_is_the_holders_deadline_and_a_margin(
+    make_config: Callable[..., Config],
+) -> None:
+    config = make_config(db_timeout_ms=3000)
+    one = lease_seconds(config, {"user_id": "u", "key": "new_post"})
+    assert one == 3.0 + LEASE_MARGIN_SECONDS
+    assert lease_seconds(config, {"to": "a@example.com", "subject": "s", "text": "t"}) == one
+    # A fan-out's own deadline starts after the claim, which may take DB_TIMEOUT_MS.
+    fan_out = lease_seconds(config, {"user_ids": ["u"], "key": "new_post"})
+    assert fan_out == 3.0 + config.fan_out_timeout_seconds + LEASE_MARGIN_SECONDS
+
+
+def test_a_keyed_create_is_leased_for_its_own_deadline_a_fan_out_for_its_window(
+    app: Flask, db: Any, config: Config, user_id: str
+) -> None:
+    clock = fake_clock(app)
+    client = app.test_client()
+    assert (
+        post(client, "/create", {"user_id": user_id, "key": "new_post"}, "one").status_code == 201
+    )
+    fan_out = post(client, "/create", {"user_ids": [user_id], "key": "new_post"}, "many")
+    assert fan_out.status_code == 201
+
+    def leased(key: str) -> float:
+        record = keys(db, config).find_one({"_id": f"create {key}"})
+        return float((record["lease_until"] - clock.now).total_seconds())
+
+    timeout = config.db_timeout_ms / 1000
+    assert leased("one") == timeout + LEASE_MARGIN_SECONDS
+    assert leased("many") == timeout + config.fan_out_timeout_seconds + LEASE_MARGIN_SECONDS
+
+
 # --- a key held by another request -------------------------------------------------
 
 
-def test_key_held_by_a_running_request_is_409_with_retry_after(
-    client: FlaskClient, db: Any, config: Config, user_id: str
+def test_key_held_by_a_running_request_is_409_with_the_lease_left_in_retry_after(
+    app: Flask, db: Any, config: Config, user_id: str
 ) -> None:
+    clock = fake_clock(app)
     body = {"user_id": user_id, "key": "new_post"}
-    live = datetime.now(UTC) + timedelta(seconds=config.write_window_seconds)
+    live = clock.now + timedelta(seconds=7.2)
     seed = arrange_running(db, config, f"create {KEY}", body, live)
+    client = app.test_client()
     response = post(client, "/create", body)
     assert response.status_code == 409
-    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Retry-After"] == "8"
+    clock.now += timedelta(seconds=6.5)
+    assert post(client, "/create", body).headers["Retry-After"] == "1"
     assert response.get_json()["error"]["code"] == "idempotency_key_in_use"
     assert notifications_of(db, user_id) == []
     record = keys(db, config).find_one({"_id": f"create {KEY}"})
@@ -367,6 +450,63 @@ def test_the_answer_stands_when_recording_it_fails_and_a_retry_takes_over_later(
     assert retry.get_json() == response.get_json() | {
         "data": {"seed": record["seed"], "takeover": True}
     }
+
+
+@pytest.fixture
+def own_server() -> Iterator[MongoServer]:
+    """A server of this test's own, so freezing it cannot disturb other tests."""
+    server = MongoServer.start()
+    yield server
+    server.stop()
+
+
+def test_a_claim_the_database_applies_after_its_503_frees_the_key_for_the_next_retry(
+    own_server: MongoServer, make_app: Callable[..., Flask]
+) -> None:
+    # Issue 16 item 6b: the database froze during the claim; the claim's insert timed
+    # out (503) and was applied when the database came back, leaving the key running.
+    # The retry 1 s after the thaw must complete the request, with the first ids.
+    timeout = 0.5
+    config = Config(
+        db_uri=own_server.uri("late_claim"), dispatcher_threads=0, db_timeout_ms=int(timeout * 1000)
+    )
+    app = make_app(config)
+    clock = fake_clock(app)
+    client = app.test_client()
+    with MongoClient(own_server.uri("late_claim"), tz_aware=True) as admin:
+        db = admin["late_claim"]
+        user_id = str(db.users.insert_one({"email": "user@example.com"}).inserted_id)
+        body = {"user_id": user_id, "key": "new_login"}
+        runtime_of(app).client.admin.command("ping")  # connected: the insert gets sent
+        start = clock.now
+        own_server.freeze()
+        try:
+            first = post(client, "/create", body)
+        finally:
+            own_server.thaw()
+        assert first.status_code == 503
+        assert first.get_json()["error"]["code"] == "database_unavailable"
+        deadline = time.monotonic() + 10
+        while (record := keys(db, config).find_one({"_id": f"create {KEY}"})) is None:
+            assert time.monotonic() < deadline, "the claim's insert was never applied"
+            time.sleep(0.02)
+        assert record["state"] == "running"
+        reconnect(app)
+        # As in the fault run: the client gave up after DB_TIMEOUT_MS, the database came
+        # back 0.5 s later; a retry then is told when the lease ends.
+        clock.now = start + timedelta(seconds=timeout + 0.5)
+        early = post(client, "/create", body)
+        assert early.status_code == 409
+        assert early.headers["Retry-After"] == "1"
+        clock.now += timedelta(seconds=1)  # the retry 1 s after the thaw
+        retry = post(client, "/create", body)
+        assert retry.status_code == 201, retry.get_json()
+        ids = IdBlock(record["seed"])
+        assert retry.get_json()["data"]["notification_id"] == ids.id(0)
+        assert retry.get_json()["data"]["email_id"] == ids.id(1)
+        assert len(notifications_of(db, user_id)) == 1
+        assert db.email_outbox.count_documents({}) == 1
+        assert keys(db, config).find_one({"_id": f"create {KEY}"})["state"] == "done"
 
 
 # --- the header --------------------------------------------------------------------

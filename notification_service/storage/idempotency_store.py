@@ -56,9 +56,6 @@ class IdempotencyStore:
         self.records: Collection[Document] = db[config.idempotency_collection]
         self.db = db
         self.ttl_seconds = config.idempotency_ttl_hours * 3600
-        # A holder past this can no longer write (server.py's deadline), so its key may
-        # be taken over without two requests writing at once.
-        self.lease_seconds = config.write_window_seconds
         self._indexed = False
 
     @guarded
@@ -81,18 +78,20 @@ class IdempotencyStore:
         self._indexed = True
 
     @guarded
-    def claim(self, key: str, fingerprint: str, now: datetime) -> KeyClaim:
+    def claim(self, key: str, fingerprint: str, now: datetime, lease_seconds: float) -> KeyClaim:
         """Claim `key` for a request whose body hashes to `fingerprint`, or say why not.
 
-        A running record whose lease is over was left by a request cut short (a crash,
-        a 503 between two writes): it is taken over, keeping its seed, by a conditional
-        update that only one request can win.
+        The lease runs `lease_seconds` from `now`: the caller's bound on how long the
+        request may still write (idempotency.lease_seconds). A running record whose
+        lease is over was left by a request cut short (a crash, a 503 between two
+        writes, a claim applied after its own 503): it is taken over, keeping its seed,
+        by a conditional update that only one request can win.
         """
         if not self._indexed:
             # The database was down at start-up: without the TTL index no key would
             # ever be forgotten. (Two threads may both create it; that is harmless.)
             self.ensure_indexes()
-        lease_until = _millis(now + timedelta(seconds=self.lease_seconds))
+        lease_until = _millis(now + timedelta(seconds=lease_seconds))
         for _ in range(_CLAIM_ATTEMPTS):
             seed = IdBlock().seed
             try:
@@ -126,8 +125,8 @@ class IdempotencyStore:
             if won.modified_count:
                 return KeyClaim("taken_over", key, record["seed"], lease_until)
             return KeyClaim("in_use", key, lease_until=held_until)
-        # Inserted and removed again under us each time: let the client come back.
-        return KeyClaim("in_use", key, lease_until=lease_until)
+        # Inserted and removed again under us each time: let the client come back soon.
+        return KeyClaim("in_use", key, lease_until=_millis(now))
 
     def _held(self, claim: KeyClaim) -> Document:
         # Only the holder of this lease finishes the record: one that outlived its lease
