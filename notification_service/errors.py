@@ -162,9 +162,8 @@ class IdempotencyKeyInUse(ApiError):
     status = 409
     default_code = "idempotency_key_in_use"
     default_message = "A request with this Idempotency-Key is still running; retry shortly."
-    # A request usually finishes within milliseconds; one cut short holds the key until
-    # its lease ends (Config.write_window_seconds), and a retry then takes it over.
-    retry_after_seconds: ClassVar[int] = 1
 
-    def __init__(self, message: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(self.retry_after_seconds)})
+    def __init__(self, retry_after: int = 1) -> None:
+        """`retry_after`: the seconds left on the key's lease (idempotency.retry_after);
+        a retry after that takes over a request that was cut short."""
+        super().__init__(headers={"Retry-After": str(retry_after)})

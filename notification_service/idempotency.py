@@ -173,9 +173,7 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
             if claim.outcome == "reused":
                 raise IdempotencyKeyReused()
             if claim.outcome == "in_use":
-                busy = IdempotencyKeyInUse()
-                busy.headers["Retry-After"] = str(retry_after(claim.lease_until, now))
-                raise busy
+                raise IdempotencyKeyInUse(retry_after(claim.lease_until, now))
             g.idempotency_ids = (IdBlock(claim.seed), claim.outcome == "taken_over")
             return _run(claim, lambda: make_response(view(*args, **kwargs)))
 
