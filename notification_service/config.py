@@ -247,12 +247,12 @@ class Config:
         """How long after it was received a request may still write to the database.
 
         Every database call of a request shares one budget from its arrival
-        (server.py): DB_TIMEOUT_MS, or `fan_out_timeout_seconds` for a fan-out; past it
-        nothing of the request is sent; the margin covers a write already on the wire.
-        A request older than this is over: an Idempotency-Key it held may be taken
-        over, its pending email swept.
+        (server.py): DB_TIMEOUT_MS; a fan-out then opens `fan_out_timeout_seconds` of
+        its own after its Idempotency-Key's claim, itself within the first budget. Past
+        both nothing of the request is sent; the margin covers a write already on the
+        wire. A request older than this is over: its pending emails may be swept.
         """
-        return self.fan_out_timeout_seconds + 10.0
+        return self.db_timeout_ms / 1000 + self.fan_out_timeout_seconds + 10.0
 
     @property
     def resolved_smtp_port(self) -> int:
