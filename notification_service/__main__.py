@@ -1,4 +1,5 @@
-"""Command line: `serve` (what `make run` calls), `worker`, `sink`, `check-config`."""
+"""Command line: `serve` (what `make run` calls), `worker`, `sink`, `check-config`,
+`openapi`."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink.add_argument("--port", type=int, required=True)
     sink.add_argument("--dir", type=Path, required=True)
     commands.add_parser("check-config", help="validate the configuration and templates")
+    commands.add_parser("openapi", help="print the OpenAPI document of the default configuration")
     args = parser.parse_args(argv)
+    if args.command == "openapi":
+        print_openapi()  # the environment's settings play no part: docs/openapi.json is this
+        return 0
 
     try:
         config = log_config_for(Config.from_env(), args.command)
@@ -76,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{len(problems)} configuration errors:", *problems, sep="\n  ", file=sys.stderr)
         return 2
+
+
+def print_openapi() -> None:
+    """Print the document of the default configuration (docs/openapi.json is this)."""
+    from .notification_handler import api
+    from .openapi import document
+
+    print(json.dumps(document(api.endpoints, Config()), indent=2, ensure_ascii=False))
 
 
 def log_config_for(config: Config, command: str) -> Config:
