@@ -21,8 +21,8 @@ from notification_service.config import Config
 from notification_service.email_sender import OutgoingEmail, build_message
 from notification_service.email_templates import EmailTemplates
 from notification_service.notifications import message_id, utc_now
+from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
-from notification_service.server import build_runtime
 from notification_service.storage.ids import new_id
 
 SECTION = "6. Email"

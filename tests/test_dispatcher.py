@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from clocks import FakeClock
 from conftest import DatabaseLink, runtime
 from flask import Flask
 from flask.testing import FlaskClient
 from pymongo import MongoClient, monitoring
 from smtp_fixtures import SmtpServer
 
+from notification_service.clock import SYSTEM_CLOCK, Clock
 from notification_service.config import Config
 from notification_service.dispatcher import (
     SENT_FLUSH,
@@ -37,7 +39,6 @@ from notification_service.dispatcher import (
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.embedded import start_worker
-from notification_service.notifications import utc_now
 from notification_service.outbox import Outbox
 from notification_service.storage.inbox_store import InboxStore
 from notification_service.storage.mongo_connector import DatabaseUnavailable
@@ -51,7 +52,7 @@ def context_of(app: Flask, **settings: Any) -> DispatchContext:
     return DispatchContext(
         config=replace(services.config, **settings),
         outbox=services.outbox,
-        clock=services.clock,
+        clock=runtime(app).clock,
         is_recorded=services.store.has_notification,
     )
 
@@ -602,7 +603,7 @@ def sets_status(status: str) -> Callable[[dict[str, Any]], bool]:
     return matches
 
 
-LinkedContext = Callable[[Config, monitoring.CommandListener], DispatchContext]
+LinkedContext = Callable[..., DispatchContext]
 
 
 @pytest.fixture
@@ -611,7 +612,9 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
     its commands to a listener (the service's own client options otherwise)."""
     clients: list[MongoClient[dict[str, Any]]] = []
 
-    def make(config: Config, listener: monitoring.CommandListener) -> DispatchContext:
+    def make(
+        config: Config, listener: monitoring.CommandListener, clock: Clock = SYSTEM_CLOCK
+    ) -> DispatchContext:
         client: MongoClient[dict[str, Any]] = MongoClient(
             db_link.uri(config.database_name),
             tz_aware=True,
@@ -626,7 +629,7 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
         return DispatchContext(
             config=config,
             outbox=Outbox(db, config.outbox_collection),
-            clock=utc_now,
+            clock=clock,
             is_recorded=InboxStore(db, config).has_notification,
         )
 
@@ -635,12 +638,12 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
         client.close()
 
 
-def queue_emails(outbox: Outbox, n: int) -> None:
+def queue_emails(outbox: Outbox, n: int, now: datetime | None = None) -> None:
     for i in range(n):
         outbox.enqueue(
             {"kind": "custom", "to": f"u{i}@example.com", "subject": "s", "text": "t",
              "html": None, "message_id": f"<{uuid.uuid4().hex}@test>"},
-            datetime.now(UTC),
+            now or datetime.now(UTC),
         )  # fmt: skip
 
 
@@ -767,14 +770,6 @@ def stored_notification(make_user: Callable[..., str]) -> tuple[str, str]:
     return user_id, notification_id
 
 
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def test_the_sweep_sends_what_was_recorded_drops_what_was_not_and_waits_for_the_young(
     mail_app: Flask, smtp_server: SmtpServer, stored_notification: tuple[str, str], db: Any
 ) -> None:
@@ -788,9 +783,9 @@ def test_the_sweep_sends_what_was_recorded_drops_what_was_not_and_waits_for_the_
     young = outbox.enqueue(login_email(user_id, notification_id), start + window, pending=True)
     d = make_dispatcher(context)
     try:
-        clock.now = start + window - timedelta(seconds=1)  # no request is over yet
+        clock.set(start + window - timedelta(seconds=1))  # no request is over yet
         assert d.sweep_pending() == (0, 0)
-        clock.now = start + window + timedelta(seconds=1)
+        clock.set(start + window + timedelta(seconds=1))
         assert d.sweep_pending() == (1, 1)
         state = {str(r["_id"]): r["status"] for r in outbox.records.find()}
         assert state == {recorded: "queued", young: "pending"}
