@@ -21,8 +21,8 @@ from notification_service.config import Config
 from notification_service.email_sender import OutgoingEmail, build_message
 from notification_service.email_templates import EmailTemplates
 from notification_service.notifications import message_id, utc_now
+from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
-from notification_service.server import build_runtime
 from notification_service.storage.ids import new_id
 
 SECTION = "6. Email"
@@ -106,7 +106,9 @@ def email_figures(
         counts.left, counts.failures, before = count, 0, (counts.commands, counts.seconds)
         counts.done.clear()
         start = time.perf_counter()
-        context = d.DispatchContext(config, outbox, svc.clock, svc.store.has_notification, counts)
+        context = d.DispatchContext(
+            config, outbox, runtime.clock, svc.store.has_notification, counts
+        )
         pool = d.DispatcherPool.start(context, threads)
         finished = counts.done.wait(60 + count / 5)
         pool.stop()  # returns once the last sends are recorded

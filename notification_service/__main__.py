@@ -1,4 +1,5 @@
-"""Command line: `serve` (what `make run` calls), `worker`, `sink`, `check-config`."""
+"""Command line: `serve` (what `make run` calls), `worker`, `sink`, `check-config`,
+`openapi`."""
 
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink.add_argument("--port", type=int, required=True)
     sink.add_argument("--dir", type=Path, required=True)
     commands.add_parser("check-config", help="validate the configuration and templates")
+    commands.add_parser("openapi", help="print the OpenAPI document of the default configuration")
     args = parser.parse_args(argv)
+    if args.command == "openapi":
+        print_openapi()  # the environment's settings play no part: docs/openapi.json is this
+        return 0
 
     try:
         config = log_config_for(Config.from_env(), args.command)
@@ -76,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{len(problems)} configuration errors:", *problems, sep="\n  ", file=sys.stderr)
         return 2
+
+
+def print_openapi() -> None:
+    """Print the document of the default configuration (docs/openapi.json is this)."""
+    from .notification_handler import api
+    from .openapi import document
+
+    print(json.dumps(document(api.endpoints, Config()), indent=2, ensure_ascii=False))
 
 
 def log_config_for(config: Config, command: str) -> Config:
@@ -247,11 +260,8 @@ def serve(config: Config) -> int:
 
 def run_worker(config: Config, threads: int) -> int:
     """Dispatch the outbox until SIGINT/SIGTERM, then finish in-flight sends."""
-    from .dispatcher import DispatchContext, DispatcherPool
-    from .metrics import PrometheusEvents
-    from .server import build_runtime
+    from .runtime import build_runtime
 
-    runtime = build_runtime(config)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -259,30 +269,22 @@ def run_worker(config: Config, threads: int) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    services = runtime.services
     # Its figures reach a scrape only through a PROMETHEUS_MULTIPROC_DIR it shares with
     # a web server: a worker serves no HTTP.
-    context = DispatchContext(
-        config,
-        services.outbox,
-        services.clock,
-        services.store.has_notification,
-        events=PrometheusEvents(),
-    )
-    pool = DispatcherPool.start(context, threads)
+    runtime = build_runtime(config, dispatcher_threads=threads)
+    dispatchers = runtime.dispatchers.threads if runtime.dispatchers is not None else []
     log.info("worker dispatching with %d thread(s)", threads)
     last: dict[str, int] | None = None
     next_report = time.monotonic()
     try:
         while not stop.wait(1.0):
-            if not all(t.is_alive() for t in pool.threads):
+            if not all(t.is_alive() for t in dispatchers):
                 return 1
             if time.monotonic() >= next_report:
                 next_report += PROGRESS_SECONDS
                 last = _log_progress(runtime.services.outbox, last)
     finally:
         started = time.monotonic()
-        runtime.dispatchers = pool
         runtime.close()
         log.info("worker stopped in %.1fs", time.monotonic() - started)
     return 0

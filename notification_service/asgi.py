@@ -10,8 +10,10 @@ handed to a bounded pool of threads that run the Flask app. A request refused he
 (too large, too slow, shorter than its Content-Length) still goes through the app, with
 an empty body and the error attached, so that every error has the app's one JSON shape.
 
-The same event loop holds the live streams of GET /stream (stream.py): their view runs
-in a thread like any request's, for one read, and the connection is then held here.
+The app learns what the edge knows (when the request was in, its refusal, the stream
+hub) from one RequestContext (context.py). The same event loop holds the live streams
+of GET /stream (stream_hub.py): their view runs in a thread like any request's, for one
+read, and the connection is then held here.
 """
 
 from __future__ import annotations
@@ -25,21 +27,19 @@ from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
+from . import logs
 from .config import Config
+from .context import ENVIRON_KEY, RequestContext
 from .errors import ApiError, BadRequest, PayloadTooLarge, RequestTimeout
-from .stream import HELD, STREAMS, StreamHub
+from .runtime import Runtime, build_runtime
+from .server import create_app
+from .stream_hub import StreamHub
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-# Where the app finds a refusal of the edge (server.py raises it before anything else),
-# and the monotonic time at which the whole request was in (its database deadline counts
-# from there, time spent waiting for a free thread included).
-EDGE_ERROR = "notification_service.edge_error"
-RECEIVED_AT = "notification_service.received_at"
 
 
 class BufferedWsgi:
@@ -100,16 +100,18 @@ class BufferedWsgi:
             )
         except ApiError as exc:
             error = exc
-        environ = wsgi_environ(scope, body, error)
-        received_at = environ[RECEIVED_AT] = time.monotonic()
-        if self.streams is not None:
-            environ[STREAMS] = self.streams
+        environ = wsgi_environ(scope, body)
+        context = environ[ENVIRON_KEY] = RequestContext(
+            received_at=time.monotonic(), edge_error=error, streams=self.streams
+        )
         loop = asyncio.get_running_loop()
         status, headers, chunks = await loop.run_in_executor(self.executor, self._run, environ)
-        held = environ.get(HELD)
+        held = context.held
         if held is not None:  # the view of /stream took a slot: the stream is held here
             assert self.streams is not None
-            await self.streams.serve(held, status, headers, chunks, receive, send, received_at)
+            await self.streams.serve(
+                held, status, headers, chunks, receive, send, context.received_at
+            )
             return
         if error is not None:
             # The rest of the body may still be on its way: don't keep reading it.
@@ -186,7 +188,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def wsgi_environ(scope: Scope, body: bytes, error: ApiError | None) -> dict[str, Any]:
+def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     """The PEP 3333 environ of an ASGI HTTP scope whose body has been read whole."""
     server = scope.get("server") or ("localhost", 80)
     client = scope.get("client") or ("", 0)
@@ -208,13 +210,12 @@ def wsgi_environ(scope: Scope, body: bytes, error: ApiError | None) -> dict[str,
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
-        EDGE_ERROR: error,
     }
     for raw_name, raw_value in scope["headers"]:
         if b"_" in raw_name:
             # `X_Request_ID` and `X-Request-ID` would both become HTTP_X_REQUEST_ID: a proxy
-            # in front could check one while the app reads the other (nginx and gunicorn
-            # drop such names too).
+            # in front could check one while the app reads the other (nginx drops such
+            # names too).
             continue
         name = raw_name.decode("latin-1").upper().replace("-", "_")
         value = raw_value.decode("latin-1")
@@ -225,15 +226,16 @@ def wsgi_environ(scope: Scope, body: bytes, error: ApiError | None) -> dict[str,
     return environ
 
 
-def create_asgi_app(config: Config | None = None) -> BufferedWsgi:
-    """The factory the server calls in each worker process (after any fork)."""
-    from .server import create_app, runtime_of
-
-    config = config or Config.from_env()
-    app = create_app(config)
-    runtime = runtime_of(app)
-    # The clock through the runtime: a test may replace the services (and their clock).
-    streams = StreamHub(runtime.services.store, lambda: runtime.services.clock(), config)
+def create_asgi_app(config: Config | None = None, runtime: Runtime | None = None) -> BufferedWsgi:
+    """The factory the server calls in each worker process (after any fork); a test may
+    pass a runtime of its own (its clock, say)."""
+    if runtime is None:
+        config = config or Config.from_env()
+        logs.configure(config)  # before the runtime logs its first lines
+        runtime = build_runtime(config)
+    config = runtime.config
+    app = create_app(runtime=runtime)
+    streams = StreamHub(runtime.services.store, runtime.clock, config)
     return BufferedWsgi(
         app,
         max_body_bytes=config.max_body_bytes,

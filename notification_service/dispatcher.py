@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
 from .outbox import LastError, Outbox
@@ -81,12 +82,14 @@ class DispatchContext:
 
     `is_recorded(user_id, notification_id)`: whether the user's array holds the
     notification (InboxStore.has_notification), which decides a pending email's fate.
+    `clock`: the time of day for the outbox's records, monotonic time for leases and
+    sweeps, and every wait.
     `events`: where the dispatcher reports its claims and sends (a no-op by default).
     """
 
     config: Config
     outbox: Outbox
-    clock: Callable[[], datetime]
+    clock: Clock
     is_recorded: Callable[[str, str], bool]
     events: DispatchEvents = field(default_factory=DispatchEvents)
 
@@ -110,8 +113,8 @@ class RateLimiter:
     database round trip when a rate is set, none when it is not.
 
     `take_slot(interval_seconds) -> seconds to wait`; `sleep(seconds)` returns True
-    when it was cut short (the pool passes its `stopping.wait`, so a stop does not wait
-    out a slot).
+    when it was cut short (the pool passes a wait on its `stopping` event, so a stop does
+    not wait out a slot).
 
     :raise DatabaseUnavailable: from `wait`, when no slot could be taken: the database
         does not answer, so nothing is sent (its outcome could not be stored either).
@@ -121,7 +124,7 @@ class RateLimiter:
         self,
         per_second: float,
         take_slot: Callable[[float], float] | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
+        sleep: Callable[[float], Any] = SYSTEM_CLOCK.sleep,
     ) -> None:
         self.interval = 1.0 / per_second if per_second > 0 else 0.0
         if self.interval and take_slot is None:
@@ -181,15 +184,16 @@ class Dispatcher:
         :raise DatabaseUnavailable: the database did not answer (the caller waits and retries).
         """
         ctx, cfg = self.context, self.context.config
+        clock = ctx.clock
         if not self._indexed:
             ctx.outbox.ensure_indexes()
             self._indexed = True
         self._catch_up()
         token = f"{self.name}:{uuid.uuid4().hex[:8]}"
         lease = cfg.dispatch_lease_seconds
-        claimed_at = time.monotonic()
+        claimed_at = clock.monotonic()
         try:
-            pending = ctx.outbox.claim_batch(token, ctx.clock(), lease, cfg.dispatch_batch_size)
+            pending = ctx.outbox.claim_batch(token, ctx.clock.now(), lease, cfg.dispatch_batch_size)
         except DatabaseUnavailable:
             # The claim may have been stored with only its reply lost: those emails
             # would wait out the whole lease. Nothing of it was tried, so give back
@@ -206,7 +210,7 @@ class Dispatcher:
                     break
                 if not self.limiter.wait():
                     break  # stopping: the rest of the batch is given back
-                if self._lease_end - time.monotonic() < lease / 2:
+                if self._lease_end - clock.monotonic() < lease / 2:
                     self._flush_sent(sent, token)
                     pending = self._renew(pending, token)
                     if not pending:
@@ -224,9 +228,9 @@ class Dispatcher:
     def _renew(self, pending: list[dict[str, Any]], token: str) -> list[dict[str, Any]]:
         """Extend the claim on the emails not yet sent; keep only those still held."""
         ctx = self.context
-        renewed_at = time.monotonic()
+        renewed_at = ctx.clock.monotonic()
         held = ctx.outbox.renew(
-            [r["_id"] for r in pending], token, ctx.clock(), ctx.config.dispatch_lease_seconds
+            [r["_id"] for r in pending], token, ctx.clock.now(), ctx.config.dispatch_lease_seconds
         )
         self._lease_end = renewed_at + ctx.config.dispatch_lease_seconds
         if len(held) < len(pending):
@@ -241,7 +245,7 @@ class Dispatcher:
         if pending:
             ids = [r["_id"] for r in pending]
             try:
-                self.context.outbox.release(ids, token, self.context.clock())
+                self.context.outbox.release(ids, token, self.context.clock.now())
             except DatabaseUnavailable:
                 self._held.append((token, ids))
                 log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
@@ -257,14 +261,14 @@ class Dispatcher:
         ctx = self.context
         if self._unrecorded:
             ids = list(self._unrecorded)
-            ctx.outbox.mark_sent(ids, ctx.clock())
+            ctx.outbox.mark_sent(ids, ctx.clock.now())
             self._unrecorded.clear()
             log.info(
                 "dispatcher %s: recorded %d sends after a database outage", self.name, len(ids)
             )
         while self._held:
             token, held = self._held[0]
-            ctx.outbox.release(held, token, ctx.clock())
+            ctx.outbox.release(held, token, ctx.clock.now())
             self._held.pop(0)
 
     def _flush_sent(self, sent: list[Any], token: str) -> None:
@@ -272,7 +276,7 @@ class Dispatcher:
         while the lease lasts) they are kept for `_catch_up`, never forgotten."""
         if not sent:
             return
-        ids, now = list(sent), self.context.clock()
+        ids, now = list(sent), self.context.clock.now()
         sent.clear()
         try:
             self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now))
@@ -317,7 +321,7 @@ class Dispatcher:
         ctx = self.context
         activated = discarded = 0
         while True:
-            before = ctx.clock() - timedelta(seconds=ctx.config.write_window_seconds)
+            before = ctx.clock.now() - timedelta(seconds=ctx.config.write_window_seconds)
             stale = ctx.outbox.stale_pending(before, SWEEP_BATCH)
             go: list[str] = []
             drop: list[str] = []
@@ -325,7 +329,7 @@ class Dispatcher:
                 (go if self._was_recorded(record) else drop).append(str(record["_id"]))
             # Both conditional on the record still being pending: sweeps running at the
             # same time in other dispatchers settle each email once.
-            activated += ctx.outbox.activate(go, ctx.clock())
+            activated += ctx.outbox.activate(go, ctx.clock.now())
             discarded += ctx.outbox.discard_pending(drop)
             if len(stale) < SWEEP_BATCH or self.stopping.is_set():
                 break
@@ -347,30 +351,31 @@ class Dispatcher:
         return self.context.is_recorded(user_id, notification_id)
 
     def _sweep_when_due(self) -> None:
-        if time.monotonic() < self._next_sweep:
+        clock = self.context.clock
+        if clock.monotonic() < self._next_sweep:
             return
-        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        self._next_sweep = clock.monotonic() + SWEEP_SECONDS
         try:
             self.sweep_pending()
         except DatabaseUnavailable:
             log.warning("dispatcher %s: pending emails not swept: database unavailable", self.name)
-            self._next_sweep = time.monotonic() + self.context.config.dispatch_poll_seconds * 4
+            self._next_sweep = clock.monotonic() + self.context.config.dispatch_poll_seconds * 4
 
     def run(self) -> None:
         """Dispatch until `stopping` is set; an in-flight send always finishes first."""
-        cfg = self.context.config
+        cfg, clock = self.context.config, self.context.clock
         try:
             while not self.stopping.is_set():
                 try:
                     self._sweep_when_due()
                     if self.dispatch_once():
                         continue
-                    self.wake.wait(self._idle_seconds())
+                    clock.wait(self.wake, self._idle_seconds())
                 except DatabaseUnavailable:
-                    self.stopping.wait(cfg.dispatch_poll_seconds * 4)
+                    clock.wait(self.stopping, cfg.dispatch_poll_seconds * 4)
                 except Exception:  # a bug must not kill the thread and strand the outbox
                     log.exception("dispatcher %s: unexpected error", self.name)
-                    self.stopping.wait(cfg.dispatch_poll_seconds * 4)
+                    clock.wait(self.stopping, cfg.dispatch_poll_seconds * 4)
                 self.wake.clear()
         finally:
             try:
@@ -390,18 +395,18 @@ class Dispatcher:
         # sooner when a retry or the next sweep falls due before that.
         poll = min(
             self.context.config.dispatch_poll_seconds,
-            max(0.0, self._next_sweep - time.monotonic()),
+            max(0.0, self._next_sweep - self.context.clock.monotonic()),
         )
         due = self.context.outbox.next_due()
         if due is None:
             return poll
-        return max(0.0, min(poll, (due - self.context.clock()).total_seconds()))
+        return max(0.0, min(poll, (due - self.context.clock.now()).total_seconds()))
 
     def _deliver(self, record: dict[str, Any], sent: list[Any]) -> Outcome:
         """Send one claimed email. A failure is stored at once; a success is added to
         `sent`, which the caller stores with one update for several (see SENT_FLUSH)."""
         ctx, cfg = self.context, self.context.config
-        now = ctx.clock()
+        now = ctx.clock.now()
         attempts = int(record["attempts"])
         if attempts > cfg.dispatch_max_attempts or self._too_old(record, now):
             # Only claims taken over after their lease ran out get here: the sends
@@ -428,17 +433,17 @@ class Dispatcher:
             ctx.events.send_finished("failed", None)
             self._fail(record, error, now)
             return "failed"
-        started = time.monotonic()
+        started = ctx.clock.monotonic()
         try:
             self.sender.send(message)
         except SendError as exc:
-            return self._failed(record, exc, time.monotonic() - started)
-        ctx.events.send_finished("sent", time.monotonic() - started)
+            return self._failed(record, exc, ctx.clock.monotonic() - started)
+        ctx.events.send_finished("sent", ctx.clock.monotonic() - started)
         sent.append(record["_id"])
         if self._smtp_was_down:
             # The server is back: what waits on a backoff from the outage goes now.
             self._smtp_was_down = False
-            released = ctx.outbox.release_backoffs(ctx.clock())
+            released = ctx.outbox.release_backoffs(ctx.clock.now())
             if released:
                 log.info("dispatcher %s: SMTP is back, %d emails retried now", self.name, released)
         return "sent"
@@ -450,7 +455,7 @@ class Dispatcher:
     def _failed(self, record: dict[str, Any], exc: SendError, seconds: float) -> Outcome:
         """Store a failed attempt (`seconds`: its SMTP exchange) as final or to retry."""
         ctx, cfg = self.context, self.context.config
-        now = ctx.clock()
+        now = ctx.clock.now()
         outage = is_outage(exc)
         error = _error(exc.code, exc.reply[:1000], permanent=exc.permanent, outage=outage)
         attempts = int(record["attempts"])
@@ -492,16 +497,17 @@ class Dispatcher:
         lease. So keep trying while the claim lasts (less a second), then give up (a
         send is then kept for `_catch_up`).
         """
-        deadline = max(self._lease_end - 1.0, time.monotonic() + 1.0)
+        clock = self.context.clock
+        deadline = max(self._lease_end - 1.0, clock.monotonic() + 1.0)
         while True:
             try:
                 if not write():
                     log.warning("%s: claim lost before the outcome was stored", what)
                 return
             except DatabaseUnavailable:
-                if time.monotonic() > deadline:
+                if clock.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
+                clock.sleep(0.5)
 
 
 def _error(code: int | None, message: str, *, permanent: bool, outage: bool) -> LastError:
@@ -516,12 +522,10 @@ class DispatcherPool:
         threads: list[threading.Thread],
         stopping: threading.Event,
         wakes: list[threading.Event],
-        dispatchers: list[Dispatcher] | None = None,
     ) -> None:
         self.threads = threads
         self.stopping = stopping
         self.wakes = wakes
-        self.dispatchers = dispatchers or []
 
     @classmethod
     def start(
@@ -537,10 +541,12 @@ class DispatcherPool:
         stopping = threading.Event()
         # Shared by the deployment through the database; a stop cuts a wait short.
         limiter = RateLimiter(
-            cfg.smtp_rate_limit, context.outbox.take_send_slot, sleep=stopping.wait
+            cfg.smtp_rate_limit,
+            context.outbox.take_send_slot,
+            sleep=lambda seconds: context.clock.wait(stopping, seconds),
         )
         prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        threads, wakes, dispatchers = [], [], []
+        threads, wakes = [], []
         for i in range(count):
             wake = threading.Event()
             wakes.append(wake)
@@ -554,18 +560,18 @@ class DispatcherPool:
                 stopping=stopping,
                 rng=random.Random(),
             )
-            dispatchers.append(dispatcher)
             thread = threading.Thread(target=dispatcher.run, name=f"dispatcher-{i}", daemon=True)
             thread.start()
             threads.append(thread)
         log.info("started %d dispatcher thread(s) as %s", count, prefix)
-        return cls(threads, stopping, wakes, dispatchers)
+        return cls(threads, stopping, wakes)
 
     def stop(self, timeout: float = 20.0) -> None:
         """Ask every thread to stop and wait for in-flight sends to finish."""
         self.stopping.set()
         for wake in self.wakes:
             wake.set()  # an idle thread stops now, not at the end of its poll
+        # Real time: a thread's join waits in it, whatever clock the dispatchers read.
         deadline = time.monotonic() + timeout
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -55,8 +55,7 @@ class SmtpSettings:
     ca_file: str | None
     timeout: float
     max_per_connection: int
-    from_email: str
-    from_name: str | None
+    from_email: str  # the envelope's MAIL FROM; the From header is the message's own
 
     def __post_init__(self) -> None:
         if self.timeout <= 0:
@@ -83,7 +82,6 @@ class SmtpSettings:
             timeout=config.smtp_timeout,
             max_per_connection=config.smtp_max_per_connection,
             from_email=config.smtp_email,
-            from_name=config.smtp_name,
         )
 
 

@@ -56,8 +56,9 @@ class Child:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, wait, then SIGKILL the whole process group; always removes the pid file.
 
-        The group sweep matters for gunicorn: killing only its master would leave a
-        worker behind, still sending mail against a database that is about to stop.
+        The group sweep matters for the web server (granian): killing only its main
+        process would leave a worker behind, still sending mail against a database that
+        is about to stop.
         """
         try:
             if self.process.poll() is None:

@@ -14,9 +14,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import metrics, notifications, openapi, tokens
-from . import stream as live
+from . import metrics, notifications, openapi, sse, tokens
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
+from .context import hold_stream
 from .errors import (
     EmailNotFound,
     IdempotencyKeyInUse,
@@ -241,12 +241,12 @@ def stream(query: UserQuery) -> Response:
     (which may come as `?token=`, as EventSource sends no headers), the stream ends when
     the token expires.
     """
-    feed = live.Feed(live.resume_point(request.headers.get("Last-Event-ID")))
+    feed = sse.Feed(sse.resume_point(request.headers.get("Last-Event-ID")))
     first = feed.advance(notifications.inbox_state(services(), query.user_id))
     # Opened by a user token: the stream ends when the token does (EventSource's
     # reconnection is then refused), so a stolen token cannot listen on for ever.
-    live.hold(request.environ, query.user_id, feed, until=g.get(TOKEN_EXPIRES_AT))
-    response = Response(live.RETRY + first, mimetype="text/event-stream")
+    hold_stream(request.environ, query.user_id, feed, until=g.get(TOKEN_EXPIRES_AT))
+    response = Response(sse.RETRY + first, mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx would otherwise buffer the events
     return response

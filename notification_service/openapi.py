@@ -444,16 +444,3 @@ _PARAMETERS: dict[str, Any] = {
         "schema": {"type": "string"},
     },
 }
-
-
-def main() -> None:
-    """Print the document of the default configuration (docs/openapi.json is this)."""
-    import json
-
-    from .notification_handler import api
-
-    print(json.dumps(document(api.endpoints, Config()), indent=2, ensure_ascii=False))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,12 @@
-"""The app factory, the one JSON error shape, request ids, and the in-process dispatcher.
+"""The app factory, the one JSON error shape, request ids, credentials, and each
+request's database deadline.
 
-Nothing is created at import: `create_app` makes the MongoDB client, so under a
-pre-forking server each worker process gets its own client after the fork.
+Nothing is created at import: `create_app` builds the process's runtime (runtime.py)
+unless it is given one.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import hmac
 import logging
@@ -14,7 +14,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from flask import Flask, Request, Response, current_app, g, jsonify, request
@@ -23,10 +22,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import logs, metrics, notification_handler, tokens
 from .api import TOKEN_EXPIRES_AT, TOKEN_USER, Endpoint
-from .asgi import EDGE_ERROR, RECEIVED_AT
 from .config import Config, Secret
-from .dispatcher import DispatchContext, DispatcherPool
-from .email_templates import EmailTemplates
+from .context import request_context
 from .errors import (
     ApiError,
     ErrorDetail,
@@ -35,12 +32,8 @@ from .errors import (
     Unauthorized,
     Unavailable,
 )
-from .notifications import Services
-from .outbox import Outbox
-from .storage.idempotency_store import IdempotencyStore
-from .storage.inbox_store import InboxStore
-from .storage.mongo_connector import DatabaseUnavailable, Document, connect, database, deadline
-from .stream import HELD
+from .runtime import Runtime, build_runtime
+from .storage.mongo_connector import DatabaseUnavailable, Document, deadline
 
 log = logging.getLogger(__name__)
 
@@ -54,68 +47,15 @@ _HTTP_CODES = {
 }
 
 
-@dataclass
-class Runtime:
-    """What one process holds: its client, the services, its dispatcher threads."""
-
-    services: Services
-    client: Any
-    dispatchers: DispatcherPool | None = None
-    closed: bool = field(default=False)
-
-    def close(self) -> None:
-        """Stop the dispatchers (finishing in-flight sends), then close the client."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.dispatchers is not None:
-            self.dispatchers.stop()
-        self.client.close()
-
-
-def build_runtime(config: Config) -> Runtime:
-    """Connect and assemble the services; the client is created here, after any fork."""
-    templates = EmailTemplates(config.templates_dir)
-    client = connect(config)
-    db = database(client, config)
-    services = Services(
-        config=config,
-        store=InboxStore(db, config),
-        outbox=Outbox(db, config.outbox_collection, retention_days=config.outbox_retention_days),
-        templates=templates,
-        idempotency=IdempotencyStore(db, config),
-        events=metrics.DomainEvents(),
-    )
-    try:
-        services.outbox.ensure_indexes()
-        services.idempotency.ensure_indexes()
-    except DatabaseUnavailable:
-        # Start anyway and answer 503 until the database is back; dispatchers and the
-        # idempotency store create their indexes again before their first claim.
-        log.warning("database unavailable at start-up; indexes will be created later")
-    return Runtime(services=services, client=client)
-
-
-def create_app(config: Config | None = None) -> Flask:
-    """Build the WSGI app; with DISPATCHER_THREADS > 0 it also starts that many outbox
-    dispatcher threads in this process."""
-    config = config or Config.from_env()
-    logs.configure(config)
-    runtime = build_runtime(config)
-    if config.dispatcher_threads > 0:
-        runtime.dispatchers = DispatcherPool.start(
-            DispatchContext(
-                config,
-                runtime.services.outbox,
-                runtime.services.clock,
-                runtime.services.store.has_notification,
-                events=metrics.PrometheusEvents(),
-            ),
-            config.dispatcher_threads,
-        )
-        # Gunicorn and granian workers exit through sys.exit on SIGTERM/SIGINT, which
-        # runs atexit: in-flight sends finish and their outcome is stored.
-        atexit.register(runtime.close)
+def create_app(config: Config | None = None, runtime: Runtime | None = None) -> Flask:
+    """Build the WSGI app on `runtime`, or on one built from `config` (with
+    DISPATCHER_THREADS > 0, that starts as many outbox dispatcher threads in this
+    process). Given a runtime, its config is the app's, and its logging is the caller's."""
+    if runtime is None:
+        config = config or Config.from_env()
+        logs.configure(config)
+        runtime = build_runtime(config)
+    config = runtime.config
 
     app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -165,9 +105,9 @@ def _assign_request_id() -> None:
 
 def _raise_edge_error() -> None:
     # Set by asgi.py when it refused the request (too large, too slow, cut short).
-    error = request.environ.get(EDGE_ERROR)
-    if error is not None:
-        raise error
+    context = request_context(request.environ)
+    if context is not None and context.edge_error is not None:
+        raise context.edge_error
 
 
 # What opens each route, as declared (api.py): `open` routes (the probes, the
@@ -275,8 +215,8 @@ def _start_deadline(seconds: float) -> Callable[[], None]:
         # Counted from when the edge had the whole request: a request that waited for a
         # free thread (the database slow, every thread waiting on it) has less left, and
         # answers 503 at once rather than DB_TIMEOUT_MS after it finally started.
-        received = request.environ.get(RECEIVED_AT)
-        left = seconds - (time.monotonic() - received) if received is not None else seconds
+        edge = request_context(request.environ)
+        left = seconds - (time.monotonic() - edge.received_at) if edge is not None else seconds
         # Never 0: pymongo.timeout(0) would mean no limit at all.
         g.db_deadline = context = deadline(max(left, 0.001))
         context.__enter__()
@@ -303,11 +243,12 @@ def _log_access(exc: BaseException | None) -> None:
     """One line per request once its response is made: no body, header or query string."""
     req, ctx = _current()
     status = ctx.get("access_status", 500)
-    if status == 200 and req.environ.get(HELD) is not None:
-        return  # a stream that starts: asgi.py writes its line when it ends
+    edge = request_context(req.environ)
+    if status == 200 and edge is not None and edge.held is not None:
+        return  # a stream that starts: the hub writes its line when it ends
     now = time.monotonic()
-    # From the edge's arrival when asgi.py set it (waiting for a thread included).
-    started = req.environ.get(RECEIVED_AT) or ctx.get("access_started", now)
+    # From the edge's arrival when asgi.py made the context (waiting for a thread included).
+    started = edge.received_at if edge is not None else ctx.get("access_started", now)
     rule = req.url_rule
     route = rule.rule if rule is not None else None
     logs.log_access(

@@ -30,7 +30,8 @@ from pymongo import MongoClient
 
 from notification_service.config import Config
 from notification_service.embedded import Child, free_port, start_database
-from notification_service.server import Runtime, create_app, runtime_of
+from notification_service.runtime import Runtime
+from notification_service.server import create_app, runtime_of
 
 pytest_plugins = ("smtp_fixtures",)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from clocks import FakeClock
 from conftest import MongoServer
 from flask import Flask
 from pymongo import MongoClient
@@ -106,7 +107,7 @@ def sweep_later(app: Flask) -> tuple[int, int]:
     later = services.clock() + timedelta(seconds=config.write_window_seconds + 1)
     dispatcher = Dispatcher(
         context=DispatchContext(
-            config, services.outbox, lambda: later, services.store.has_notification
+            config, services.outbox, FakeClock(later), services.store.has_notification
         ),
         sender=SmtpSender(SmtpSettings.from_config(replace(config, smtp_host="127.0.0.1"))),
         name="sweeper",

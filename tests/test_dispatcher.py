@@ -21,12 +21,14 @@ from typing import Any
 
 import pytest
 from bson import ObjectId
+from clocks import FakeClock
 from conftest import DatabaseLink, runtime
 from flask import Flask
 from flask.testing import FlaskClient
 from pymongo import MongoClient, monitoring
 from smtp_fixtures import SmtpServer
 
+from notification_service.clock import SYSTEM_CLOCK, Clock
 from notification_service.config import Config
 from notification_service.dispatcher import (
     SENT_FLUSH,
@@ -37,8 +39,8 @@ from notification_service.dispatcher import (
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.embedded import start_worker
-from notification_service.notifications import utc_now
 from notification_service.outbox import Outbox
+from notification_service.runtime import build_runtime
 from notification_service.storage.inbox_store import InboxStore
 from notification_service.storage.mongo_connector import DatabaseUnavailable
 
@@ -51,7 +53,7 @@ def context_of(app: Flask, **settings: Any) -> DispatchContext:
     return DispatchContext(
         config=replace(services.config, **settings),
         outbox=services.outbox,
-        clock=services.clock,
+        clock=runtime(app).clock,
         is_recorded=services.store.has_notification,
     )
 
@@ -79,14 +81,21 @@ def mail_app(
 
 
 @pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
 def mail_setup(
-    make_app: Callable[..., Flask], make_config: Callable[..., Config]
+    make_app: Callable[..., Flask], make_config: Callable[..., Config], clock: FakeClock
 ) -> Iterator[Callable[..., tuple[FlaskClient, Dispatcher]]]:
-    """An app wired to `server` (fast retries unless overridden) and a dispatcher for it."""
+    """An app wired to `server` (fast retries unless overridden) and a dispatcher for it,
+    both on the test's `clock`: a backoff is waited out by moving it."""
     made: list[Dispatcher] = []
 
     def make(server: SmtpServer, **overrides: Any) -> tuple[FlaskClient, Dispatcher]:
-        app = make_app(make_config(**server.config_kwargs(), **{**FAST_RETRY, **overrides}))
+        config = make_config(**server.config_kwargs(), **{**FAST_RETRY, **overrides})
+        app = make_app(config, runtime=build_runtime(config, clock=clock))
         made.append(make_dispatcher(context_of(app)))
         return app.test_client(), made[-1]
 
@@ -166,7 +175,7 @@ def test_non_ascii_name_and_data_survive(
 
 
 def test_transient_4xx_is_retried_then_delivered_once(
-    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str, clock: FakeClock
 ) -> None:
     server = smtp_factory(fail_first=1, fail_code=451)
     client, d = mail_setup(server)
@@ -177,7 +186,8 @@ def test_transient_4xx_is_retried_then_delivered_once(
     assert record["last_error"]["code"] == 451
     assert record["last_error"]["permanent"] is False
     assert record["next_attempt_at"] > record["created_at"]
-    time.sleep(0.1)
+    assert drain(d) == 0  # not before its backoff
+    clock.advance(FAST_RETRY["dispatch_backoff_max_seconds"])
     assert drain(d) == 1
     assert len(server.wait_for_messages(1)) == 1
     [record] = outbox(db)
@@ -185,12 +195,12 @@ def test_transient_4xx_is_retried_then_delivered_once(
 
 
 def test_permanent_5xx_stops_at_once_with_the_reply_stored(
-    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str, clock: FakeClock
 ) -> None:
     client, d = mail_setup(smtp_factory(permanent_code=550))
     client.post("/create", json={"user_id": user_id, "key": "registration"})
     assert drain(d) == 1
-    time.sleep(0.1)
+    clock.advance(3600)  # past any backoff: a retry would be due
     assert not d.dispatch_once()
     [record] = outbox(db)
     assert record["status"] == "failed"
@@ -201,13 +211,14 @@ def test_permanent_5xx_stops_at_once_with_the_reply_stored(
 
 
 def test_transient_failures_stop_after_max_attempts(
-    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str
+    mail_setup: Any, smtp_factory: Any, db: Any, user_id: str, clock: FakeClock
 ) -> None:
     client, d = mail_setup(smtp_factory(fail_first=100, fail_code=421), dispatch_max_attempts=3)
     client.post("/create", json={"user_id": user_id, "key": "registration"})
-    deadline = time.monotonic() + 10
-    while outbox(db)[0]["status"] != "failed" and time.monotonic() < deadline:
-        d.dispatch_once() or time.sleep(0.02)
+    for _ in range(10):
+        if outbox(db)[0]["status"] == "failed":
+            break
+        d.dispatch_once() or clock.advance(FAST_RETRY["dispatch_backoff_max_seconds"])
     [record] = outbox(db)
     assert (record["status"], record["attempts"]) == ("failed", 3)
     assert record["last_error"]["code"] == 421
@@ -602,7 +613,7 @@ def sets_status(status: str) -> Callable[[dict[str, Any]], bool]:
     return matches
 
 
-LinkedContext = Callable[[Config, monitoring.CommandListener], DispatchContext]
+LinkedContext = Callable[..., DispatchContext]
 
 
 @pytest.fixture
@@ -611,7 +622,9 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
     its commands to a listener (the service's own client options otherwise)."""
     clients: list[MongoClient[dict[str, Any]]] = []
 
-    def make(config: Config, listener: monitoring.CommandListener) -> DispatchContext:
+    def make(
+        config: Config, listener: monitoring.CommandListener, clock: Clock = SYSTEM_CLOCK
+    ) -> DispatchContext:
         client: MongoClient[dict[str, Any]] = MongoClient(
             db_link.uri(config.database_name),
             tz_aware=True,
@@ -626,7 +639,7 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
         return DispatchContext(
             config=config,
             outbox=Outbox(db, config.outbox_collection),
-            clock=utc_now,
+            clock=clock,
             is_recorded=InboxStore(db, config).has_notification,
         )
 
@@ -635,12 +648,12 @@ def linked_context(db_link: DatabaseLink) -> Iterator[LinkedContext]:
         client.close()
 
 
-def queue_emails(outbox: Outbox, n: int) -> None:
+def queue_emails(outbox: Outbox, n: int, now: datetime | None = None) -> None:
     for i in range(n):
         outbox.enqueue(
             {"kind": "custom", "to": f"u{i}@example.com", "subject": "s", "text": "t",
              "html": None, "message_id": f"<{uuid.uuid4().hex}@test>"},
-            datetime.now(UTC),
+            now or datetime.now(UTC),
         )  # fmt: skip
 
 
@@ -696,21 +709,23 @@ def test_sends_an_outage_left_unrecorded_are_recorded_before_the_next_claim(
     smtp_server: SmtpServer,
     db: Any,
 ) -> None:
+    # A short lease (and the SMTP_TIMEOUT it allows, ample for the local server): on the
+    # fake clock it costs no waiting, and it bounds how long the outcome write retries.
     config = make_config(
-        **smtp_server.config_kwargs(), dispatch_lease_seconds=4, smtp_timeout=1, db_timeout_ms=500
+        **smtp_server.config_kwargs(), dispatch_lease_seconds=2, smtp_timeout=0.5, db_timeout_ms=500
     )
     # The database becomes unreachable just as the sends are to be recorded, and stays
-    # so past the end of the claim's lease.
-    context = linked_context(config, OnCommand(sets_status("sent"), db_link.cut))
-    queue_emails(context.outbox, 3)
+    # so past the end of the claim's lease (the clock is moved past it).
+    clock = FakeClock()
+    context = linked_context(config, OnCommand(sets_status("sent"), db_link.cut), clock)
+    queue_emails(context.outbox, 3, clock.now())
     d = make_dispatcher(context)
     try:
         assert d.dispatch_once() == 3
         assert len(smtp_server.wait_for_messages(3)) == 3
         assert {r["status"] for r in outbox(db)} == {"sending"}
-        time.sleep(
-            max(0.0, min(r["next_attempt_at"] for r in outbox(db)).timestamp() - time.time())
-        )
+        lease_end = min(r["next_attempt_at"] for r in outbox(db))
+        clock.set(lease_end + timedelta(milliseconds=1))
         db_link.heal()
         wait_for_database(context.outbox)
         # The lease has run out: the emails are due again. What was sent is recorded
@@ -767,14 +782,6 @@ def stored_notification(make_user: Callable[..., str]) -> tuple[str, str]:
     return user_id, notification_id
 
 
-class FakeClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def test_the_sweep_sends_what_was_recorded_drops_what_was_not_and_waits_for_the_young(
     mail_app: Flask, smtp_server: SmtpServer, stored_notification: tuple[str, str], db: Any
 ) -> None:
@@ -788,9 +795,9 @@ def test_the_sweep_sends_what_was_recorded_drops_what_was_not_and_waits_for_the_
     young = outbox.enqueue(login_email(user_id, notification_id), start + window, pending=True)
     d = make_dispatcher(context)
     try:
-        clock.now = start + window - timedelta(seconds=1)  # no request is over yet
+        clock.set(start + window - timedelta(seconds=1))  # no request is over yet
         assert d.sweep_pending() == (0, 0)
-        clock.now = start + window + timedelta(seconds=1)
+        clock.set(start + window + timedelta(seconds=1))
         assert d.sweep_pending() == (1, 1)
         state = {str(r["_id"]): r["status"] for r in outbox.records.find()}
         assert state == {recorded: "queued", young: "pending"}

@@ -87,7 +87,6 @@ def settings(server: SmtpServer | None = None, **overrides: Any) -> SmtpSettings
         "timeout": 5.0,
         "max_per_connection": 100,
         "from_email": FROM,
-        "from_name": None,
     }
     if server is not None and server.auth:
         fields.update(login=SMTP_USER, password=server.password)
@@ -537,10 +536,8 @@ def test_tls_mode_table(security: Any, port: int, mode: str) -> None:
 
 
 def test_settings_from_config_use_the_resolved_port() -> None:
-    s = SmtpSettings.from_config(
-        Config(smtp_host="mail.example.com", smtp_security="ssl", smtp_name="Ops")
-    )
-    assert (s.host, s.port, s.security, s.from_name) == ("mail.example.com", 465, "ssl", "Ops")
+    s = SmtpSettings.from_config(Config(smtp_host="mail.example.com", smtp_security="ssl"))
+    assert (s.host, s.port, s.security) == ("mail.example.com", 465, "ssl")
     assert (s.verify, s.timeout, s.max_per_connection) == (True, 10.0, 100)
 
 

@@ -151,7 +151,7 @@ def test_every_write_carries_the_write_concern_on_every_path(
         services = runtime(app).services
         dispatcher = Dispatcher(
             context=DispatchContext(
-                config, services.outbox, services.clock, services.store.has_notification
+                config, services.outbox, runtime(app).clock, services.store.has_notification
             ),
             sender=SmtpSender(SmtpSettings.from_config(config)),
             name="wc",

@@ -21,8 +21,8 @@ from flask import Flask
 
 from notification_service import logs
 from notification_service.__main__ import log_config_for, main
-from notification_service.asgi import RECEIVED_AT
 from notification_service.config import Config
+from notification_service.context import ENVIRON_KEY, RequestContext
 
 KEY = "k3y-0f-at-least-16-chars"
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -130,7 +130,8 @@ def test_duration_counts_from_the_edge_when_it_stamped_the_request(
 ) -> None:
     out = capture("json")
     client = app.test_client()
-    client.get("/health", environ_overrides={RECEIVED_AT: time.monotonic() - 2.0})
+    edge = RequestContext(received_at=time.monotonic() - 2.0)
+    client.get("/health", environ_overrides={ENVIRON_KEY: edge})
     client.get("/health")
     waited, direct = (d["duration_ms"] for d in out.access())
     assert waited >= 2000

@@ -111,6 +111,16 @@ def test_invalid_configuration_stops_the_start_naming_the_variable(
     assert "PORT" in capsys.readouterr().err
 
 
+def test_openapi_prints_the_committed_document_whatever_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PORT", "eighty")  # not read: the default configuration's document
+    assert main(["openapi"]) == 0
+    committed = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+    assert json.loads(capsys.readouterr().out) == json.loads(committed.read_text())
+
+
 def test_serve_with_database_and_smtp_settings_delivers_there(
     tmp_path: Path, db_uri: str, smtp_server: Any
 ) -> None:

@@ -55,7 +55,7 @@ def test_every_route_of_the_app_is_in_the_document(app: Flask) -> None:
 def test_the_committed_copy_is_the_generated_document() -> None:
     committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert committed == document(api.endpoints, Config()), (
-        "docs/openapi.json is stale: python -m notification_service.openapi > docs/openapi.json"
+        "docs/openapi.json is stale: python -m notification_service openapi > docs/openapi.json"
     )
 
 

@@ -27,7 +27,7 @@ from notification_service.dispatcher import (
     SendOutcome,
 )
 from notification_service.email_sender import SmtpSender, SmtpSettings
-from notification_service.server import build_runtime
+from notification_service.runtime import build_runtime
 from notification_service.storage.mongo_connector import DatabaseUnavailable
 
 RATE = 5.0  # emails per second, for the whole deployment
@@ -91,7 +91,7 @@ def test_two_pools_with_their_own_clients_send_no_faster_than_the_rate_in_all(
     for rt, events in zip(runtimes, counts, strict=True):
         svc = rt.services
         context = DispatchContext(
-            config, svc.outbox, svc.clock, svc.store.has_notification, events=events
+            config, svc.outbox, rt.clock, svc.store.has_notification, events=events
         )
         rt.dispatchers = DispatcherPool.start(context, 2)
     try:
@@ -164,12 +164,13 @@ def test_without_the_database_nothing_is_sent_and_the_claim_is_given_back(
         **smtp_server.config_kwargs(), smtp_rate_limit=RATE, db_uri=db_link.uri(db_name),
         db_timeout_ms=500,
     )  # fmt: skip
-    services = runtime(make_app(config)).services
+    rt = runtime(make_app(config))
+    services = rt.services
     queue_emails(db, 2)
     context = DispatchContext(
         config,
         services.outbox,
-        services.clock,
+        rt.clock,
         services.store.has_notification,
         events=CutOnClaim(db_link),
     )

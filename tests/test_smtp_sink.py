@@ -56,7 +56,6 @@ def sender_for(port: int) -> SmtpSender:
             timeout=5.0,
             max_per_connection=100,
             from_email="notifications@example.com",
-            from_name=None,
         )
     )
 

@@ -13,22 +13,26 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bson import ObjectId
+from clocks import FakeClock
 from conftest import DatabaseLink, MongoServer, free_port
 from flask.testing import FlaskClient
 from pymongo import MongoClient
 
 from notification_service.__main__ import web_server_argv
 from notification_service.asgi import create_asgi_app
+from notification_service.clock import SYSTEM_CLOCK
 from notification_service.config import Config
 from notification_service.notification_handler import api
 from notification_service.openapi import document
+from notification_service.runtime import build_runtime
 from notification_service.server import runtime_of
+from notification_service.stream_watcher import Watcher
 
 DATABASE = "stream_t"
 HEARTBEAT = 0.5
@@ -658,21 +662,15 @@ def test_under_plain_wsgi_the_answer_is_the_first_events(client: FlaskClient, us
 def test_an_expired_notification_changes_the_counts_without_a_write(
     make_config: Callable[..., Config], user_id: str
 ) -> None:
-    edge = create_asgi_app(make_config(notifications_ttl_days=1, stream_heartbeat_seconds=0.2))
-    runtime = runtime_of(edge.wsgi_app)  # type: ignore[arg-type]
-    now = datetime.now(UTC)
-
-    def clock() -> datetime:
-        return now
-
-    runtime.services = replace(runtime.services, clock=clock)
+    clock = FakeClock()
+    config = make_config(notifications_ttl_days=1, stream_heartbeat_seconds=0.2)
+    edge = create_asgi_app(runtime=build_runtime(config, clock=clock))
     created = edge.wsgi_app.test_client().post(  # type: ignore[attr-defined]
         "/create", json={"user_id": user_id, "key": "new_post"}
     )
     assert created.status_code == 201
 
     async def scenario() -> list[dict[str, Any]]:
-        nonlocal now
         sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         leaving = asyncio.Event()
         requests = [{"type": "http.request", "body": b"", "more_body": False}]
@@ -689,7 +687,7 @@ def test_an_expired_notification_changes_the_counts_without_a_write(
         task = asyncio.ensure_future(edge(scope, receive, sent.put))
         assert (await sent.get())["status"] == 200
         first = parse((await sent.get())["body"])
-        now += timedelta(days=1, seconds=1)  # the notification has expired
+        clock.advance(timedelta(days=1, seconds=1).total_seconds())  # it has expired
         later: list[dict[str, Any]] = []
         while not later:
             later = parse((await asyncio.wait_for(sent.get(), 5))["body"])
@@ -739,12 +737,10 @@ class _ClosingStore:
 def test_a_stream_closed_during_its_users_read_leaves_nothing_followed(
     client: FlaskClient, user_id: str
 ) -> None:
-    from notification_service.stream import Watcher
-
     services = runtime_of(client.application).services
     store = _ClosingStore(services.store)
     delivered: list[Any] = []
-    watcher = Watcher(store, services.clock, 0.05, 100, delivered.append)  # type: ignore[arg-type]
+    watcher = Watcher(store, SYSTEM_CLOCK, 0.05, 100, delivered.append)  # type: ignore[arg-type]
     store.watcher = watcher
     try:
         watcher.follow(user_id)

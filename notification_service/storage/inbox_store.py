@@ -381,7 +381,7 @@ class InboxStore:
             if not only_duplicates(exc):
                 raise
 
-    # -- the live stream (stream.py) ----------------------------------------------------
+    # -- the live stream (stream_watcher.py) ----------------------------------------------------
 
     @guarded
     def feed_states(self, user_ids: list[str], now: datetime) -> dict[str, Document]:

@@ -1,0 +1,95 @@
+"""What one process holds, web or worker alike: its MongoDB client, the services, the
+clock and the outbox dispatcher threads. Knows nothing of Flask.
+
+Nothing is created at import: `build_runtime` makes the client, so that each process of
+a pre-forking server gets its own after the fork (pymongo's client is not fork-safe).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .clock import SYSTEM_CLOCK, Clock
+from .config import Config
+from .dispatcher import DispatchContext, DispatcherPool
+from .email_templates import EmailTemplates
+from .notifications import Services
+from .outbox import Outbox
+from .storage.idempotency_store import IdempotencyStore
+from .storage.inbox_store import InboxStore
+from .storage.mongo_connector import DatabaseUnavailable, connect, database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What one process holds: its client, the services, its clock, its dispatcher threads."""
+
+    services: Services
+    client: Any
+    clock: Clock = SYSTEM_CLOCK
+    dispatchers: DispatcherPool | None = None
+    closed: bool = field(default=False)
+
+    @property
+    def config(self) -> Config:
+        return self.services.config
+
+    def dispatch_context(self) -> DispatchContext:
+        """What this process's dispatchers share; their reports go to the metrics."""
+        svc = self.services
+        return DispatchContext(
+            svc.config,
+            svc.outbox,
+            self.clock,
+            svc.store.has_notification,
+            events=metrics.PrometheusEvents(),
+        )
+
+    def close(self) -> None:
+        """Stop the dispatchers (finishing in-flight sends), then close the client."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.dispatchers is not None:
+            self.dispatchers.stop()
+        self.client.close()
+
+
+def build_runtime(
+    config: Config, *, clock: Clock = SYSTEM_CLOCK, dispatcher_threads: int | None = None
+) -> Runtime:
+    """Connect and assemble the services; start `dispatcher_threads` outbox dispatchers
+    (DISPATCHER_THREADS by default; none at 0)."""
+    templates = EmailTemplates(config.templates_dir)
+    client = connect(config)
+    db = database(client, config)
+    services = Services(
+        config=config,
+        store=InboxStore(db, config),
+        outbox=Outbox(db, config.outbox_collection, retention_days=config.outbox_retention_days),
+        templates=templates,
+        idempotency=IdempotencyStore(db, config),
+        clock=clock.now,
+        events=metrics.DomainEvents(),
+    )
+    try:
+        services.outbox.ensure_indexes()
+        services.idempotency.ensure_indexes()
+    except DatabaseUnavailable:
+        # Start anyway and answer 503 until the database is back; dispatchers and the
+        # idempotency store create their indexes again before their first claim.
+        log.warning("database unavailable at start-up; indexes will be created later")
+    runtime = Runtime(services=services, client=client, clock=clock)
+    threads = config.dispatcher_threads if dispatcher_threads is None else dispatcher_threads
+    if threads > 0:
+        runtime.dispatchers = DispatcherPool.start(runtime.dispatch_context(), threads)
+        # A process that exits through sys.exit (on SIGTERM/SIGINT) without closing it
+        # still runs atexit: in-flight sends finish and their outcome is stored.
+        atexit.register(runtime.close)
+    return runtime
