@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from flask import Flask, Request, Response, current_app, g, jsonify, request
@@ -34,6 +35,7 @@ from .errors import (
 )
 from .runtime import Runtime, build_runtime
 from .storage.mongo_connector import DatabaseUnavailable, Document, deadline
+from .web import STRICT_PARSING
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,25 @@ _HTTP_CODES = {
 }
 
 
-def create_app(config: Config | None = None, runtime: Runtime | None = None) -> Flask:
+@dataclass(frozen=True)
+class Guarantees:
+    """What each request pays for beyond its route's work, all on by default. The
+    benchmark's app factory turns each off alone to price it (bench/priced.py); a
+    deployment has no reason to."""
+
+    auth: bool = True  # API keys and user tokens, when configured
+    request_log: bool = True  # request ids (X-Request-ID) and the access line
+    metrics: bool = True  # the request counter and duration histogram
+    deadline: bool = True  # one database budget for all of a request's calls
+    strict_parsing: bool = True  # duplicate keys, NaN, repeated parameters refused
+
+
+def create_app(
+    config: Config | None = None,
+    runtime: Runtime | None = None,
+    *,
+    guarantees: Guarantees = Guarantees(),
+) -> Flask:
     """Build the WSGI app on `runtime`, or on one built from `config` (with
     DISPATCHER_THREADS > 0, that starts as many outbox dispatcher threads in this
     process). Given a runtime, its config is the app's, and its logging is the caller's."""
@@ -59,23 +79,78 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
 
     app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config[STRICT_PARSING] = guarantees.strict_parsing
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep the seed's field order
     app.extensions["notification_service"] = runtime
     app.register_blueprint(notification_handler.bp)
     _register_errors(app)
-    # In this order: an id for every answer, then the edge's refusal, then the key.
-    app.before_request(_start_access)
-    app.before_request(_assign_request_id)
-    app.before_request(_raise_edge_error)
-    app.before_request(
+    # One hook of each kind: Flask pays a lookup and a call for each hook it runs.
+    credentials = (
         _require_credentials(tuple(key.reveal() for key in config.api_keys), config.user_token_key)
+        if guarantees.auth
+        else None
     )
-    app.before_request(_start_deadline(config.db_timeout_ms / 1000))
-    app.teardown_request(_end_deadline)
-    app.teardown_request(_log_access)
-    app.after_request(_echo_request_id)
-    app.after_request(_note_status)  # registered last: runs first, sees every response
+    app.before_request(_begin(credentials, config.db_timeout_ms / 1000, guarantees))
+    app.after_request(_answered if guarantees.request_log else _noted)
+    app.teardown_request(_end(guarantees))
     return app
+
+
+def _begin(
+    credentials: Callable[[], None] | None, db_seconds: float, guarantees: Guarantees
+) -> Callable[[], None]:
+    """Every request's start, in this order: an id for every answer, then the edge's
+    refusal, then the credential, then the database deadline."""
+
+    def begin() -> None:
+        req, ctx = _current()
+        edge = request_context(req.environ)
+        ctx.edge = edge
+        if edge is None:  # no front (a test client): the request starts here
+            ctx.started = time.monotonic()
+        if guarantees.request_log:
+            given = req.headers.get("X-Request-ID", "")
+            ctx.request_id = given if _REQUEST_ID_RE.fullmatch(given) else os.urandom(16).hex()
+        if edge is not None and edge.edge_error is not None:
+            # asgi.py refused the request (too large, too slow, cut short).
+            raise edge.edge_error
+        if credentials is not None:
+            credentials()
+        if guarantees.deadline:
+            # Counted from when the edge had the whole request: a request that waited
+            # for a free thread (the database slow, every thread waiting on it) has
+            # less left, and answers 503 at once rather than DB_TIMEOUT_MS after it
+            # finally started.
+            left = db_seconds - (time.monotonic() - edge.received_at) if edge else db_seconds
+            # Never 0: pymongo.timeout(0) would mean no limit at all.
+            ctx.db_deadline = context = deadline(max(left, 0.001))
+            context.__enter__()
+
+    return begin
+
+
+def _answered(response: Response) -> Response:
+    ctx = cast(Any, g)._get_current_object()
+    ctx.access_status = response.status_code
+    response.headers["X-Request-ID"] = ctx.get("request_id", "")
+    return response
+
+
+def _noted(response: Response) -> Response:
+    g.access_status = response.status_code
+    return response
+
+
+def _end(guarantees: Guarantees) -> Callable[[BaseException | None], None]:
+    def end(exc: BaseException | None) -> None:
+        req, ctx = _current()
+        context = ctx.pop("db_deadline", None)
+        if context is not None:
+            context.__exit__(None, None, None)
+        if guarantees.request_log or guarantees.metrics:
+            _account(req, ctx, guarantees)
+
+    return end
 
 
 def runtime_of(app: Flask) -> Runtime:
@@ -84,6 +159,11 @@ def runtime_of(app: Flask) -> Runtime:
 
 
 class ServiceFlask(Flask):
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Every view and hook here is a plain function: Flask's own check (is it a
+        coroutine function?) would run for each of them on every request."""
+        return func
+
     def make_default_options_response(self) -> Response:
         """OPTIONS: 204 with `Allow` and no body (Flask's own answer is an empty text/html 200)."""
         response = super().make_default_options_response()
@@ -96,18 +176,6 @@ def _current() -> tuple[Request, Any]:
     """The request and `g` themselves, for the hooks that run on every request: each
     access through Flask's proxies costs about 2 µs, a dozen of them a request."""
     return cast(Any, request)._get_current_object(), cast(Any, g)._get_current_object()
-
-
-def _assign_request_id() -> None:
-    given = request.headers.get("X-Request-ID", "")
-    g.request_id = given if _REQUEST_ID_RE.fullmatch(given) else uuid.uuid4().hex
-
-
-def _raise_edge_error() -> None:
-    # Set by asgi.py when it refused the request (too large, too slow, cut short).
-    context = request_context(request.environ)
-    if context is not None and context.edge_error is not None:
-        raise context.edge_error
 
 
 # What opens each route, as declared (api.py): `open` routes (the probes, the
@@ -210,63 +278,32 @@ def _credential(route: Endpoint | None, refused: Unauthorized) -> tuple[str | No
     return given.strip(), False
 
 
-def _start_deadline(seconds: float) -> Callable[[], None]:
-    def start() -> None:
-        # Counted from when the edge had the whole request: a request that waited for a
-        # free thread (the database slow, every thread waiting on it) has less left, and
-        # answers 503 at once rather than DB_TIMEOUT_MS after it finally started.
-        edge = request_context(request.environ)
-        left = seconds - (time.monotonic() - edge.received_at) if edge is not None else seconds
-        # Never 0: pymongo.timeout(0) would mean no limit at all.
-        g.db_deadline = context = deadline(max(left, 0.001))
-        context.__enter__()
-
-    return start
-
-
-def _end_deadline(exc: BaseException | None) -> None:
-    context = g.pop("db_deadline", None)
-    if context is not None:
-        context.__exit__(None, None, None)
-
-
-def _start_access() -> None:
-    g.access_started = time.monotonic()
-
-
-def _note_status(response: Response) -> Response:
-    g.access_status = response.status_code
-    return response
-
-
-def _log_access(exc: BaseException | None) -> None:
-    """One line per request once its response is made: no body, header or query string."""
-    req, ctx = _current()
+def _account(req: Request, ctx: Any, guarantees: Guarantees) -> None:
+    """The access line and the request metrics, once the response is made: no body,
+    header or query string."""
     status = ctx.get("access_status", 500)
-    edge = request_context(req.environ)
+    edge = ctx.get("edge")
     if status == 200 and edge is not None and edge.held is not None:
         return  # a stream that starts: the hub writes its line when it ends
     now = time.monotonic()
-    # From the edge's arrival when asgi.py made the context (waiting for a thread included).
-    started = edge.received_at if edge is not None else ctx.get("access_started", now)
+    # From the edge's arrival (waiting for a thread included); without the front (a
+    # test client), from when the app saw it.
+    started = edge.received_at if edge is not None else ctx.get("started", now)
     rule = req.url_rule
     route = rule.rule if rule is not None else None
-    logs.log_access(
-        {
-            "method": req.method,
-            "route": route,
-            "path": req.path,
-            "status": status,
-            "duration_ms": round((now - started) * 1000, 3),
-            "request_id": ctx.get("request_id"),
-        }
-    )
-    metrics.observe_request(req.method, route, status, now - started)
-
-
-def _echo_request_id(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.get("request_id", "")
-    return response
+    if guarantees.request_log:
+        logs.log_access(
+            {
+                "method": req.method,
+                "route": route,
+                "path": req.path,
+                "status": status,
+                "duration_ms": round((now - started) * 1000, 3),
+                "request_id": ctx.get("request_id"),
+            }
+        )
+    if guarantees.metrics:
+        metrics.observe_request(req.method, route, status, now - started)
 
 
 def _error(
