@@ -4,7 +4,8 @@
 # (--stop-timeout: SIGTERM drains for up to 30 s, docker's default is to SIGKILL at 10 s.)
 # The .env must set DB_URI (the image has no embedded database) and SMTP_HOST (or
 # DEV_MAIL_SINK=true to keep mail in the container's /app/var/mail on purpose), and
-# should set API_KEYS: the container listens on every interface.
+# API_KEYS: the container listens on every interface, and refuses to start without a
+# key (ALLOW_UNAUTHENTICATED=true says "open" on purpose).
 # Pinned: a rebuild gets the same base until someone moves the tag on purpose.
 FROM python:3.11.10-slim-bookworm
 

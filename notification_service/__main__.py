@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -167,26 +165,9 @@ def prepare_web_server(config: Config, env: dict[str, str], run_dir: Path) -> li
     return web_server_argv(config, log_config)
 
 
-def _warn_if_open(config: Config) -> None:
-    if config.api_keys:
-        return
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(config.host).is_loopback:
-            return
-    if config.host == "localhost":
-        return
-    log.warning(
-        "listening on %s without API_KEYS: anyone who reaches port %d can read and change "
-        "every user's notifications and send email",
-        config.host,
-        config.port,
-    )
-
-
 def serve(config: Config) -> int:
     """Serve the API; start the embedded database and mail sink where none is configured."""
     _check_dependencies(config)  # before anything is started
-    _warn_if_open(config)
     data_dir = Path(config.data_dir).resolve()
     env = dict(os.environ)
     if config.db_uri and config.smtp_host:

@@ -6,6 +6,7 @@ Every variable is documented once in README.md and once in .env.example.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -144,8 +145,10 @@ class Config:
     # A client gets this long to send its headers, and again its body, before it is cut off.
     client_timeout_seconds: float = 5.0
     # Bearer keys every route requires but the open ones (the probes, the API document
-    # and its docs page); empty = open (make run on loopback).
+    # and its docs page); empty = open, which only a loopback HOST (make run) or
+    # ALLOW_UNAUTHENTICATED allows.
     api_keys: tuple[Secret, ...] = ()
+    allow_unauthenticated: bool = False
     # USER_TOKEN_SECRET: signs the per-user tokens a browser may use instead of a key
     # (tokens.py); None: no token is accepted.
     user_token_key: Secret | None = None
@@ -336,6 +339,7 @@ class Config:
             smtp_rate_limit=r.number("SMTP_RATE_LIMIT", d.smtp_rate_limit, 0, 100_000),
             templates_dir=r.optional("TEMPLATES_DIR", _check_dir),
             dev_mail_sink=r.boolean("DEV_MAIL_SINK", d.dev_mail_sink),
+            allow_unauthenticated=r.boolean("ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
             dispatcher_threads=r.integer("DISPATCHER_THREADS", d.dispatcher_threads, 0, 64),
             dispatch_poll_seconds=r.number(
                 "DISPATCH_POLL_SECONDS", d.dispatch_poll_seconds, 0.01, 60
@@ -363,6 +367,19 @@ class Config:
             log_format=r.choice("LOG_FORMAT", _LOG_FORMATS, d.log_format),
         )
         problems = r.problems
+        if (
+            r.ok("HOST", "API_KEYS", "API_KEYS_FILE", "ALLOW_UNAUTHENTICATED")
+            and not config.api_keys
+            and not config.allow_unauthenticated
+            and not is_loopback(config.host)
+        ):
+            # Like Redis's protected mode: a service that sends email to any address,
+            # open to whoever reaches its port, is a relay for anyone's spam.
+            problems.append(
+                f"API_KEYS: must be set when HOST ({config.host}) listens beyond loopback: "
+                "without a key anyone who reaches the port can read every inbox and send "
+                "email to any address; set ALLOW_UNAUTHENTICATED=true to serve open on purpose"
+            )
         if (
             r.ok("SMTP_LOGIN", "SMTP_PASSWORD")
             and config.smtp_login is not None
@@ -606,6 +623,16 @@ def _check_email(raw: str) -> str:
     if not is_email_address(raw):
         raise ValueError("must be an email address like name@example.com")
     return raw
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _check_host(raw: str) -> str:

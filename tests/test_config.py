@@ -272,6 +272,39 @@ def test_client_timeout_is_bounded() -> None:
         Config.from_env({"CLIENT_TIMEOUT_SECONDS": "0"})
 
 
+# --- secure by default: no open service beyond loopback ----------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "10.1.2.3", "[::]", "example.com", "192.168.0.2"]
+)
+def test_listening_beyond_loopback_without_a_key_is_refused_naming_api_keys(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"^API_KEYS: .*ALLOW_UNAUTHENTICATED"):
+        Config.from_env({"HOST": host})
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"]
+)
+def test_loopback_needs_no_key(host: str) -> None:
+    assert Config.from_env({"HOST": host}).api_keys == ()
+
+
+def test_a_key_or_an_explicit_choice_opens_any_host() -> None:
+    keyed = Config.from_env({"HOST": "0.0.0.0", "API_KEYS": "k" * 32})
+    assert len(keyed.api_keys) == 1
+    open_on_purpose = Config.from_env({"HOST": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "true"})
+    assert open_on_purpose.allow_unauthenticated
+    with pytest.raises(ConfigError, match=r"^API_KEYS: "):
+        Config.from_env({"HOST": "0.0.0.0", "ALLOW_UNAUTHENTICATED": "false"})
+
+
+def test_a_user_token_secret_alone_is_no_key() -> None:
+    # Without API keys every route but the token's is open (server.py).
+    with pytest.raises(ConfigError, match=r"^API_KEYS: "):
+        Config.from_env({"HOST": "0.0.0.0", "USER_TOKEN_SECRET": "s" * 40})
+
+
 # --- the local mail sink is for development only ------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import signal
@@ -218,21 +217,22 @@ def test_sigterm_answers_the_request_in_flight_and_records_the_send_in_flight(
     assert (record["status"], record["attempts"]) == ("sent", 1)
 
 
-@pytest.mark.parametrize(
-    ("host", "keys", "warned"),
-    [("0.0.0.0", (), True), ("::", (), True), ("10.1.2.3", (), True),
-     ("0.0.0.0", ("k" * 16,), False), ("127.0.0.1", (), False), ("::1", (), False),
-     ("localhost", (), False)],
-)  # fmt: skip
-def test_serving_beyond_loopback_without_api_keys_warns(
-    caplog: pytest.LogCaptureFixture, host: str, keys: tuple[str, ...], warned: bool
+@pytest.mark.parametrize("command", ["serve", "check-config", "worker"])
+def test_every_entry_point_refuses_to_listen_beyond_loopback_without_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    command: str,
 ) -> None:
-    from notification_service.__main__ import _warn_if_open
-    from notification_service.config import Config
-
-    with caplog.at_level(logging.WARNING, logger="notification_service"):
-        _warn_if_open(Config(host=host, api_keys=keys))
-    assert ("without API_KEYS" in caplog.text) is warned
+    # Before: serve printed one warning and served wide open, and POST /email relayed
+    # any text to any address.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("DB_URI", "mongodb://127.0.0.1:1/app")
+    monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
+    assert main([command]) == 2
+    err = capsys.readouterr().err
+    assert "API_KEYS" in err and "ALLOW_UNAUTHENTICATED" in err
 
 
 # --- what serve prints, and what it prepares for the web server ---------------------

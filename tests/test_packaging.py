@@ -209,6 +209,14 @@ def test_compose_sets_only_variables_the_service_reads() -> None:
     assert f"127.0.0.1:{port}/ready" in " ".join(app["healthcheck"]["test"])
 
 
+def test_compose_publishes_the_api_only_with_a_key_from_its_env_file() -> None:
+    # The image listens on 0.0.0.0, so the service refuses to start without a key; compose
+    # must ask for one rather than publish an open relay.
+    app = _compose()["services"]["app"]
+    assert app["environment"]["API_KEYS"] == "${API_KEYS:?set API_KEYS in .env}"
+    assert "ALLOW_UNAUTHENTICATED" not in app["environment"]
+
+
 def test_the_scale_profile_runs_a_worker_and_lets_the_web_service_turn_its_dispatchers_off() -> (
     None
 ):
