@@ -81,6 +81,12 @@ def fingerprint(body: Any) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
+def key_digest(key: str) -> str:
+    """What a log line says of a caller-chosen key: the start of its SHA-256, enough to
+    match two lines, nothing of what the caller wrote."""
+    return hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
+
+
 def idempotency_key() -> str | None:
     """The request's Idempotency-Key, or None without the header.
 
@@ -218,7 +224,10 @@ def _run(claim: KeyClaim, view: Callable[[], Response]) -> Response:
             # The answer stands: its writes are done. The key stays running until its
             # lease ends; a retry then takes it over with the same seed, and the
             # domain's writes repeat without doubling.
-            log.warning("could not record the answer of idempotency key %r", claim.key)
+            # The key is the caller's own text: the log names it by a digest only.
+            log.warning(
+                "could not record the answer of idempotency key sha256:%s", key_digest(claim.key)
+            )
     elif 400 <= status < 500:
         finish("forget", lambda: store.forget(claim))
     else:

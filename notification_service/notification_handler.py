@@ -597,7 +597,8 @@ def _static_file(path: str, media_type: str, policy: str) -> Response:
     response.cache_control.public = True
     response.cache_control.max_age = 3600
     response.headers["Content-Security-Policy"] = policy
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    # Beside CSP's frame-ancestors, for browsers that read only the older header.
+    response.headers["X-Frame-Options"] = "DENY"
     # The inbox page's URL may hold a token: no other site learns it from a Referer.
     response.headers["Referrer-Policy"] = "no-referrer"
     return response

@@ -133,11 +133,14 @@ def _answered(response: Response) -> Response:
     ctx = cast(Any, g)._get_current_object()
     ctx.access_status = response.status_code
     response.headers["X-Request-ID"] = ctx.get("request_id", "")
+    # Every answer: no browser may guess another type than the one declared.
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 
 def _noted(response: Response) -> Response:
     g.access_status = response.status_code
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 

@@ -358,3 +358,26 @@ def test_a_commit_that_cannot_be_confirmed_is_a_503_not_a_500(
     assert response.status_code == 503, response.get_json()
     assert response.get_json()["error"]["code"] == "database_unavailable"
     assert "Retry-After" in response.headers
+
+
+def test_a_caller_s_idempotency_key_never_reaches_the_log(
+    app: Flask,
+    server: MongoServer,
+    user_id: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The answer's record is the second update (the first records the notification):
+    # it fails, so the service logs that it could not keep the answer, naming the key.
+    key = "secret-order-4711 <script>"
+    fail(server, "update", skip=1)
+    try:
+        response = app.test_client().post(
+            "/create",
+            json={"user_id": user_id, "key": "new_message"},
+            headers={"Idempotency-Key": key},
+        )
+    finally:
+        heal(server)
+    assert response.status_code == 201
+    assert "could not record the answer of idempotency key sha256:" in caplog.text
+    assert "4711" not in caplog.text

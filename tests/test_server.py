@@ -210,3 +210,25 @@ def test_a_request_answers_within_db_timeout_however_many_calls_it_makes(
     assert response.status_code == 503, response.get_json()
     assert response.headers["Retry-After"]
     assert elapsed < TIMEOUT_MS / 1000 + 0.5, f"took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/health"), ("GET", "/nope"), ("DELETE", "/list"), ("POST", "/create"),
+     ("GET", "/count?user_id=bad"), ("GET", "/openapi.json"), ("GET", "/docs")],
+)  # fmt: skip
+def test_every_answer_forbids_type_sniffing(client: FlaskClient, method: str, path: str) -> None:
+    response = client.open(path, method=method)
+    assert response.headers["X-Content-Type-Options"] == "nosniff", response.status_code
+
+
+def test_every_answer_of_a_keyed_service_forbids_type_sniffing_too(keyed: FlaskClient) -> None:
+    assert keyed.get("/count?user_id=x").headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/inbox"])
+def test_pages_refuse_to_be_framed_by_both_headers(client: FlaskClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Frame-Options"] == "DENY"
