@@ -165,6 +165,26 @@ def prepare_web_server(config: Config, env: dict[str, str], run_dir: Path) -> li
     return web_server_argv(config, log_config)
 
 
+def production_run_dir(port: int) -> Path:
+    """The web server's run directory of a production start on `port`, emptied: each
+    start replaces the last one's instead of leaving one more behind in the system's
+    temporary folder (there is no exit to clean up after: serve becomes granian).
+
+    :raise ConfigError: the path is a link or another user's (a name anyone can guess
+        must not let another local user choose what granian reads or where it writes).
+    """
+    path = Path(tempfile.gettempdir()) / f"notification-service-{port}"
+    refused = ConfigError(f"PORT: {path} exists and is not this user's own directory")
+    if path.is_symlink() or (path.exists() and path.stat().st_uid != os.getuid()):
+        raise refused
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:  # made by someone else in between
+        raise refused from None
+    return path
+
+
 def serve(config: Config) -> int:
     """Serve the API; start the embedded database and mail sink where none is configured."""
     _check_dependencies(config)  # before anything is started
@@ -174,11 +194,9 @@ def serve(config: Config) -> int:
         log.info("database: %s", config.db_uri)  # its password is held apart
         log.info("mail: SMTP %s:%d", config.smtp_host, config.resolved_smtp_port)
         log.info("serving on http://%s:%d", config.host, config.port)
-        # A fresh directory of its own: nothing is left to clean up once we become
-        # granian, and a read-only image still has a writable temporary directory.
-        argv = prepare_web_server(
-            config, env, Path(tempfile.mkdtemp(prefix="notification-service-"))
-        )
+        # Nothing is left to clean up once we become granian; a read-only image still
+        # has a writable temporary directory.
+        argv = prepare_web_server(config, env, production_run_dir(config.port))
         # The web server gets our pid and our signals directly.
         os.execve(argv[0], argv, env)
 

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -329,3 +330,42 @@ def test_serve_gives_its_web_server_an_emptied_metrics_directory(tmp_path: Path)
         assert serve.process.wait(60) == 0
     finally:
         serve.stop()
+
+
+# --- a production start's run directory ---------------------------------------------
+
+
+def test_each_production_start_on_a_port_reuses_one_emptied_run_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Before: every start left a notification-service-* directory behind (38 were found).
+    from notification_service.__main__ import production_run_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = production_run_dir(5123)
+    (first / "left-over").write_text("x")
+    again = production_run_dir(5123)
+    assert again == first == tmp_path / "notification-service-5123"
+    assert list(again.iterdir()) == []
+    assert again.stat().st_mode & 0o777 == 0o700
+    assert production_run_dir(5124) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notification-service-5123",
+        "notification-service-5124",
+    ]
+
+
+def test_a_run_directory_path_that_is_a_link_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from notification_service.__main__ import production_run_dir
+    from notification_service.config import ConfigError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    (tmp_path / "notification-service-5125").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match="PORT: "):
+        production_run_dir(5125)
+    assert (elsewhere / "keep").exists()
