@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from typing import Any, TypeVar
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
 from .errors import BadRequest, ErrorDetail, ValidationFailed
@@ -44,10 +44,18 @@ def not_modified(etag: str) -> tuple[Response, int]:
 
 
 def json_body() -> dict[str, Any]:
-    """The request body as a JSON object.
+    """The request body as a JSON object, parsed once per request (the Idempotency-Key's
+    fingerprint and the route's model both read it).
 
     :raise BadRequest: wrong content type, not JSON, or not an object.
     """
+    parsed: dict[str, Any] | None = g.get("json_body")
+    if parsed is None:
+        g.json_body = parsed = _parse_json_body()
+    return parsed
+
+
+def _parse_json_body() -> dict[str, Any]:
     if not request.is_json:
         raise BadRequest(
             "The body must be JSON, sent with Content-Type: application/json.",
