@@ -57,7 +57,7 @@ WHY = {
 }
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
-        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s",), "8": ("RSS",),
+        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
         "9": ("req/s", "server CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
@@ -70,8 +70,15 @@ ARRAY = {
     "G": "SecantusDB loads the whole user document to project the counts and a page",
     "P": "SecantusDB rewrites the whole user document (in Python) for each write",
 }
+# The endpoints of the price list (section 10) and of durability's price (section 7).
+PRICED = ("GET /count", "POST /create")
 Side = tuple[str, Callable[[], Load]]
 Duel = tuple[Figure, list[Side]]
+
+
+def number(section: str) -> str:
+    """A section's number: "10" of "10. Price list"."""
+    return section.split(".")[0]
 
 
 def progress(line: str) -> None:
@@ -101,7 +108,8 @@ def play(duels: list[Duel], every: Callable[[Figure], bool] = lambda f: True) ->
         for fig, sides in (d for d in duels if rnd == 0 or every(d[0])):
             value = fig.add(partial(versus, fig, rnd, sides))
             rates = " vs ".join(f"{fig.detail[f'{name} req/s'][-1]:.0f}" for name, _ in sides)
-            progress(f"{rnd + 1}/{ROUNDS} §{fig.section[0]} {fig.name}: {value:.2f} ({rates}/s)")
+            at = f"{rnd + 1}/{ROUNDS} §{number(fig.section)}"
+            progress(f"{at} {fig.name}: {value:.2f} ({rates}/s)")
     return [fig for fig, _ in duels]
 
 
@@ -131,16 +139,21 @@ class Bench:
         self.cursors[key] = end = self.cursors.get(key, 0) + count
         return [users.pick(n) for n in range(end - count, end)]
 
-    def http(self, server: Server, endpoint: str, users: Users, conns: int = AT) -> Load:
+    def http(
+        self, server: Server, endpoint: str, users: Users, conns: int = AT, **sent: Any
+    ) -> Load:
+        """`sent`: http_load's `headers` and `unique`."""
         reqs = [ENDPOINTS[endpoint](*p) for p in self.picks(server.url, endpoint, users)]
-        return http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid))
+        return http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid), **sent)
 
     def raw(self, endpoint: str, users: Users, conns: int) -> Load:
         reqs = [self.replays[endpoint](*p) for p in self.picks(self.svc.url, endpoint, users)]
         return generate("mongo", self.stack.db_uri, reqs, conns, SECONDS, self.cpu(self.svc.pid))
 
-    def side(self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT) -> Side:
-        return name, partial(self.http, server, endpoint, users, conns)
+    def side(
+        self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT, **sent: Any
+    ) -> Side:
+        return name, partial(self.http, server, endpoint, users, conns, **sent)
 
 
 def anchor(bench: Bench) -> list[Figure]:
@@ -293,11 +306,15 @@ def fan_out(bench: Bench) -> list[Figure]:
 
 def durability(bench: Bench) -> list[Figure]:
     loose = bench.stack.service("unjournaled", DB_URI=f"{bench.stack.db_uri}&w=1&journal=false")
-    users = bench.main[ROLE["POST /create"]]
-    fig = ratio("7. Durability's price", f"POST /create, {AT} conns: w=1,journal=false / default")
-    fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the client asks"
-    figs = play([(fig, [bench.side("w=1", loose, "POST /create", users),
-                        bench.side("journaled", bench.svc, "POST /create", users)])])  # fmt: skip
+    duels: list[Duel] = []
+    for e in PRICED:
+        fig = ratio("7. Durability's price", f"{e}, {AT} conns: w=1,journal=false / default")
+        fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the "
+        fig.note += "client asks" if e.startswith("POST") else "client asks; a read writes nothing"
+        users = bench.main[ROLE[e]]
+        duels.append((fig, [bench.side("w=1", loose, e, users),
+                            bench.side("journaled", bench.svc, e, users)]))  # fmt: skip
+    figs = play(duels)
     loose.child.stop()
     return figs
 
@@ -364,7 +381,7 @@ def memory(bench: Bench) -> list[Figure]:
 
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
-              if f.section[0] in "02" and f.verdict == "missed"}  # fmt: skip
+              if number(f.section) in ("0", "2") and f.verdict == "missed"}  # fmt: skip
     picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 10 if QUICK else 100)
              for e in ENDPOINTS if e in missed}  # fmt: skip
     return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
@@ -392,11 +409,12 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
              f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}",
              f"- {RETIRED}", "",
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
-    for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
+    for section in sorted({f.section for f in figures}, key=lambda s: int(number(s))):
+        shown_here = [f for f in figures if f.section == section]
         head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
         lines += ["", f"## {section}", "", head]
-        shown = SHOW.get(section[0], ("req/s", "CPU"))
-        for f in (f for f in figures if f.section == section):
+        shown = SHOW.get(number(section), ("req/s", "CPU"))
+        for f in shown_here:
             spread = f" ({_fmt(min(f.rounds))}..{_fmt(max(f.rounds))})" if len(f.rounds) > 1 else ""
             value = f"{_fmt(f.median)} {f.unit}{spread}" if f.rounds else ""
             load = f"{f.load[0][0]:.1f} → {f.load[-1][1]:.1f}" if f.load else ""
@@ -422,8 +440,8 @@ def charts(figures: list[Figure]) -> None:
     import matplotlib.pyplot as plt
 
     named = {f.name: f for f in figures if f.rounds}
-    floor = next((f.median for f in figures if f.section[0] == "1" and f.name.startswith("floor")
-                  and f.rounds), 0)  # fmt: skip
+    floor = next((f.median for f in figures if number(f.section) == "1"
+                  and f.name.startswith("floor") and f.rounds), 0)  # fmt: skip
     panels = {
         "throughput": [(f"req/s, {c} connections", f"{{e}}, {c} conns: service / raw pymongo",
                         ["service req/s", "raw req/s"], tuple(ENDPOINTS)) for c in CONNS],
