@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -72,6 +73,20 @@ ARRAY = {
 }
 # The endpoints of the price list (section 10) and of durability's price (section 7).
 PRICED = ("GET /count", "POST /create")
+# Section 10: each guarantee's price, the service (priced.py's `full`) against the
+# variant without it. A row: "{endpoint}: {guarantee}".
+S10 = "10. Price list"
+GUARANTEES = {
+    "the slow-client front (without: the same app under granian's WSGI)": "plain_wsgi",
+    "auth, an API key checked (without: still sent, not checked)": "no_auth",
+    "request ids and the access log": "no_request_log",
+    "metrics": "no_metrics",
+    "the per-request database deadline": "no_deadline",
+    "strict parsing": "no_strict_parsing",
+}
+IDEMPOTENT = "an Idempotency-Key, a distinct one a request (without: none sent)"
+STORED = "stored counts"
+JOURNAL = "journaled writes (without: w=1,journal=false; section 7's runs)"
 Side = tuple[str, Callable[[], Load]]
 Duel = tuple[Figure, list[Side]]
 
@@ -116,6 +131,7 @@ def play(duels: list[Duel], every: Callable[[Figure], bool] = lambda f: True) ->
 class Bench:
     def __init__(self, stack: Stack) -> None:
         self.stack, self.cursors = stack, dict[tuple[str, str, int], int]()
+        self.journal = dict[str, Figure]()  # section 7's figure of each endpoint
         self.main = {role: Users(10 + role, USERS, 10) for role in set(ROLE.values())}
         sizes = enumerate(SIZES.items())
         self.sized = {(size, role): Users(20 + 10 * i + role, count, size)
@@ -316,6 +332,73 @@ def durability(bench: Bench) -> list[Figure]:
                             bench.side("journaled", bench.svc, e, users)]))  # fmt: skip
     figs = play(duels)
     loose.child.stop()
+    bench.journal = dict(zip(PRICED, figs, strict=True))
+    return figs
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def prices(bench: Bench) -> list[Figure]:
+    """What each guarantee costs a request: priced.py's `full` (the service) against its
+    variant without it, all started at once and stopped after. Every server has API
+    keys and every request sends one, so that auth's price is that of a real check."""
+    key = f"bench-{os.urandom(16).hex()}"
+    auth = {"Authorization": f"Bearer {key}"}
+    progress(f"starting the price list's {1 + len(GUARANTEES)} servers")
+    servers = bench.stack.priced(["full", *GUARANTEES.values()], API_KEYS=key)
+    try:
+        users = {e: bench.main[ROLE[e]] for e in PRICED}
+        warm = [ENDPOINTS[e](*users[e].pick(n)) for e in PRICED for n in range(AT)]
+        for variant, server in servers.items():  # each worker's clients, first requests
+            load = http_load(server.url, warm, AT, SECONDS / 2, {}, auth)
+            if load.errors:
+                raise RuntimeError(f"priced:{variant}: {load.errors} of {load.requests} not 2xx")
+        full, duels = servers["full"], list[Duel]()
+        if _status(f"{full.url}{warm[0][1]}") != 401:  # without a key: refused, so checked
+            raise RuntimeError("priced:full answers without an API key")
+        for (guarantee, variant), e in ((g, e) for g in GUARANTEES.items() for e in PRICED):
+            duels.append((Figure(S10, f"{e}: {guarantee}", "CPU ms/req"),
+                          [bench.side("with", full, e, users[e], headers=auth),
+                           bench.side("without", servers[variant], e, users[e],
+                                      headers=auth)]))  # fmt: skip
+        e = "POST /create"
+        duels.append((Figure(S10, f"{e}: {IDEMPOTENT}", "CPU ms/req"),
+                      [bench.side("with", full, e, users[e], headers=auth,
+                                  unique="Idempotency-Key"),
+                       bench.side("without", full, e, users[e], headers=auth)]))  # fmt: skip
+        figs = play(duels)
+    finally:
+        for server in servers.values():  # all asked at once, then each waited for
+            server.child.process.terminate()
+        for server in servers.values():
+            server.child.stop()
+    for fig in figs:  # a round's value: the price (with - without), its rates' ratio kept
+        with_, without = (fig.detail[f"{k} server CPU ms/req"] for k in ("with", "without"))
+        fig.detail["req/s with / without"] = fig.rounds
+        fig.rounds = [a - b for a, b in zip(with_, without, strict=True)]
+    for e in PRICED:
+        figs.append(Figure(S10, f"{e}: {STORED}", "CPU ms/req", rounds=[0.0],
+                           note="none since the counts are computed when read, as minimal.py "
+                           "does: 0 by construction; the database's CPU a request, service "
+                           "beside minimal.py, is in section 0's db CPU rows"))  # fmt: skip
+        journaled = bench.journal.get(e)
+        if journaled is None or not journaled.rounds:
+            continue  # section 7 failed: no row
+        parts = {f"{k} {what} CPU ms/req": journaled.detail[f"{side} {what} CPU ms/req"]
+                 for k, side in (("with", "journaled"), ("without", "w=1"))
+                 for what in ("server", "db")}  # fmt: skip
+        with_, without = parts["with server CPU ms/req"], parts["without server CPU ms/req"]
+        figs.append(Figure(S10, f"{e}: {JOURNAL}", "CPU ms/req", load=journaled.load,
+                           rounds=[a - b for a, b in zip(with_, without, strict=True)],
+                           detail={**parts, "req/s with / without": [1 / r for r in
+                                                                     journaled.rounds]},
+                           note="no API keys (section 7's servers)"))  # fmt: skip
     return figs
 
 
@@ -411,6 +494,9 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
     for section in sorted({f.section for f in figures}, key=lambda s: int(number(s))):
         shown_here = [f for f in figures if f.section == section]
+        if section == S10:
+            lines += ["", f"## {section}", "", *price_list(shown_here)]
+            continue
         head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
         lines += ["", f"## {section}", "", head]
         shown = SHOW.get(number(section), ("req/s", "CPU"))
@@ -430,6 +516,48 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
     for endpoint, rows in profiled.items():
         lines += ["", f"`{endpoint}`", "", "```", *rows, "```"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def price_list(figures: list[Figure]) -> list[str]:
+    """Section 10 as a table: a row a guarantee, its figures of each endpoint side by side."""
+    rows: dict[str, dict[str, Figure]] = {}
+    for fig in figures:
+        e, guarantee = fig.name.split(": ", 1)
+        rows.setdefault(guarantee, {})[e] = fig
+    loads = [x for f in figures for x in f.load] or [(0.0, 0.0)]
+    lines = [f"What each guarantee costs a request: the CPU ms a request of the server "
+             f"processes (granian's main and workers) with it and without, {AT} connections; "
+             f"the price, the median of each round's difference (with - without; min..max); "
+             f"req/s with / without. Each variant is a factory of `priced.py` (the service's "
+             f"factories given arguments) against `full`, the service composed the same way, "
+             f"in the same interleaved rounds; every server has API keys and every request "
+             f"sends one. Stated figures: no goals. Load "
+             f"{min(b for b, _ in loads):.1f}..{max(a for _, a in loads):.1f}.",
+             "", "| guarantee | " + " | ".join(f"{e}: with | without | price | req/s ratio"
+                                                for e in PRICED) + " | notes |",
+             "|---|" + "---|---|---|---|" * len(PRICED) + "---|"]  # fmt: skip
+    for guarantee, by in rows.items():
+        cells, notes = [], list(dict.fromkeys(f.note for f in by.values() if f.note))
+        for e in PRICED:
+            f = by.get(e)
+            if f is None:
+                cells += ["—"] * 4
+                continue
+            spread = f" ({min(f.rounds):+.2f}..{max(f.rounds):+.2f})" if len(f.rounds) > 1 else ""
+            price = f"{f.median:+.2f}{spread}"
+            if "with server CPU ms/req" not in f.detail:  # priced by construction
+                cells += ["—", "—", "0", "—"]
+                continue
+            cells += [f"{f.part(f'{k} server CPU ms/req'):.2f}" for k in ("with", "without")]
+            cells += [price, f"{f.part('req/s with / without'):.2f}"]
+            if guarantee in (IDEMPOTENT, JOURNAL):  # their work is the database's
+                db = "/".join(f"{f.part(f'{k} db CPU ms/req'):.2f}" for k in ("with", "without"))
+                notes.append(f"{e} db CPU ms/req with/without {db}")
+            errors = [max(f.detail.get(f"{k} errors", [0])) for k in ("with", "without")]
+            if any(errors):
+                notes.append(f"{e} errors with/without {errors[0]:.0f}/{errors[1]:.0f}")
+        lines.append(f"| {guarantee} | {' | '.join(cells)} | {'; '.join(notes)} |")
+    return lines
 
 
 def charts(figures: list[Figure]) -> None:
@@ -481,7 +609,8 @@ def main() -> int:
         stack = Stack(Path(tmp))
         try:
             bench = Bench(stack)
-            for section in (anchor, cost, growth, fan_out, email, durability, peers, memory):
+            sections = (anchor, cost, growth, fan_out, email, durability, prices, peers, memory)
+            for section in sections:
                 try:
                     figures += section(bench)
                 except Exception as exc:  # the others still run, and all are written
