@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,13 +60,22 @@ def _load(got: dict[str, Any], groups: dict[str, int], cpu0: dict[str, float]) -
     )
 
 
-_LUA = """local reqs, formatted, i = {%s}, {}, 0
+_LUA = """local reqs, headers, unique, formatted, i, n = {%s}, {%s}, %s, {}, 0, 0
 function init(args)
   for k, r in ipairs(reqs) do
-    formatted[k] = wrk.format(r[1], r[2], r[3] and {["Content-Type"] = "application/json"}, r[3])
+    local h = {}
+    for name, value in pairs(headers) do h[name] = value end
+    if r[3] then h["Content-Type"] = "application/json" end
+    formatted[k] = unique and h or wrk.format(r[1], r[2], h, r[3])
   end
 end
-function request() i = i %% #formatted + 1; return formatted[i] end
+function request()
+  i = i %% #reqs + 1
+  if not unique then return formatted[i] end
+  n = n + 1
+  formatted[i][unique[1]] = unique[2] .. n
+  return wrk.format(reqs[i][1], reqs[i][2], formatted[i], reqs[i][3])
+end
 function done(s, lat, _)
   local e = s.errors
   print(s.requests, s.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
@@ -75,33 +85,59 @@ end
 KEYS = ("requests", "seconds", "errors", "p50", "p99")  # what wrk's done() prints
 
 
-def http_load(url: str, reqs: list[Request], conns: int, secs: float, cpu: dict[str, int]) -> Load:
+def http_load(
+    url: str,
+    reqs: list[Request],
+    conns: int,
+    secs: float,
+    cpu: dict[str, int],
+    headers: Mapping[str, str] | None = None,
+    unique: str | None = None,
+) -> Load:
     """`reqs` in turn from `conns` connections for `secs`, and the CPU per request of
-    the `cpu` process groups (name: pid) meanwhile: wrk, else this file."""
+    the `cpu` process groups (name: pid) meanwhile: wrk, else this file. Every request
+    carries `headers` (an Authorization) and, when named, a header `unique` whose value
+    no other request of any load has (an Idempotency-Key)."""
+    headers = dict(headers or {})
+    # A prefix of this load's own, then a request's number within it.
+    distinct = (unique, f"bench-{os.urandom(8).hex()}-") if unique else None
     if shutil.which("wrk"):
         # A JSON string of ASCII text is a Lua string literal too.
         rows = ["{" + ",".join(json.dumps(x.decode() if isinstance(x, bytes) else x)
                                for x in r if x) + "}" for r in reqs]  # fmt: skip
+        fields = [f"[{json.dumps(k)}]={json.dumps(v)}" for k, v in headers.items()]
+        named = "{" + ",".join(map(json.dumps, distinct)) + "}" if distinct else "nil"
         with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
-            lua.write(_LUA % ",".join(rows))
+            lua.write(_LUA % (",".join(rows), ",".join(fields), named))
             lua.flush()
             argv = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "30s", "-s", lua.name]
             cpu0 = cpu_seconds(cpu)
             out = subprocess.run([*argv, url], capture_output=True, text=True, check=True).stdout
         load = _load(dict(zip(KEYS, map(float, out.split()[-5:]), strict=True)), cpu, cpu0)
     else:
-        load = generate("http", url, reqs, conns, secs, cpu)
+        load = generate("http", url, reqs, conns, secs, cpu, headers=headers, unique=distinct)
     # The requests still in flight when the load stops, done before the next run.
     time.sleep(min(conns / max(load.rate, 1), 5))
     return load
 
 
 def generate(
-    kind: str, url: str, reqs: list[Any], conns: int, secs: float, cpu: dict[str, int]
+    kind: str,
+    url: str,
+    reqs: list[Any],
+    conns: int,
+    secs: float,
+    cpu: dict[str, int],
+    *,
+    headers: dict[str, str] | None = None,
+    unique: tuple[str, str] | None = None,
 ) -> Load:
-    """This file as the load: HTTP `reqs` to `url`, or ("mongo") `Commands` replayed with
-    raw pymongo against the database `url`, whose own CPU a request is "client"."""
-    spec = {"kind": kind, "url": url, "reqs": reqs, "conns": conns, "seconds": secs}
+    """This file as the load: HTTP `reqs` to `url`, each with `headers` and, if given,
+    `unique`'s header set to its prefix and the request's number; or ("mongo")
+    `Commands` replayed with raw pymongo against the database `url`, whose own CPU a
+    request is "client"."""
+    spec = {"kind": kind, "url": url, "reqs": reqs, "conns": conns, "seconds": secs,
+            "headers": headers or {}, "unique": unique}  # fmt: skip
     argv = [sys.executable, __file__]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as p:
         assert p.stdin is not None and p.stdout is not None
@@ -113,11 +149,14 @@ def generate(
         return _load(json.loads(p.stdout.readline()), cpu, cpu0)
 
 
-def _http(url: str) -> Callable[[Any], bool]:
+def _http(url: str, given: dict[str, str], unique: list[str] | None) -> Callable[[Any], bool]:
     """The fallback's request: a connection each, the least code that works without wrk."""
+    numbers = itertools.count(1)
 
     def send(req: list[Any]) -> bool:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **given}
+        if unique is not None:
+            headers[unique[0]] = f"{unique[1]}{next(numbers)}"
         request = urllib.request.Request(url + req[1], req[2], headers, method=req[0])
         try:
             with urllib.request.urlopen(request, timeout=30):
@@ -151,7 +190,7 @@ def _mongo(client: Any) -> Callable[[Any], bool]:
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "http":
-        op = _http(spec["url"])
+        op = _http(spec["url"], spec["headers"], spec["unique"])
     else:
         from pymongo import MongoClient
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -57,7 +58,7 @@ WHY = {
 }
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
-        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s",), "8": ("RSS",),
+        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
         "9": ("req/s", "server CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
@@ -70,8 +71,29 @@ ARRAY = {
     "G": "SecantusDB loads the whole user document to project the counts and a page",
     "P": "SecantusDB rewrites the whole user document (in Python) for each write",
 }
+# The endpoints of the price list (section 10) and of durability's price (section 7).
+PRICED = ("GET /count", "POST /create")
+# Section 10: each guarantee's price, the service (priced.py's `full`) against the
+# variant without it. A row: "{endpoint}: {guarantee}".
+S10 = "10. Price list"
+GUARANTEES = {
+    "the slow-client front (without: the same app under granian's WSGI)": "plain_wsgi",
+    "auth, an API key checked (without: still sent, not checked)": "no_auth",
+    "request ids and the access log": "no_request_log",
+    "metrics": "no_metrics",
+    "the per-request database deadline": "no_deadline",
+    "strict parsing": "no_strict_parsing",
+}
+IDEMPOTENT = "an Idempotency-Key, a distinct one a request (without: none sent)"
+STORED = "stored counts"
+JOURNAL = "journaled writes (without: w=1,journal=false; section 7's runs)"
 Side = tuple[str, Callable[[], Load]]
 Duel = tuple[Figure, list[Side]]
+
+
+def number(section: str) -> str:
+    """A section's number: "10" of "10. Price list"."""
+    return section.split(".")[0]
 
 
 def progress(line: str) -> None:
@@ -101,13 +123,15 @@ def play(duels: list[Duel], every: Callable[[Figure], bool] = lambda f: True) ->
         for fig, sides in (d for d in duels if rnd == 0 or every(d[0])):
             value = fig.add(partial(versus, fig, rnd, sides))
             rates = " vs ".join(f"{fig.detail[f'{name} req/s'][-1]:.0f}" for name, _ in sides)
-            progress(f"{rnd + 1}/{ROUNDS} §{fig.section[0]} {fig.name}: {value:.2f} ({rates}/s)")
+            at = f"{rnd + 1}/{ROUNDS} §{number(fig.section)}"
+            progress(f"{at} {fig.name}: {value:.2f} ({rates}/s)")
     return [fig for fig, _ in duels]
 
 
 class Bench:
     def __init__(self, stack: Stack) -> None:
         self.stack, self.cursors = stack, dict[tuple[str, str, int], int]()
+        self.journal = dict[str, Figure]()  # section 7's figure of each endpoint
         self.main = {role: Users(10 + role, USERS, 10) for role in set(ROLE.values())}
         sizes = enumerate(SIZES.items())
         self.sized = {(size, role): Users(20 + 10 * i + role, count, size)
@@ -131,16 +155,21 @@ class Bench:
         self.cursors[key] = end = self.cursors.get(key, 0) + count
         return [users.pick(n) for n in range(end - count, end)]
 
-    def http(self, server: Server, endpoint: str, users: Users, conns: int = AT) -> Load:
+    def http(
+        self, server: Server, endpoint: str, users: Users, conns: int = AT, **sent: Any
+    ) -> Load:
+        """`sent`: http_load's `headers` and `unique`."""
         reqs = [ENDPOINTS[endpoint](*p) for p in self.picks(server.url, endpoint, users)]
-        return http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid))
+        return http_load(server.url, reqs, conns, SECONDS, self.cpu(server.pid), **sent)
 
     def raw(self, endpoint: str, users: Users, conns: int) -> Load:
         reqs = [self.replays[endpoint](*p) for p in self.picks(self.svc.url, endpoint, users)]
         return generate("mongo", self.stack.db_uri, reqs, conns, SECONDS, self.cpu(self.svc.pid))
 
-    def side(self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT) -> Side:
-        return name, partial(self.http, server, endpoint, users, conns)
+    def side(
+        self, name: str, server: Server, endpoint: str, users: Users, conns: int = AT, **sent: Any
+    ) -> Side:
+        return name, partial(self.http, server, endpoint, users, conns, **sent)
 
 
 def anchor(bench: Bench) -> list[Figure]:
@@ -293,12 +322,83 @@ def fan_out(bench: Bench) -> list[Figure]:
 
 def durability(bench: Bench) -> list[Figure]:
     loose = bench.stack.service("unjournaled", DB_URI=f"{bench.stack.db_uri}&w=1&journal=false")
-    users = bench.main[ROLE["POST /create"]]
-    fig = ratio("7. Durability's price", f"POST /create, {AT} conns: w=1,journal=false / default")
-    fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the client asks"
-    figs = play([(fig, [bench.side("w=1", loose, "POST /create", users),
-                        bench.side("journaled", bench.svc, "POST /create", users)])])  # fmt: skip
+    duels: list[Duel] = []
+    for e in PRICED:
+        fig = ratio("7. Durability's price", f"{e}, {AT} conns: w=1,journal=false / default")
+        fig.note = "make run's database fsyncs every commit (--sync-on-commit) whatever the "
+        fig.note += "client asks" if e.startswith("POST") else "client asks; a read writes nothing"
+        users = bench.main[ROLE[e]]
+        duels.append((fig, [bench.side("w=1", loose, e, users),
+                            bench.side("journaled", bench.svc, e, users)]))  # fmt: skip
+    figs = play(duels)
     loose.child.stop()
+    bench.journal = dict(zip(PRICED, figs, strict=True))
+    return figs
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def prices(bench: Bench) -> list[Figure]:
+    """What each guarantee costs a request: priced.py's `full` (the service) against its
+    variant without it, all started at once and stopped after. Every server has API
+    keys and every request sends one, so that auth's price is that of a real check."""
+    key = f"bench-{os.urandom(16).hex()}"
+    auth = {"Authorization": f"Bearer {key}"}
+    progress(f"starting the price list's {1 + len(GUARANTEES)} servers")
+    servers = bench.stack.priced(["full", *GUARANTEES.values()], API_KEYS=key)
+    try:
+        users = {e: bench.main[ROLE[e]] for e in PRICED}
+        warm = [ENDPOINTS[e](*users[e].pick(n)) for e in PRICED for n in range(AT)]
+        for variant, server in servers.items():  # each worker's clients, first requests
+            load = http_load(server.url, warm, AT, SECONDS / 2, {}, auth)
+            if load.errors:
+                raise RuntimeError(f"priced:{variant}: {load.errors} of {load.requests} not 2xx")
+        full, duels = servers["full"], list[Duel]()
+        if _status(f"{full.url}{warm[0][1]}") != 401:  # without a key: refused, so checked
+            raise RuntimeError("priced:full answers without an API key")
+        for (guarantee, variant), e in ((g, e) for g in GUARANTEES.items() for e in PRICED):
+            duels.append((Figure(S10, f"{e}: {guarantee}", "CPU ms/req"),
+                          [bench.side("with", full, e, users[e], headers=auth),
+                           bench.side("without", servers[variant], e, users[e],
+                                      headers=auth)]))  # fmt: skip
+        e = "POST /create"
+        duels.append((Figure(S10, f"{e}: {IDEMPOTENT}", "CPU ms/req"),
+                      [bench.side("with", full, e, users[e], headers=auth,
+                                  unique="Idempotency-Key"),
+                       bench.side("without", full, e, users[e], headers=auth)]))  # fmt: skip
+        figs = play(duels)
+    finally:
+        for server in servers.values():  # all asked at once, then each waited for
+            server.child.process.terminate()
+        for server in servers.values():
+            server.child.stop()
+    for fig in figs:  # a round's value: the price (with - without), its rates' ratio kept
+        with_, without = (fig.detail[f"{k} server CPU ms/req"] for k in ("with", "without"))
+        fig.detail["req/s with / without"] = fig.rounds
+        fig.rounds = [a - b for a, b in zip(with_, without, strict=True)]
+    for e in PRICED:
+        figs.append(Figure(S10, f"{e}: {STORED}", "CPU ms/req", rounds=[0.0],
+                           note="none since the counts are computed when read, as minimal.py "
+                           "does: 0 by construction; the database's CPU a request, service "
+                           "beside minimal.py, is in section 0's db CPU rows"))  # fmt: skip
+        journaled = bench.journal.get(e)
+        if journaled is None or not journaled.rounds:
+            continue  # section 7 failed: no row
+        parts = {f"{k} {what} CPU ms/req": journaled.detail[f"{side} {what} CPU ms/req"]
+                 for k, side in (("with", "journaled"), ("without", "w=1"))
+                 for what in ("server", "db")}  # fmt: skip
+        with_, without = parts["with server CPU ms/req"], parts["without server CPU ms/req"]
+        figs.append(Figure(S10, f"{e}: {JOURNAL}", "CPU ms/req", load=journaled.load,
+                           rounds=[a - b for a, b in zip(with_, without, strict=True)],
+                           detail={**parts, "req/s with / without": [1 / r for r in
+                                                                     journaled.rounds]},
+                           note="no API keys (section 7's servers)"))  # fmt: skip
     return figs
 
 
@@ -364,7 +464,7 @@ def memory(bench: Bench) -> list[Figure]:
 
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
-              if f.section[0] in "02" and f.verdict == "missed"}  # fmt: skip
+              if number(f.section) in ("0", "2") and f.verdict == "missed"}  # fmt: skip
     picks = {e: bench.picks(bench.svc.url, e, bench.main[ROLE[e]], 10 if QUICK else 100)
              for e in ENDPOINTS if e in missed}  # fmt: skip
     return {e: bench.recorder.profile([ENDPOINTS[e](*p) for p in ps]) for e, ps in picks.items()}
@@ -392,11 +492,15 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
              f"- Python {platform.python_version()}, {', '.join(versions)}, {wrk}",
              f"- {RETIRED}", "",
              "Median of the rounds (min..max); load: the 1-minute load average around"]  # fmt: skip
-    for section in sorted({f.section for f in figures}, key=lambda s: int(s.split(".")[0])):
+    for section in sorted({f.section for f in figures}, key=lambda s: int(number(s))):
+        shown_here = [f for f in figures if f.section == section]
+        if section == S10:
+            lines += ["", f"## {section}", "", *price_list(shown_here)]
+            continue
         head = "| figure | median (min..max) | goal | | load | detail |\n|---|---|---|---|---|---|"
         lines += ["", f"## {section}", "", head]
-        shown = SHOW.get(section[0], ("req/s", "CPU"))
-        for f in (f for f in figures if f.section == section):
+        shown = SHOW.get(number(section), ("req/s", "CPU"))
+        for f in shown_here:
             spread = f" ({_fmt(min(f.rounds))}..{_fmt(max(f.rounds))})" if len(f.rounds) > 1 else ""
             value = f"{_fmt(f.median)} {f.unit}{spread}" if f.rounds else ""
             load = f"{f.load[0][0]:.1f} → {f.load[-1][1]:.1f}" if f.load else ""
@@ -414,6 +518,48 @@ def write(path: Path, figures: list[Figure], profiled: dict[str, list[str]]) -> 
     path.write_text("\n".join(lines) + "\n")
 
 
+def price_list(figures: list[Figure]) -> list[str]:
+    """Section 10 as a table: a row a guarantee, its figures of each endpoint side by side."""
+    rows: dict[str, dict[str, Figure]] = {}
+    for fig in figures:
+        e, guarantee = fig.name.split(": ", 1)
+        rows.setdefault(guarantee, {})[e] = fig
+    loads = [x for f in figures for x in f.load] or [(0.0, 0.0)]
+    lines = [f"What each guarantee costs a request: the CPU ms a request of the server "
+             f"processes (granian's main and workers) with it and without, {AT} connections; "
+             f"the price, the median of each round's difference (with - without; min..max); "
+             f"req/s with / without. Each variant is a factory of `priced.py` (the service's "
+             f"factories given arguments) against `full`, the service composed the same way, "
+             f"in the same interleaved rounds; every server has API keys and every request "
+             f"sends one. Stated figures: no goals. Load "
+             f"{min(b for b, _ in loads):.1f}..{max(a for _, a in loads):.1f}.",
+             "", "| guarantee | " + " | ".join(f"{e}: with | without | price | req/s ratio"
+                                                for e in PRICED) + " | notes |",
+             "|---|" + "---|---|---|---|" * len(PRICED) + "---|"]  # fmt: skip
+    for guarantee, by in rows.items():
+        cells, notes = [], list(dict.fromkeys(f.note for f in by.values() if f.note))
+        for e in PRICED:
+            f = by.get(e)
+            if f is None:
+                cells += ["—"] * 4
+                continue
+            spread = f" ({min(f.rounds):+.2f}..{max(f.rounds):+.2f})" if len(f.rounds) > 1 else ""
+            price = f"{f.median:+.2f}{spread}"
+            if "with server CPU ms/req" not in f.detail:  # priced by construction
+                cells += ["—", "—", "0", "—"]
+                continue
+            cells += [f"{f.part(f'{k} server CPU ms/req'):.2f}" for k in ("with", "without")]
+            cells += [price, f"{f.part('req/s with / without'):.2f}"]
+            if guarantee in (IDEMPOTENT, JOURNAL):  # their work is the database's
+                db = "/".join(f"{f.part(f'{k} db CPU ms/req'):.2f}" for k in ("with", "without"))
+                notes.append(f"{e} db CPU ms/req with/without {db}")
+            errors = [max(f.detail.get(f"{k} errors", [0])) for k in ("with", "without")]
+            if any(errors):
+                notes.append(f"{e} errors with/without {errors[0]:.0f}/{errors[1]:.0f}")
+        lines.append(f"| {guarantee} | {' | '.join(cells)} | {'; '.join(notes)} |")
+    return lines
+
+
 def charts(figures: list[Figure]) -> None:
     """Bar charts of figures' parts: a panel a (title, figure name with {e}, parts, endpoints)."""
     import matplotlib
@@ -422,8 +568,8 @@ def charts(figures: list[Figure]) -> None:
     import matplotlib.pyplot as plt
 
     named = {f.name: f for f in figures if f.rounds}
-    floor = next((f.median for f in figures if f.section[0] == "1" and f.name.startswith("floor")
-                  and f.rounds), 0)  # fmt: skip
+    floor = next((f.median for f in figures if number(f.section) == "1"
+                  and f.name.startswith("floor") and f.rounds), 0)  # fmt: skip
     panels = {
         "throughput": [(f"req/s, {c} connections", f"{{e}}, {c} conns: service / raw pymongo",
                         ["service req/s", "raw req/s"], tuple(ENDPOINTS)) for c in CONNS],
@@ -463,7 +609,8 @@ def main() -> int:
         stack = Stack(Path(tmp))
         try:
             bench = Bench(stack)
-            for section in (anchor, cost, growth, fan_out, email, durability, peers, memory):
+            sections = (anchor, cost, growth, fan_out, email, durability, prices, peers, memory)
+            for section in sections:
                 try:
                     figures += section(bench)
                 except Exception as exc:  # the others still run, and all are written

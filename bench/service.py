@@ -20,7 +20,7 @@ from harness import Commands, Request
 from pymongo import MongoClient, monitoring
 
 from notification_service import embedded
-from notification_service.__main__ import web_server_argv
+from notification_service.__main__ import prepare_web_server, web_server_argv
 from notification_service.config import Config
 from notification_service.server import create_app
 from notification_service.storage.ids import new_id
@@ -123,15 +123,38 @@ class Stack:
                 *(["--factory"] if ":create_" in target else []), target]  # fmt: skip
         return self._bench_app(name, argv, env)
 
+    def priced(self, variants: list[str], **env: str) -> dict[str, Server]:
+        """priced.py's factories, each under granian as `serve` starts the service (its
+        flags, its logging configuration, a metrics directory of its own), all started
+        before any is waited for. `plain_wsgi` under granian's WSGI interface, with the
+        same workers and as many blocking threads as the front has."""
+        started = []
+        for variant in variants:
+            port, run_dir = embedded.free_port(), self.run_dir / f"priced-{variant}"
+            config = Config.from_env({**self.env, **env, "PORT": str(port)}, dotenv=False)
+            env_of = {**self.env, **env}
+            argv = [*prepare_web_server(config, env_of, run_dir)[:-1], f"priced:{variant}"]
+            if variant == "plain_wsgi":
+                at = argv.index("--interface") + 1
+                argv[at : at + 1] = ["wsgi", "--blocking-threads", str(config.web_threads)]
+            started.append((variant, self._spawn(f"priced-{variant}", argv, env_of), port))
+        for _, child, port in started:
+            embedded.wait_for_port("127.0.0.1", port, child.process, 120)
+        return {v: Server(child, f"http://127.0.0.1:{port}") for v, child, port in started}
+
     def _bench_app(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
         """Run `argv` (its --port given) on bench/'s modules, with the service's env."""
         port = int(argv[argv.index("--port") + 1])
+        child = self._spawn(name, argv, env)
+        embedded.wait_for_port("127.0.0.1", port, child.process, 60)
+        return Server(child, f"http://127.0.0.1:{port}")
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None) -> embedded.Child:
         path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, **self.env, **(env or {}), "PYTHONPATH": path}
         child = embedded.spawn(name, argv, self.run_dir, env, cwd=self.run_dir)
         self.children.append(child)
-        embedded.wait_for_port("127.0.0.1", port, child.process, 60)
-        return Server(child, f"http://127.0.0.1:{port}")
+        return child
 
     def stop(self) -> None:
         for child in reversed(self.children):
