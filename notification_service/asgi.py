@@ -19,7 +19,6 @@ read, and the connection is then held here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -40,6 +39,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, whole body
+_HTTP1 = ("1.0", "1.1")  # where a request without Content-Length or Transfer-Encoding has no body
 
 
 class BufferedWsgi:
@@ -93,11 +94,7 @@ class BufferedWsgi:
         error: ApiError | None = None
         body = b""
         try:
-            body = await asyncio.wait_for(self._read_body(scope, receive), self.body_timeout)
-        except TimeoutError:
-            error = RequestTimeout(
-                f"The request body did not arrive within {self.body_timeout:g} seconds."
-            )
+            body = await self._read_body(scope, receive)
         except ApiError as exc:
             error = exc
         environ = wsgi_environ(scope, body)
@@ -120,19 +117,41 @@ class BufferedWsgi:
         await send({"type": "http.response.body", "body": chunks})
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The whole body.
+        """The whole body, within CLIENT_TIMEOUT_SECONDS.
 
         :raise PayloadTooLarge: past MAX_BODY_BYTES, announced or (chunked) received.
         :raise BadRequest: the body ended (or the client stopped sending) short of what its
             Content-Length or chunked framing promised. A client that closed only its
             sending side still reads the answer.
+        :raise RequestTimeout: the body did not arrive in time.
         """
-        declared = _content_length(scope)
+        declared, chunked = _framing(scope)
         if declared is not None and declared > self.max_body_bytes:
             raise _too_large(self.max_body_bytes)
+        first = None
+        if declared == 0 or (declared is None and not chunked and scope["http_version"] in _HTTP1):
+            # No body (most requests): its one empty message is already here, so no timer
+            # and no buffer. (Over HTTP/2 a body needs neither header: read it as any.)
+            first = await receive()
+            if first["type"] == "http.request" and not first.get("more_body", False):
+                body: bytes = first.get("body", b"")
+                if not body:
+                    return body
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_rest(first, receive, declared)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout:g} seconds."
+            ) from None
+
+    async def _read_rest(
+        self, first: Message | None, receive: Receive, declared: int | None
+    ) -> bytes:
+        """The body that begins with `first` (None: not received yet)."""
         buffer = bytearray()
+        message = first if first is not None else await receive()
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise _incomplete(len(buffer), declared)
             buffer += message.get("body", b"")
@@ -140,11 +159,12 @@ class BufferedWsgi:
                 raise _too_large(self.max_body_bytes)
             if not message.get("more_body", False):
                 break
+            message = await receive()
         if declared is not None and len(buffer) != declared:
             raise _incomplete(len(buffer), declared)
         return bytes(buffer)
 
-    def _run(self, environ: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _run(self, environ: dict[str, Any]) -> Answer:
         """Call the WSGI app in a pool thread; return its status, headers and whole body."""
         started: list[Any] = []
 
@@ -179,13 +199,23 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The body is larger than {limit} bytes (MAX_BODY_BYTES).")
 
 
-def _content_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The request's Content-Length (None without one), and whether it has a
+    Transfer-Encoding (chunked).
+
+    :raise BadRequest: a Content-Length that is not a number.
+    """
+    declared: int | None = None
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
-            with contextlib.suppress(ValueError):
-                return int(value)
-            raise BadRequest("Content-Length is not a number.", code="bad_request")
-    return None
+            try:
+                declared = int(value)
+            except ValueError:
+                raise BadRequest("Content-Length is not a number.", code="bad_request") from None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, chunked
 
 
 def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
