@@ -141,6 +141,14 @@ class Unavailable(ApiError):
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
 
 
+class TooManyFanOuts(Unavailable):
+    """This process runs as many fan-outs as it may (half its WEB_THREADS, at least one)."""
+
+    default_code = "too_many_fan_outs"
+    default_message = "This server runs as many fan-outs as it may at once; retry shortly."
+    retry_after_seconds: ClassVar[int] = 5
+
+
 class TooManyStreams(Unavailable):
     """This process holds STREAM_MAX_PER_PROCESS streams already; another may not."""
 
