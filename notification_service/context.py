@@ -7,8 +7,8 @@ none: `request_context` is None, and each reader has its default.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,7 @@ def request_id(given: str | None) -> str:
     letters, digits, `.`, `_`, `-`), else a new one."""
     if given is not None and _REQUEST_ID_RE.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def hold_stream(
