@@ -223,6 +223,7 @@ class BufferedWsgi:
             (b"content-length", str(len(body)).encode("latin-1")),
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()),
             (b"x-request-id", rid.encode("latin-1")),
+            (b"x-content-type-options", b"nosniff"),  # as on every answer of the app
         ]
         method, path = scope["method"], scope["path"]
         route = self.route_of(method, path) if self.route_of is not None else None

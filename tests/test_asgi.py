@@ -412,6 +412,7 @@ def test_a_request_no_thread_takes_by_its_deadline_is_answered_503_and_never_run
     }
     assert headers["Retry-After"] and headers["X-Request-ID"] == "queued-1"
     assert headers["Content-Type"] == "application/json"
+    assert headers["X-Content-Type-Options"] == "nosniff"
     assert fan_outs == [201]
     assert refused == 1  # the front's answer; the app never ran the create
     assert "notifications" not in doc
