@@ -1,8 +1,9 @@
-"""Typed errors the domain and the handlers raise; server.py turns them into the one JSON shape."""
+"""Typed errors the domain and the handlers raise, and the one JSON shape of their
+answers (`error_body`): server.py's error handlers and the front (asgi.py) both use it."""
 
 from __future__ import annotations
 
-from typing import ClassVar, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 
 class ErrorDetail(TypedDict):
@@ -140,6 +141,14 @@ class Unavailable(ApiError):
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
 
 
+class TooManyFanOuts(Unavailable):
+    """This process runs as many fan-outs as it may (half its WEB_THREADS, at least one)."""
+
+    default_code = "too_many_fan_outs"
+    default_message = "This server runs as many fan-outs as it may at once; retry shortly."
+    retry_after_seconds: ClassVar[int] = 5
+
+
 class TooManyStreams(Unavailable):
     """This process holds STREAM_MAX_PER_PROCESS streams already; another may not."""
 
@@ -167,3 +176,14 @@ class IdempotencyKeyInUse(ApiError):
         """`retry_after`: the seconds left on the key's lease (idempotency.retry_after);
         a retry after that takes over a request that was cut short."""
         super().__init__(headers={"Retry-After": str(retry_after)})
+
+
+def error_body(
+    code: str, message: str, details: list[ErrorDetail] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The body of every error answer: `{"success": false, "error": {"code", "message",
+    "details", ...extra}}`."""
+    return {
+        "success": False,
+        "error": {"code": code, "message": message, "details": details or [], **extra},
+    }

@@ -24,12 +24,14 @@ from .errors import (
     NotFound,
     NotificationNotFound,
     TokensNotConfigured,
+    TooManyFanOuts,
     TooManyStreams,
     UserDocumentInvalid,
     UserHasNoEmail,
     UserNotFound,
 )
 from .idempotency import request_ids
+from .runtime import Runtime
 from .schemas import (
     AssetPath,
     Counts,
@@ -98,6 +100,7 @@ _CREATE_LINKS = {
         UserDocumentInvalid,
         IdempotencyKeyReused,
         IdempotencyKeyInUse,
+        TooManyFanOuts,
     ),
     idempotency_scope="create",
     body_example={
@@ -111,18 +114,32 @@ def create(request: CreateRequest) -> CreateResult | Reply:
     """Record a notification and/or queue its email, as its key says.
 
     For one user (`user_id`), or for each of up to 1,000 `user_ids` (a fan-out: one
-    outcome per user, 201 if any was created, else 200).
+    outcome per user, 201 if any was created, else 200). A server process runs half as
+    many fan-outs at once as it has threads (at least one); past that, 503
+    `too_many_fan_outs` with `Retry-After`.
     """
     ids, repeat = request_ids()
     svc = services()
     if request.user_ids is None:
         return notifications.create_notification(svc, request, ids, repeat=repeat)
-    # Up to 1,000 users: a batch job's database budget, not a click's.
-    result = with_own_deadline(
-        svc.config.fan_out_timeout_seconds,
-        lambda: notifications.fan_out(svc, request, ids, repeat=repeat),
-    )
+    # Never wait for a slot: a fan-out waiting here would hold a thread all the same.
+    slots = _runtime().fan_outs
+    if not slots.acquire(blocking=False):
+        raise TooManyFanOuts()
+    try:
+        # Up to 1,000 users: a batch job's database budget, not a click's.
+        result = with_own_deadline(
+            svc.config.fan_out_timeout_seconds,
+            lambda: notifications.fan_out(svc, request, ids, repeat=repeat),
+        )
+    finally:
+        slots.release()
     return Reply(result, 201 if result["totals"]["created"] else 200)
+
+
+def _runtime() -> Runtime:
+    runtime: Runtime = current_app.extensions["notification_service"]
+    return runtime
 
 
 def _list_limit(config: Any) -> dict[str, Any]:

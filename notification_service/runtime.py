@@ -1,5 +1,5 @@
 """What one process holds, web or worker alike: its MongoDB client, the services, the
-clock and the outbox dispatcher threads. Knows nothing of Flask.
+clock, the outbox dispatcher threads and the fan-out slots. Knows nothing of Flask.
 
 Nothing is created at import: `build_runtime` makes the client, so that each process of
 a pre-forking server gets its own after the fork (pymongo's client is not fork-safe).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +29,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """What one process holds: its client, the services, its clock, its dispatcher threads."""
+    """What one process holds: its client, the services, its clock, its dispatcher
+    threads, and `fan_outs`: one slot per fan-out it may run at once (fan_out_limit)."""
 
     services: Services
     client: Any
     clock: Clock = SYSTEM_CLOCK
     dispatchers: DispatcherPool | None = None
     closed: bool = field(default=False)
+    fan_outs: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fan_outs = threading.BoundedSemaphore(fan_out_limit(self.config.web_threads))
 
     @property
     def config(self) -> Config:
@@ -59,6 +65,15 @@ class Runtime:
         if self.dispatchers is not None:
             self.dispatchers.stop()
         self.client.close()
+
+
+def fan_out_limit(web_threads: int) -> int:
+    """How many fan-outs a process runs at once: half its threads, at least one.
+
+    A fan-out holds its thread for up to ten times DB_TIMEOUT_MS; the other half stays
+    for the short requests, which a burst of fan-outs would otherwise queue behind.
+    """
+    return max(1, web_threads // 2)
 
 
 def build_runtime(

@@ -32,9 +32,10 @@ from .errors import (
     TokenNotAccepted,
     Unauthorized,
     Unavailable,
+    error_body,
 )
 from .runtime import Runtime, build_runtime
-from .storage.mongo_connector import DatabaseUnavailable, Document, deadline
+from .storage.mongo_connector import DatabaseUnavailable, deadline
 from .web import STRICT_PARSING
 
 log = logging.getLogger(__name__)
@@ -317,8 +318,7 @@ def _error(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> tuple[Response, int]:
-    error: Document = {"code": code, "message": message, "details": details or [], **extra}
-    response = jsonify({"success": False, "error": error})
+    response = jsonify(error_body(code, message, details, **extra))
     response.headers.update(headers or {})
     return response, status
 

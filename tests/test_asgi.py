@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from bson import ObjectId
 from conftest import MongoServer
+from pymongo import MongoClient
 
 from notification_service.embedded import Child, free_port, start_service
 
@@ -41,14 +42,26 @@ class Served:
             return received
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        status, _, answer = self.call(method, path, body)
+        return status, answer
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5,
+    ) -> tuple[int, http.client.HTTPMessage, Any]:
+        """The status, headers and JSON of one request on a connection of its own."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, path, body=data, headers=headers)
+            sent = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=data, headers={**sent, **(headers or {})})
             response = conn.getresponse()
             raw = response.read()
-            return response.status, json.loads(raw) if raw else None
+            return response.status, response.headers, json.loads(raw) if raw else None
         finally:
             conn.close()
 
@@ -313,3 +326,144 @@ def test_with_the_database_frozen_every_request_answers_within_db_timeout(
     finally:
         frozen.stop()
         server.child.stop()
+
+
+# --- the deadline holds for a request that waits for a thread -----------------------
+
+
+@pytest.fixture(scope="module")
+def failpoint_server() -> Iterator[MongoServer]:
+    server = MongoServer.start("--enable-test-commands")
+    yield server
+    server.stop()
+
+
+def insert_users(server: MongoServer, count: int) -> list[str]:
+    with MongoClient(server.uri("asgi_edge")) as direct:
+        users = direct["asgi_edge"].users
+        ids = users.insert_many([{"email": "user@example.com"} for _ in range(count)]).inserted_ids
+    return [str(oid) for oid in ids]
+
+
+def requests_counted(server: Served, method: str, route: str, status: int) -> float:
+    """notification_service_http_requests_total of one series, from GET /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    series = (
+        f'notification_service_http_requests_total{{method="{method}",route="{route}",'
+        f'status="{status}"}} '
+    )
+    return sum(float(line[len(series) :]) for line in text.splitlines() if line.startswith(series))
+
+
+def test_a_request_no_thread_takes_by_its_deadline_is_answered_503_and_never_run(
+    tmp_path: Path,
+) -> None:
+    # The one thread is held by a fan-out (its own budget: ten times DB_TIMEOUT_MS) on a
+    # frozen database; a create that waits behind it must not wait that long.
+    frozen = MongoServer.start()
+    server = start_served(frozen, tmp_path, WEB_THREADS="1", DB_TIMEOUT_MS="500")
+    fan_outs: list[int] = []
+    try:
+        held, queued = insert_users(frozen, 2)
+        assert server.request("GET", f"/count?user_id={queued}")[0] == 200  # connected
+        frozen.freeze()
+        fan_out = threading.Thread(
+            target=lambda: fan_outs.append(
+                server.call("POST", "/create", {"user_ids": [held], "key": "new_post"}, timeout=30)[
+                    0
+                ]
+            )
+        )
+        fan_out.start()
+        time.sleep(0.3)  # the fan-out has the thread
+        started = time.monotonic()
+        status, headers, answer = server.call(
+            "POST",
+            "/create",
+            {"user_id": queued, "key": "new_post"},
+            headers={"X-Request-ID": "queued-1"},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        frozen.thaw()
+        fan_out.join(30)
+        # Served after the fan-out, through the same one thread: a create still queued
+        # would have run (and been counted) before it.
+        refused = requests_counted(server, "POST", "/create", 503)
+        with MongoClient(frozen.uri("asgi_edge")) as direct:
+            doc = direct["asgi_edge"].users.find_one({"_id": ObjectId(queued)})
+    finally:
+        frozen.stop()
+        server.child.stop()
+    assert elapsed < 0.5 + 1.0, f"answered after {elapsed:.2f}s"
+    assert status == 503
+    assert answer == {
+        "success": False,
+        "error": {
+            "code": "database_unavailable",
+            "message": answer["error"]["message"],
+            "details": [],
+        },
+    }
+    assert headers["Retry-After"] and headers["X-Request-ID"] == "queued-1"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert fan_outs == [201]
+    assert refused == 1  # the front's answer; the app never ran the create
+    assert "notifications" not in doc
+
+
+def hold_updates(server: MongoServer, milliseconds: int) -> None:
+    """Every `update` command (a fan-out's bulk write) waits `milliseconds` first."""
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode="alwaysOn",
+            data={"failCommands": ["update"], "blockConnection": True, "blockTimeMS": milliseconds},
+        )
+
+
+def release_updates(server: MongoServer) -> None:
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+def test_fan_outs_cannot_take_every_thread(failpoint_server: MongoServer, tmp_path: Path) -> None:
+    # Four threads: at most two run fan-outs; the others are refused at once, and a
+    # badge's GET /count still finds a thread.
+    server = start_served(failpoint_server, tmp_path, WEB_THREADS="4", DB_TIMEOUT_MS="1000")
+    users = insert_users(failpoint_server, 3)
+    answers: list[tuple[int, http.client.HTTPMessage, Any]] = []
+
+    def fan_out() -> None:
+        body = {"user_ids": users, "key": "new_post"}
+        answers.append(server.call("POST", "/create", body, timeout=30))
+
+    try:
+        assert server.request("GET", f"/count?user_id={users[0]}")[0] == 200  # connected
+        hold_updates(failpoint_server, 2500)
+        threads = [threading.Thread(target=fan_out) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, _, counted = server.call("GET", f"/count?user_id={users[0]}", timeout=30)
+        elapsed = time.monotonic() - started
+        for thread in threads:
+            thread.join(30)
+    finally:
+        release_updates(failpoint_server)
+        server.child.stop()
+    assert status == 200, counted
+    assert elapsed < 1.0 + 1.0, f"answered after {elapsed:.2f}s"
+    assert sorted(status for status, _, _ in answers) == [201, 201, 503, 503, 503, 503]
+    for status, headers, answer in answers:
+        if status == 503:
+            assert answer["error"]["code"] == "too_many_fan_outs"
+            assert int(headers["Retry-After"]) > 0

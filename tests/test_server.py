@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -232,3 +233,49 @@ def test_pages_refuse_to_be_framed_by_both_headers(client: FlaskClient, path: st
     assert response.status_code == 200
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["X-Frame-Options"] == "DENY"
+
+
+# --- fan-outs take at most half of the threads ---------------------------------------
+
+
+def test_a_fan_out_past_the_cap_is_503_too_many_fan_outs_and_its_key_is_free_again(
+    failpoint_server: MongoServer, make_app: Callable[..., Flask]
+) -> None:
+    database = f"cap_{ObjectId()}"
+    # Two threads: one may run a fan-out, the other stays for everything else.
+    config = Config(db_uri=failpoint_server.uri(database), dispatcher_threads=0, web_threads=2)
+    app = make_app(config)
+    with MongoClient(failpoint_server.uri(database)) as direct:
+        users = [str(direct[database].users.insert_one({"email": "u@example.com"}).inserted_id)]
+    body = {"user_ids": users, "key": "new_post"}
+    assert app.test_client().get("/nope").status_code == 404  # warm: the app is built
+    with MongoClient(failpoint_server.uri("admin")) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 1},  # the first fan-out's bulk write is held
+            data={"failCommands": ["update"], "blockConnection": True, "blockTimeMS": 1500},
+        )
+    held: list[int] = []
+    first = threading.Thread(
+        target=lambda: held.append(app.test_client().post("/create", json=body).status_code)
+    )
+    try:
+        first.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        refused = app.test_client().post("/create", json=body, headers={"Idempotency-Key": "k1"})
+        elapsed = time.monotonic() - started
+        # One user at a time is not a fan-out: never refused for the cap.
+        single = app.test_client().post("/create", json={"user_id": users[0], "key": "new_post"})
+        first.join(10)
+    finally:
+        unblock(failpoint_server)
+    assert refused.status_code == 503, refused.get_json()
+    assert refused.get_json()["error"]["code"] == "too_many_fan_outs"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert elapsed < 0.5  # refused, not queued
+    assert single.status_code == 201 and held == [201]
+    # The slot is given back, and the refused key was released: its retry runs.
+    retried = app.test_client().post("/create", json=body, headers={"Idempotency-Key": "k1"})
+    assert retried.status_code == 201, retried.get_json()
