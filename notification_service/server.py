@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from . import logs, metrics, notification_handler, tokens
 from .api import TOKEN_EXPIRES_AT, TOKEN_USER, Endpoint
 from .config import Config, Secret
-from .context import request_context
+from .context import request_context, request_id
 from .errors import (
     ApiError,
     ErrorDetail,
@@ -40,7 +39,6 @@ from .web import STRICT_PARSING
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -110,8 +108,7 @@ def _begin(
         if edge is None:  # no front (a test client): the request starts here
             ctx.started = time.monotonic()
         if guarantees.request_log:
-            given = req.headers.get("X-Request-ID", "")
-            ctx.request_id = given if _REQUEST_ID_RE.fullmatch(given) else os.urandom(16).hex()
+            ctx.request_id = request_id(req.headers.get("X-Request-ID"))
         if edge is not None and edge.edge_error is not None:
             # asgi.py refused the request (too large, too slow, cut short).
             raise edge.edge_error
