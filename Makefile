@@ -60,9 +60,11 @@ screenshots: $(DEV_STAMP) chromium
 
 ## The slow runs `make test` leaves out (pytest marker `faults`), minutes: the database
 ## killed with SIGKILL under load, FAULT_ROUNDS times (default 4), and the other fault
-## scenarios; the contract run with its full count of generated requests.
+## scenarios; the contract run with its full count of generated requests; the inbox
+## model's long run.
 faults: $(DEV_STAMP)
-	$(BIN)/python -m pytest -m faults -s tests/test_faults.py tests/test_contract.py
+	$(BIN)/python -m pytest -m faults -s tests/test_faults.py tests/test_contract.py \
+	  tests/test_inbox_model.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
