@@ -58,9 +58,13 @@ screenshots: $(DEV_STAMP) chromium
 	SCREENSHOTS_DIR=docs REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_browser.py \
 	  -k "docs_renders or two_tabs"
 
-## The database killed with SIGKILL under load, FAULT_ROUNDS times (default 6): minutes.
+## The slow runs `make test` leaves out (pytest marker `faults`), minutes: the database
+## killed with SIGKILL under load, FAULT_ROUNDS times (default 4), and the other fault
+## scenarios; the contract run with its full count of generated requests; the inbox
+## model's long run.
 faults: $(DEV_STAMP)
-	$(BIN)/python -m pytest -m faults -s tests/test_faults.py
+	$(BIN)/python -m pytest -m faults -s tests/test_faults.py tests/test_contract.py \
+	  tests/test_inbox_model.py
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
