@@ -38,9 +38,12 @@ run: $(SERVE_STAMP)
 	$(BIN)/python -m notification_service serve
 
 ## The whole suite against real SecantusDB and SMTP servers the fixtures start, and the
-## pages in Debian's headless Chromium.
+## pages in Debian's headless Chromium. In TEST_WORKERS processes (pytest-xdist), each
+## with servers of its own; TEST_WORKERS=0: in this one. xdist's default distribution
+## only: schemathesis's items share one node id, which --dist loadfile runs once.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 ## Debian's chromium for tests/test_browser.py, installed with apt-get when missing (as
 ## root); where that cannot be done, those tests are skipped (REQUIRE_BROWSER=1: failed).
