@@ -78,7 +78,7 @@ def email_figures(
     # As `make run` runs its dispatchers: the defaults, and what serve sets for its sink.
     config = Config(db_uri=urlsplit(db_uri)._replace(path=f"/{name}").geturl(),
                     smtp_host="127.0.0.1", smtp_port=sink_port, smtp_security="none")  # fmt: skip
-    runtime = build_runtime(config)
+    runtime = build_runtime(config, dispatcher_threads=0)  # the pool below is measured
     svc, outbox, emails = runtime.services, runtime.services.outbox, records(count, config)
     # `make run`: each of its web workers runs its dispatcher threads, all on one outbox.
     batch, threads = config.dispatch_batch_size, config.web_workers * config.dispatcher_threads
