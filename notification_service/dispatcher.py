@@ -11,6 +11,14 @@ than what is left of the lease; a database that restarts sooner causes none: wha
 dispatcher could not record or give back meanwhile it does first when the database
 answers again (`_catch_up`).
 
+The database's work stays off the SMTP connection's path: while a batch is sent, the
+next one is claimed in the background (`_Prefetch`), and sends are recorded in the
+background every SENT_FLUSH / 2 emails, never more than SENT_FLUSH accepted and
+unrecorded at any time, all recorded when the batch ends. A batch claimed ahead is a
+claim like any other: its lease is renewed past half while it waits, and it is given
+back when the batch before it ends early (a stop, an outage, an error) or the
+dispatcher stops.
+
 Dispatchers also settle pending emails (outbox.py) whose request ended between its
 writes: past the request's write window, the email goes if its notification was stored
 and is dropped if not (`sweep_pending`).
@@ -27,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -40,9 +49,11 @@ from .storage.mongo_connector import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 SenderFactory = Callable[[], SmtpSender]
-# Successful sends are recorded with one update per this many emails (or per batch,
-# if smaller): a few database operations per batch instead of one per email. The cost
-# is the duplicate window: a crash re-sends at most this many accepted emails.
+# At most this many emails a thread sent are ever unrecorded: sends are recorded in the
+# background, one update per SENT_FLUSH / 2 (and at the end of a batch), and a send
+# waits for the write before it when there are this many. A few database operations per
+# batch instead of one per email; the cost is the duplicate window: a crash re-sends at
+# most this many accepted emails.
 SENT_FLUSH = 16
 # How often a dispatcher looks for pending emails left by requests that ended between
 # their writes, and how many it settles per look.
@@ -154,6 +165,54 @@ def is_outage(error: SendError) -> bool:
 
 
 @dataclass
+class _Claim:
+    """A batch this dispatcher holds: its token, the emails not tried yet (in due order),
+    and when its lease runs out (monotonic time)."""
+
+    token: str
+    pending: list[dict[str, Any]]
+    lease_end: float
+
+
+@dataclass
+class _Prefetch:
+    """The next batch, claimed on a helper thread while the current one is sent."""
+
+    token: str
+    lease_end: float  # taken before the claim's own `now`: never later than the stored lease
+    future: Future[list[dict[str, Any]]]
+    claim: _Claim | None = None  # once its answer has been taken (`Dispatcher._resolve`)
+    lost: bool = False  # the database did not answer it
+
+
+@dataclass
+class _Recording:
+    """Sends being recorded on a helper thread."""
+
+    ids: list[Any]
+    future: Future[None]
+
+
+def _in_background(name: str, work: Callable[[], Any]) -> Future[Any]:
+    """Run `work` on a thread of its own; its result or exception in the Future.
+
+    One short thread per database operation (a claim, a record of sends): a few per batch,
+    and nothing to shut down. Daemon, like the dispatchers: the client's timeout and the
+    lease bound how long one runs, and `run` waits for them before it returns.
+    """
+    future: Future[Any] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to the dispatcher's own thread
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
+
+
+@dataclass
 class Dispatcher:
     context: DispatchContext
     sender: SmtpSender
@@ -166,6 +225,11 @@ class Dispatcher:
     _indexed: bool = False
     _lease_end: float = 0.0  # monotonic time at which the current claim runs out
     _next_sweep: float = 0.0  # monotonic time of the next sweep of pending emails (0: now)
+    # The next batch, claimed while this one is sent, and the sends being recorded. Only
+    # the dispatcher's own thread reads or changes these and the lists below; the
+    # helper threads only run one database operation each and hand back its answer.
+    _prefetch: _Prefetch | None = None
+    _recording: _Recording | None = None
     # Left over from a database outage, done before the next claim (`_catch_up`):
     # emails the SMTP server accepted whose record could not be written...
     _unrecorded: list[Any] = field(default_factory=list)
@@ -174,91 +238,189 @@ class Dispatcher:
     _held: list[tuple[str, list[Any] | None]] = field(default_factory=list)
 
     def dispatch_once(self) -> int:
-        """Claim a batch of due emails and send them; return how many were attempted.
+        """Send a batch of due emails: the one claimed while the previous batch was sent,
+        or one claimed now; return how many were attempted.
 
-        An outage (the server down or refusing everyone) gives the rest of the batch
-        back at once, as does a stop request. Past half the lease, sends are recorded
-        and the claim on the rest is renewed, so that a slow batch is never taken over
-        (and sent again) while this dispatcher still works through it.
+        While a batch is sent, the next one is claimed in the background, and the
+        sends are recorded in the background (never more than SENT_FLUSH unrecorded);
+        all are recorded by the time this returns.
+        An outage (the server down or refusing everyone) gives the rest of the batch and
+        the next one back at once, as does a stop request. Past half the lease, sends
+        are recorded and the claims on the rest of this batch and on the next one are
+        renewed, so that a slow batch is never taken over (and sent again) while this
+        dispatcher still works through it or waits to.
 
         :raise DatabaseUnavailable: the database did not answer (the caller waits and retries).
         """
-        ctx, cfg = self.context, self.context.config
-        clock = ctx.clock
+        ctx = self.context
         if not self._indexed:
             ctx.outbox.ensure_indexes()
             self._indexed = True
-        self._catch_up()
-        token = f"{self.name}:{uuid.uuid4().hex[:8]}"
-        lease = cfg.dispatch_lease_seconds
-        claimed_at = clock.monotonic()
+        if self._unrecorded or self._held:
+            self._catch_up()  # an outage's leftovers first, even before a prefetched batch
+        claim = self._take_prefetched()
+        if claim is None or not claim.pending:
+            # None claimed ahead, or none was due when the batch before began: claim
+            # now (what became due since: backoffs the SMTP server's return released).
+            self._catch_up()
+            claim = self._claim()
+        if not claim.pending:
+            return 0
+        self._lease_end = claim.lease_end
+        if not self.stopping.is_set() and not (self._unrecorded or self._held):
+            # Even after a short batch: other dispatchers claiming at the same moment
+            # shorten it while more is due, and the claim that would follow it anyway
+            # is better made now, beside the sends, than after them.
+            self._start_prefetch()
+        attempted = 0
+        finished = False
+        sent: list[Any] = []
         try:
-            pending = ctx.outbox.claim_batch(token, ctx.clock.now(), lease, cfg.dispatch_batch_size)
+            while claim.pending:
+                if attempted and self.stopping.is_set():
+                    break
+                if not self.limiter.wait():
+                    break  # stopping: the rest of the batch is given back
+                self._keep_leases(claim, sent)
+                if not claim.pending:
+                    break
+                self._make_room(sent)
+                record = claim.pending.pop(0)
+                attempted += 1
+                if self._deliver(record, sent) == "outage":
+                    break
+                self._record_soon(sent)
+            finished = not claim.pending
+        finally:
+            self._settle(sent, claim, finished)
+        return attempted
+
+    def _claim(self) -> _Claim:
+        """Claim a batch now, on this thread."""
+        ctx, cfg = self.context, self.context.config
+        token = self._token()
+        lease_end = ctx.clock.monotonic() + cfg.dispatch_lease_seconds
+        try:
+            records = ctx.outbox.claim_batch(
+                token, ctx.clock.now(), cfg.dispatch_lease_seconds, cfg.dispatch_batch_size
+            )
         except DatabaseUnavailable:
             # The claim may have been stored with only its reply lost: those emails
             # would wait out the whole lease. Nothing of it was tried, so give back
             # whatever the token holds once the database answers.
             self._held.append((token, None))
             raise
-        self._lease_end = claimed_at + lease
-        ctx.events.batch_claimed(len(pending))
-        attempted = 0
-        sent: list[Any] = []
-        try:
-            while pending:
-                if attempted and self.stopping.is_set():
-                    break
-                if not self.limiter.wait():
-                    break  # stopping: the rest of the batch is given back
-                if self._lease_end - clock.monotonic() < lease / 2:
-                    self._flush_sent(sent, token)
-                    pending = self._renew(pending, token)
-                    if not pending:
-                        break
-                record = pending.pop(0)
-                attempted += 1
-                if self._deliver(record, sent) == "outage":
-                    break
-                if len(sent) >= SENT_FLUSH:
-                    self._flush_sent(sent, token)
-        finally:
-            self._settle(sent, pending, token)
-        return attempted
+        ctx.events.batch_claimed(len(records))
+        return _Claim(token, records, lease_end)
 
-    def _renew(self, pending: list[dict[str, Any]], token: str) -> list[dict[str, Any]]:
+    def _token(self) -> str:
+        return f"{self.name}:{uuid.uuid4().hex[:8]}"
+
+    def _start_prefetch(self) -> None:
+        """Claim the next batch on a helper thread. Its lease starts now: the batches
+        before it are renewed for as long as they take (`_keep_leases`)."""
+        ctx, cfg = self.context, self.context.config
+        token, now = self._token(), ctx.clock.now()
+        lease_end = ctx.clock.monotonic() + cfg.dispatch_lease_seconds
+
+        def claim() -> list[dict[str, Any]]:
+            return ctx.outbox.claim_batch(
+                token, now, cfg.dispatch_lease_seconds, cfg.dispatch_batch_size
+            )
+
+        self._prefetch = _Prefetch(token, lease_end, _in_background(f"{self.name}:claim", claim))
+
+    def _resolve(self, prefetch: _Prefetch) -> _Claim | None:
+        """The prefetched claim, once its answer is in (this waits for it); None when
+        the database did not answer it: as for a claim made here, whatever its token
+        holds is then given back by `_catch_up`."""
+        if prefetch.claim is None and not prefetch.lost:
+            try:
+                records = prefetch.future.result()
+            except DatabaseUnavailable:
+                prefetch.lost = True
+                self._held.append((prefetch.token, None))
+                return None
+            self.context.events.batch_claimed(len(records))
+            prefetch.claim = _Claim(prefetch.token, records, prefetch.lease_end)
+        return prefetch.claim
+
+    def _take_prefetched(self) -> _Claim | None:
+        prefetch, self._prefetch = self._prefetch, None
+        return None if prefetch is None else self._resolve(prefetch)
+
+    def _give_back_prefetch(self) -> None:
+        """Give back the next batch, if one was claimed (after a stop, an outage, an
+        error); what the database does not take now is kept for `_catch_up`."""
+        claim = self._take_prefetched()
+        if claim is not None and claim.pending:
+            self._give_back(claim)
+
+    def _give_back(self, claim: _Claim) -> None:
+        ids = [r["_id"] for r in claim.pending]
+        claim.pending = []
+        try:
+            self.context.outbox.release(ids, claim.token, self.context.clock.now())
+        except DatabaseUnavailable:
+            self._held.append((claim.token, ids))
+            log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
+
+    def _keep_leases(self, claim: _Claim, sent: list[Any]) -> None:
+        """Past half its lease, renew the claim on the rest of this batch (after
+        recording what was sent of it) and on the next batch once it has been claimed."""
+        clock, half = self.context.clock, self.context.config.dispatch_lease_seconds / 2
+        if claim.lease_end - clock.monotonic() < half:
+            self._flush_sent(sent)
+            self._renew(claim)
+            self._lease_end = claim.lease_end
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch.future.done():
+            following = self._resolve(prefetch)
+            if following is not None and following.lease_end - clock.monotonic() < half:
+                self._renew(following)
+
+    def _renew(self, claim: _Claim) -> None:
         """Extend the claim on the emails not yet sent; keep only those still held."""
+        if not claim.pending:
+            return
         ctx = self.context
         renewed_at = ctx.clock.monotonic()
         held = ctx.outbox.renew(
-            [r["_id"] for r in pending], token, ctx.clock.now(), ctx.config.dispatch_lease_seconds
+            [r["_id"] for r in claim.pending],
+            claim.token,
+            ctx.clock.now(),
+            ctx.config.dispatch_lease_seconds,
         )
-        self._lease_end = renewed_at + ctx.config.dispatch_lease_seconds
-        if len(held) < len(pending):
-            log.warning("dispatcher %s: %d claims ran out", self.name, len(pending) - len(held))
-        return [r for r in pending if r["_id"] in held]
+        claim.lease_end = renewed_at + ctx.config.dispatch_lease_seconds
+        if len(held) < len(claim.pending):
+            log.warning(
+                "dispatcher %s: %d claims ran out", self.name, len(claim.pending) - len(held)
+            )
+        claim.pending = [r for r in claim.pending if r["_id"] in held]
 
-    def _settle(self, sent: list[Any], pending: list[dict[str, Any]], token: str) -> None:
+    def _settle(self, sent: list[Any], claim: _Claim, finished: bool) -> None:
         """Record what was sent and give back what was not tried, even after an error;
-        what the database does not take now is kept for `_catch_up`."""
+        what the database does not take now is kept for `_catch_up`. A batch that ended
+        early (a stop, an outage, an error) gives back the batch claimed ahead too."""
         with contextlib.suppress(DatabaseUnavailable):  # kept for _catch_up, and logged
-            self._flush_sent(sent, token)
-        if pending:
-            ids = [r["_id"] for r in pending]
-            try:
-                self.context.outbox.release(ids, token, self.context.clock.now())
-            except DatabaseUnavailable:
-                self._held.append((token, ids))
-                log.warning("dispatcher %s: %d claims to give back later", self.name, len(ids))
+            self._flush_sent(sent)
+        if claim.pending:
+            self._give_back(claim)
+        if not finished:
+            self._give_back_prefetch()
 
     def _catch_up(self) -> None:
         """Finish what a database outage interrupted, before claiming anything more:
         record the sends it left unrecorded (or this very dispatcher, finding their
         lease run out, would send them again) and give back the claims it left held (or
-        their emails would wait for the lease to run out).
+        their emails would wait for the lease to run out). Sends being recorded in the
+        background are waited for first.
 
         :raise DatabaseUnavailable: the database still does not answer; nothing is forgotten.
         """
         ctx = self.context
+        with contextlib.suppress(DatabaseUnavailable):  # its ids are in _unrecorded now
+            self._wait_for_recording()
         if self._unrecorded:
             ids = list(self._unrecorded)
             ctx.outbox.mark_sent(ids, ctx.clock.now())
@@ -271,9 +433,64 @@ class Dispatcher:
             ctx.outbox.release(held, token, ctx.clock.now())
             self._held.pop(0)
 
-    def _flush_sent(self, sent: list[Any], token: str) -> None:
-        """Record the sends in `sent` with one write; on DatabaseUnavailable (after retrying
-        while the lease lasts) they are kept for `_catch_up`, never forgotten."""
+    def _unrecorded_count(self, sent: list[Any]) -> int:
+        return len(sent) + (len(self._recording.ids) if self._recording is not None else 0)
+
+    def _make_room(self, sent: list[Any]) -> None:
+        """Before a send: with SENT_FLUSH accepted and unrecorded, wait for their record."""
+        if self._unrecorded_count(sent) >= SENT_FLUSH:
+            self._wait_for_recording()
+            if len(sent) >= SENT_FLUSH:
+                self._flush_sent(sent)
+
+    def _record_soon(self, sent: list[Any]) -> None:
+        """After a send: start recording the sends once SENT_FLUSH / 2 wait, unless the
+        previous record is still being written."""
+        if self._recording is not None and self._recording.future.done():
+            self._wait_for_recording()
+        if self._recording is None and len(sent) >= max(1, SENT_FLUSH // 2):
+            self._record_in_background(sent)
+
+    def _record_in_background(self, sent: list[Any]) -> None:
+        """Record the sends in `sent` on a helper thread, after the previous record."""
+        self._wait_for_recording()
+        if not sent:
+            return
+        ids, now, lease_end = list(sent), self.context.clock.now(), self._lease_end
+        sent.clear()
+
+        def record() -> None:
+            self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now), lease_end)
+
+        self._recording = _Recording(ids, _in_background(f"{self.name}:record", record))
+
+    def _wait_for_recording(self) -> None:
+        """Wait for the sends being recorded in the background; if the database did not
+        take them (after retrying while the lease lasts) they are kept for `_catch_up`.
+
+        :raise DatabaseUnavailable: that record failed.
+        """
+        recording, self._recording = self._recording, None
+        if recording is None:
+            return
+        try:
+            recording.future.result()
+        except DatabaseUnavailable:
+            self._not_recorded(recording.ids)
+            raise
+
+    def _flush_sent(self, sent: list[Any]) -> None:
+        """Record the sends in `sent` (after those being recorded in the background) with
+        one write; on DatabaseUnavailable (after retrying while the lease lasts) they are
+        kept for `_catch_up`, never forgotten."""
+        try:
+            self._wait_for_recording()
+        except DatabaseUnavailable:
+            # That write has just waited out the database: keep these too, unwritten.
+            if sent:
+                self._not_recorded(list(sent))
+                sent.clear()
+            raise
         if not sent:
             return
         ids, now = list(sent), self.context.clock.now()
@@ -281,15 +498,18 @@ class Dispatcher:
         try:
             self._store(f"{len(ids)} sent email(s)", lambda: self._record_sent(ids, now))
         except DatabaseUnavailable:
-            self._unrecorded.extend(ids)
-            log.error(
-                "dispatcher %s: %d sent emails not recorded yet; recording them when the "
-                "database answers (another dispatcher may send them again if their lease "
-                "runs out first)",
-                self.name,
-                len(self._unrecorded),
-            )
+            self._not_recorded(ids)
             raise
+
+    def _not_recorded(self, ids: list[Any]) -> None:
+        self._unrecorded.extend(ids)
+        log.error(
+            "dispatcher %s: %d sent emails not recorded yet; recording them when the "
+            "database answers (another dispatcher may send them again if their lease "
+            "runs out first)",
+            self.name,
+            len(self._unrecorded),
+        )
 
     def _record_sent(self, ids: list[Any], now: datetime) -> bool:
         recorded = self.context.outbox.mark_sent(ids, now)
@@ -378,17 +598,23 @@ class Dispatcher:
                     clock.wait(self.stopping, cfg.dispatch_poll_seconds * 4)
                 self.wake.clear()
         finally:
-            try:
-                self._catch_up()
-            except DatabaseUnavailable:
-                log.error(
-                    "dispatcher %s: stopped with %d sends unrecorded (they will be sent "
-                    "again after their lease) and %d claims left to run out",
-                    self.name,
-                    len(self._unrecorded),
-                    len(self._held),
-                )
-            self.sender.close()
+            self.close()
+
+    def close(self) -> None:
+        """Give back the batch claimed ahead, record what was sent, close the connection
+        (the end of `run`; for a dispatcher driven by `dispatch_once`, call it after)."""
+        try:
+            self._give_back_prefetch()
+            self._catch_up()
+        except DatabaseUnavailable:
+            log.error(
+                "dispatcher %s: stopped with %d sends unrecorded (they will be sent "
+                "again after their lease) and %d claims left to run out",
+                self.name,
+                len(self._unrecorded),
+                len(self._held),
+            )
+        self.sender.close()
 
     def _idle_seconds(self) -> float:
         # Poll at least every DISPATCH_POLL_SECONDS (another process may enqueue), and
@@ -489,16 +715,18 @@ class Dispatcher:
             ),
         )
 
-    def _store(self, what: str, write: Callable[[], bool]) -> None:
+    def _store(self, what: str, write: Callable[[], bool], lease_end: float | None = None) -> None:
         """Run an outcome write (`write` returns False when the claim was lost first).
 
         The outcome must be stored even if the database blinks right now: an email the
         SMTP server accepted but whose record stays "sending" is sent again after the
         lease. So keep trying while the claim lasts (less a second), then give up (a
-        send is then kept for `_catch_up`).
+        send is then kept for `_catch_up`). `lease_end`: that claim's (monotonic time),
+        by default the current batch's.
         """
         clock = self.context.clock
-        deadline = max(self._lease_end - 1.0, clock.monotonic() + 1.0)
+        lease_end = self._lease_end if lease_end is None else lease_end
+        deadline = max(lease_end - 1.0, clock.monotonic() + 1.0)
         while True:
             try:
                 if not write():
