@@ -104,6 +104,14 @@ def mongo_server() -> Iterator[MongoServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_server() -> Iterator[MongoServer]:
+    """A server of this test's own, so freezing it cannot disturb other tests."""
+    server = MongoServer.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def mongo_admin(mongo_server: MongoServer) -> Iterator[MongoClient[dict[str, Any]]]:
     with MongoClient(mongo_server.uri("admin"), tz_aware=True) as client:

@@ -111,8 +111,12 @@ def open_inbox(context: Any, site: Server, query: str) -> Any:
     page.errors = []  # type: ignore[attr-defined]
     page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))
     page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.goto(f"http://127.0.0.1:{site.port}/inbox?{query}")
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Live')")
+    answer = page.goto(f"http://127.0.0.1:{site.port}/inbox?{query}")
+    # The page itself, or what came instead (it once was not there under heavy load).
+    assert answer is not None and answer.status == 200, answer and (answer.status, answer.text())
+    page.wait_for_function(
+        "() => (document.getElementById('status')?.textContent || '').startsWith('Live')"
+    )
     page.evaluate("() => { window.sameDocument = true; }")
     return page
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -450,14 +450,6 @@ def test_the_answer_stands_when_recording_it_fails_and_a_retry_takes_over_later(
     assert retry.get_json() == response.get_json() | {
         "data": {"seed": record["seed"], "takeover": True}
     }
-
-
-@pytest.fixture
-def own_server() -> Iterator[MongoServer]:
-    """A server of this test's own, so freezing it cannot disturb other tests."""
-    server = MongoServer.start()
-    yield server
-    server.stop()
 
 
 def test_a_claim_the_database_applies_after_its_503_frees_the_key_for_the_next_retry(

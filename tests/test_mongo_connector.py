@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -28,14 +28,6 @@ def test_database_name_comes_from_the_uri_path() -> None:
 
 
 # --- faults: bounded waits, 503 with Retry-After, recovery --------------------------
-
-
-@pytest.fixture
-def own_server() -> Iterator[MongoServer]:
-    """A server of this test's own, so freezing it cannot disturb other tests."""
-    server = MongoServer.start()
-    yield server
-    server.stop()
 
 
 def test_frozen_database_gives_503_within_the_timeout_then_recovers(
