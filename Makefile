@@ -79,7 +79,7 @@ fmt: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
 
 ## Every performance figure side by side, about 10 minutes: bench/RESULTS.md and the
-## charts bench/*.png. QUICK=1: about a minute, written to bench/quick/ (not recorded).
+## charts bench/*.png. QUICK=1: two to three minutes, written to bench/quick/ (not recorded).
 QUICK ?=
 bench: $(DEV_STAMP)
 	QUICK=$(QUICK) $(BIN)/python bench/run.py
