@@ -341,6 +341,11 @@ class Dispatcher:
                 prefetch.lost = True
                 self._held.append((prefetch.token, None))
                 return None
+            except Exception:
+                # Whatever the token may hold is given back once the database answers.
+                prefetch.lost = True
+                self._held.append((prefetch.token, None))
+                raise
             self.context.events.batch_claimed(len(records))
             prefetch.claim = _Claim(prefetch.token, records, prefetch.lease_end)
         return prefetch.claim
@@ -475,7 +480,7 @@ class Dispatcher:
             return
         try:
             recording.future.result()
-        except DatabaseUnavailable:
+        except Exception:  # an outage, or anything else: the sends are never forgotten
             self._not_recorded(recording.ids)
             raise
 

@@ -381,3 +381,31 @@ def test_a_caller_s_idempotency_key_never_reaches_the_log(
     assert response.status_code == 201
     assert "could not record the answer of idempotency key sha256:" in caplog.text
     assert "4711" not in caplog.text
+
+
+def test_a_write_conflict_inside_the_transaction_is_retried_not_a_503(
+    app: Flask, server: MongoServer, database: tuple[str, Any], user_id: str, mode: str
+) -> None:
+    # The server labels a write conflict TransientTransactionError: the driver runs the
+    # whole transaction again, if it is handed the driver's own error.
+    if mode != "replica set":
+        pytest.skip("transactions are a replica set's")
+    _, db = database
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command(
+            "configureFailPoint",
+            "failCommand",
+            mode={"times": 1},
+            data={
+                "failCommands": ["update"],
+                "errorCode": 112,  # WriteConflict
+                "errorLabels": ["TransientTransactionError"],
+            },
+        )
+    try:
+        response = login(app.test_client(), user_id)
+    finally:
+        heal(server)
+    assert response.status_code == 201, response.get_json()
+    notification_id = response.get_json()["data"]["notification_id"]
+    assert state(db, user_id) == ([notification_id], [("queued", notification_id)])

@@ -111,6 +111,8 @@ class InboxStore:
                 result = self.users.bulk_write(requests, ordered=False, session=session)
                 matched = result.matched_count
         except OperationFailure as exc:
+            if isinstance(exc, BulkWriteError) and exc.details.get("writeConcernErrors"):
+                raise  # what was written is not known to be durable: no 2xx (guarded: 503)
             errors: list[Document] = (
                 exc.details.get("writeErrors", [])
                 if isinstance(exc, BulkWriteError)

@@ -49,6 +49,16 @@ def guarded(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except PyMongoError as exc:
+            session = kwargs.get("session")
+            if (
+                session is not None
+                and getattr(session, "in_transaction", False)
+                and not (isinstance(exc, ConnectionFailure) or exc.timeout)
+            ):
+                # Inside a transaction the server's own refusal goes to with_transaction,
+                # whose labels tell it to run the transaction again (a write conflict);
+                # a database that does not answer ends it at once, as a 503.
+                raise
             if unavailable(exc):
                 log.warning("database unavailable in %s: %s", func.__qualname__, exc)
                 raise DatabaseUnavailable(str(exc)) from exc
