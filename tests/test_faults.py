@@ -723,6 +723,9 @@ def test_a_worker_killed_mid_batch_leaves_its_emails_to_the_next_after_the_lease
     os.kill(doomed.process.pid, signal.SIGKILL)
     doomed.process.wait()
     sent_before = len(smtp.messages)
+    # A write the worker sent just before it died (its sends recorded in the background)
+    # is still applied by the database: the snapshot waits for it to land.
+    time.sleep(1)
     # No other dispatcher runs yet: whatever is being sent is the dead worker's.
     held = [r["_id"] for r in db.email_outbox.find({"status": "sending"}, {"_id": 1})]
     rig.worker({**env, "DISPATCHER_THREADS": str(threads)})
