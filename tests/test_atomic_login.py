@@ -71,15 +71,16 @@ def user_id(database: tuple[str, Any]) -> str:
     return str(oid)
 
 
+def arm(server: MongoServer, mode: Any, data: dict[str, Any]) -> None:
+    """Set the server's `failCommand` fail point (until `heal`)."""
+    with MongoClient(server.uri("admin"), directConnection=True) as admin:
+        admin.admin.command("configureFailPoint", "failCommand", mode=mode, data=data)
+
+
 def fail(server: MongoServer, command: str, skip: int = 0) -> None:
     """Every `command` but the first `skip` loses its connection (until `heal`)."""
-    with MongoClient(server.uri("admin"), directConnection=True) as admin:
-        admin.admin.command(
-            "configureFailPoint",
-            "failCommand",
-            mode={"skip": skip} if skip else "alwaysOn",
-            data={"failCommands": [command], "closeConnection": True},
-        )
+    mode = {"skip": skip} if skip else "alwaysOn"
+    arm(server, mode, {"failCommands": [command], "closeConnection": True})
 
 
 def heal(server: MongoServer) -> None:
@@ -312,17 +313,15 @@ def test_a_fan_out_has_more_than_one_request_s_database_budget(
 def lose_commit_answer(server: MongoServer, labels: list[str], times: int = 1) -> None:
     """The next `times` commits are applied, but answer a write concern error carrying
     `labels`, as a commit whose reply was lost in a failover can (fail point)."""
-    with MongoClient(server.uri("admin"), directConnection=True) as admin:
-        admin.admin.command(
-            "configureFailPoint",
-            "failCommand",
-            mode={"times": times},
-            data={
-                "failCommands": ["commitTransaction"],
-                "writeConcernError": {"code": 100, "errmsg": "the commit's answer was lost"},
-                "errorLabels": labels,
-            },
-        )
+    arm(
+        server,
+        {"times": times},
+        {
+            "failCommands": ["commitTransaction"],
+            "writeConcernError": {"code": 100, "errmsg": "the commit's answer was lost"},
+            "errorLabels": labels,
+        },
+    )
 
 
 def test_a_commit_applied_then_retried_answers_201_and_writes_once(
@@ -391,17 +390,15 @@ def test_a_write_conflict_inside_the_transaction_is_retried_not_a_503(
     if mode != "replica set":
         pytest.skip("transactions are a replica set's")
     _, db = database
-    with MongoClient(server.uri("admin"), directConnection=True) as admin:
-        admin.admin.command(
-            "configureFailPoint",
-            "failCommand",
-            mode={"times": 1},
-            data={
-                "failCommands": ["update"],
-                "errorCode": 112,  # WriteConflict
-                "errorLabels": ["TransientTransactionError"],
-            },
-        )
+    arm(
+        server,
+        {"times": 1},
+        {
+            "failCommands": ["update"],
+            "errorCode": 112,  # WriteConflict
+            "errorLabels": ["TransientTransactionError"],
+        },
+    )
     try:
         response = login(app.test_client(), user_id)
     finally:
