@@ -203,3 +203,14 @@ def test_check_config_refuses_a_keys_file_whose_named_template_is_missing(
         TemplateError, match=r"alert\.subject\.txt is missing \(the template of key 'alert'\)"
     ):
         check_config(config)
+
+
+def test_a_template_failing_only_beside_an_unsubscribe_link_is_refused_at_start(
+    own_templates: Path,
+) -> None:
+    (own_templates / "alert.subject.txt").write_text("Alert")
+    (own_templates / "alert.txt").write_text("{% if unsubscribe_url %}{{ nope() }}{% endif %}")
+    (own_templates / "alert.html").write_text("<p>Alert</p>")
+    keys = KeyTable([KeySpec("alert", in_app=False, email="always", template="alert")])
+    with pytest.raises(TemplateError, match="'alert'"):
+        EmailTemplates(own_templates, keys)
