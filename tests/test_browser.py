@@ -329,7 +329,7 @@ def test_a_collapsed_thread_is_one_row_whose_count_grows_without_reload(
     assert len(set(made)) == 1  # one notification, kept
     row = page.query_selector(f"#list li[data-id='{made[0]}']")
     assert row is not None
-    assert row.query_selector(".count").text_content() == "×3"
+    assert row.query_selector(".count").text_content() == "\u00d73"  # ×3
     assert "3 new messages from Grace" in row.query_selector(".title").text_content()
     wait_badge(page, "1")  # one unread row, however many messages it holds
     assert page.evaluate("() => window.sameDocument") is True
@@ -349,7 +349,9 @@ def test_the_preferences_panel_saves_a_toggle_and_keeps_mandatory_ones_on(
     assert page.query_selector("#prefs input[data-key='new_post'][data-channel='email']") is None
 
     page.uncheck("#prefs input[data-key='new_post'][data-channel='in_app']")
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Saved')")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('Saved')"
+    )
     status, body, _ = site.call(
         "GET", f"/preferences?user_id={user}", headers={"Authorization": f"Bearer {KEY}"}
     )
