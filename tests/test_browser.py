@@ -329,7 +329,7 @@ def test_a_collapsed_thread_is_one_row_whose_count_grows_without_reload(
     assert len(set(made)) == 1  # one notification, kept
     row = page.query_selector(f"#list li[data-id='{made[0]}']")
     assert row is not None
-    assert row.query_selector(".count").text_content() == "\u00d73"  # ×3
+    assert row.query_selector(".count").text_content() == "\u00d73"  # times 3
     assert "3 new messages from Grace" in row.query_selector(".title").text_content()
     wait_badge(page, "1")  # one unread row, however many messages it holds
     assert page.evaluate("() => window.sameDocument") is True
