@@ -144,6 +144,8 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
             parameters[:0] = _parameters(endpoint, location, context, components)
         if endpoint.source == "body":
             operation["requestBody"] = _request_body(endpoint, config, components)
+    if endpoint.form is not None:
+        operation["requestBody"] = _form_body(endpoint.form, config, components)
     if endpoint.idempotency_scope is not None:
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
@@ -210,6 +212,16 @@ def _request_body(endpoint: Endpoint, config: Config, components: dict[str, Sche
         "a larger body is refused with 413 `payload_too_large`, whatever its fields.",
         "required": True,
         "content": {"application/json": media},
+    }
+
+
+def _form_body(form: type[BaseModel], config: Config, components: dict[str, Schema]) -> Any:
+    # Both encodings an HTML form and a mail provider's one-click POST use (RFC 8058 3.2).
+    media = {"schema": _model_schema(form, components)}
+    return {
+        "description": f"A form, at most {config.max_body_bytes} bytes as sent (MAX_BODY_BYTES).",
+        "required": True,
+        "content": {"application/x-www-form-urlencoded": media, "multipart/form-data": media},
     }
 
 
@@ -282,6 +294,8 @@ def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
     kinds: list[type[ApiError]] = list(endpoint.errors)
     if endpoint.source in ("body", "query_or_body"):
         kinds += _BODY_ERRORS
+    if endpoint.form is not None:  # no JSON to get wrong: a form's fields are validated
+        kinds += [PayloadTooLarge, RequestTimeout]
     if endpoint.model is not None or endpoint.idempotency_scope is not None:
         kinds.append(ValidationFailed)
     if endpoint.auth == "key_or_token":
