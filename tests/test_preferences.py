@@ -158,7 +158,9 @@ def test_turning_off_a_mandatory_key_is_422_naming_it_and_writes_nothing(
     assert body["details"] == [{"field": "keys.security", "problem": "is mandatory"}]
     assert stored(db, prefs_config, user_id) == before  # weekly was not written either
     # Turning a mandatory key "on" is what it is already: accepted, nothing stored.
-    kept_on = web.put("/preferences", json={"user_id": user_id, "keys": {"security": {"email": True}}})
+    kept_on = web.put(
+        "/preferences", json={"user_id": user_id, "keys": {"security": {"email": True}}}
+    )
     assert data(kept_on) == {"keys": ALL_ON}
 
 
@@ -215,9 +217,7 @@ def test_a_prefs_field_the_application_uses_otherwise_is_409(
     assert data(web.get(f"/preferences?user_id={user}")) == {"keys": ALL_ON}
 
 
-def test_the_api_key_or_the_users_own_token_opens_both(
-    guarded: FlaskClient, user_id: str
-) -> None:
+def test_the_api_key_or_the_users_own_token_opens_both(guarded: FlaskClient, user_id: str) -> None:
     own = bearer(tokens.mint(TOKEN_SECRET.encode(), user_id, int(time.time()) + 600))
     body = {"user_id": user_id, "keys": {"weekly": {"email": False}}}
     for auth in (bearer(API_KEY), own):
@@ -292,7 +292,10 @@ def test_a_get_shows_a_page_whose_button_posts_one_click_and_changes_nothing(
 def test_the_pages_carry_the_headers_of_the_services_other_pages(
     web: FlaskClient, user_id: str
 ) -> None:
-    for page in (web.get(link(user_id, "weekly")), web.post(link(user_id, "weekly"), data=ONE_CLICK)):
+    for page in (
+        web.get(link(user_id, "weekly")),
+        web.post(link(user_id, "weekly"), data=ONE_CLICK),
+    ):
         assert page.status_code == 200
         assert page.headers["X-Content-Type-Options"] == "nosniff"
         assert page.headers["X-Frame-Options"] == "DENY"
@@ -374,8 +377,11 @@ def test_a_json_body_is_no_one_click(web: FlaskClient, user_id: str) -> None:
 def test_a_repeated_field_is_422_and_other_fields_are_ignored(
     web: FlaskClient, user_id: str
 ) -> None:
-    twice = web.post(link(user_id, "weekly"), data="List-Unsubscribe=One-Click&List-Unsubscribe=One-Click",
-                     content_type="application/x-www-form-urlencoded")  # fmt: skip
+    twice = web.post(
+        link(user_id, "weekly"),
+        data="List-Unsubscribe=One-Click&List-Unsubscribe=One-Click",
+        content_type="application/x-www-form-urlencoded",
+    )
     assert error(twice, 422)["details"][0]["problem"] == "is given more than once"
     extra = web.post(link(user_id, "weekly"), data={**ONE_CLICK, "provider": "x", "n": ["1", "2"]})
     assert extra.status_code == 200
