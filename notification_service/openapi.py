@@ -44,9 +44,10 @@ Every answer is JSON: `{"success": true, "data": ...}`, or `{"success": false, "
 branch on. Every answer carries `X-Request-ID` (yours when you send a valid one), the id
 to quote when asking about a request.
 
-With `API_KEYS` set, every route except the probes, this documentation and the demo
-inbox page needs `Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox
-routes (list, count, read, read-all, delete, delete-all, stream) also take a user token
+With `API_KEYS` set, every route except the probes, this documentation, the demo
+inbox page and the unsubscribe links (whose token is their credential) needs
+`Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox routes (list,
+count, read, read-all, delete, delete-all, stream) and preferences also take a user token
 (`userToken`; minted by your backend or `POST /token`) in its place: it opens only the
 requests of its own `user_id` (403 `token_for_another_user` otherwise) until it expires
 (401 `token_expired`), and no other route (403 `token_not_accepted`). GET /stream also
