@@ -157,5 +157,10 @@ def _page(state: str, key: str) -> Response:
 
 @functools.cache
 def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(_PAGES), autoescape=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_PAGES),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("unsubscribe.html")

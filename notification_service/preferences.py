@@ -66,11 +66,8 @@ def view(keys: KeyTable, stored: Mapping[str, Mapping[str, bool]]) -> Preference
     shown: dict[str, KeyPreferences] = {}
     for spec in keys:
         own = stored.get(spec.name, {})
-        entry: KeyPreferences = {"mandatory": spec.mandatory}
-        for channel in spec.channels:
-            on = True if spec.mandatory else own.get(channel, True)
-            entry[channel] = on  # type: ignore[literal-required]  # one of in_app, email
-        shown[spec.name] = entry
+        channels = {c: True if spec.mandatory else own.get(c, True) for c in spec.channels}
+        shown[spec.name] = {**channels, "mandatory": spec.mandatory}  # type: ignore[typeddict-item]
     return {"keys": shown}
 
 

@@ -101,6 +101,10 @@ def test_get_lists_every_key_with_only_the_channels_it_uses(web: FlaskClient, us
     response = web.get(f"/preferences?user_id={user_id}")
     assert response.get_json() == {"success": True, "data": {"keys": ALL_ON}}
     assert list(data(response)["keys"]) == list(KEYS.names)  # the table's order
+    # Each key's channels first, as the issue writes them, then `mandatory`.
+    assert [list(entry) for entry in data(response)["keys"].values()] == [
+        list(entry) for entry in ALL_ON.values()
+    ]
 
 
 def test_put_is_partial_keeps_the_other_settings_and_answers_like_get(
