@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+import requests
 from bson import ObjectId
+from conftest import MongoServer
 from flask import Flask
 from flask.testing import FlaskClient
+from test_stream import a_user, serve
 from werkzeug.test import TestResponse
 
 from notification_service import tokens
@@ -461,6 +465,47 @@ def test_a_link_to_a_mandatory_key_cannot_turn_it_off(
     body = error(web.post(link(user_id, "security"), data=ONE_CLICK), 422)
     assert body["code"] == "mandatory_key"
     assert stored(db, prefs_config, user_id) == before
+
+
+def test_a_mail_providers_one_click_post_over_http_unsubscribes(
+    mongo_server: MongoServer, tmp_path: Path
+) -> None:
+    """Through granian and the front (asgi.py), as a mail provider sends it: multipart,
+    no key, no cookie, on a service that needs an API key for everything else."""
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text('[keys.weekly]\nin_app = false\nemail = "always"\n')
+    server = serve(
+        mongo_server,
+        tmp_path / "log",
+        API_KEYS=API_KEY,
+        KEYS_FILE=str(keys_file),
+        UNSUBSCRIBE_SECRET=SECRET,
+        PUBLIC_URL=PUBLIC_URL,
+    )
+    try:
+        user = a_user(mongo_server)
+        url = f"http://127.0.0.1:{server.port}{link(user, 'weekly')}"
+        page = requests.get(url, timeout=10)
+        assert page.status_code == 200 and page.headers["X-Frame-Options"] == "DENY"
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        status, body, _ = server.call("GET", f"/preferences?user_id={user}", headers=key)
+        assert status == 200 and body["data"]["keys"]["weekly"]["email"] is True  # unchanged
+        one_click = requests.post(
+            url, files={"List-Unsubscribe": (None, "One-Click")}, timeout=10
+        )  # multipart/form-data, as RFC 8058 section 3.2 recommends
+        assert one_click.status_code == 200, one_click.text
+        assert one_click.headers["Content-Type"].startswith("text/html")
+        status, body, _ = server.call("GET", f"/preferences?user_id={user}", headers=key)
+        assert status == 200 and body["data"]["keys"]["weekly"] == {
+            "email": False,
+            "mandatory": False,
+        }
+        forged_url = url.replace(".weekly.", ".weekly.A", 1)[:-1]  # the signature moved by one
+        forged = requests.post(forged_url, data=ONE_CLICK, timeout=10)
+        assert forged.status_code == 403
+        assert forged.json()["error"]["code"] == "invalid_unsubscribe_token"
+    finally:
+        server.stop()
 
 
 def test_the_routes_are_in_the_openapi_document(web: FlaskClient) -> None:
