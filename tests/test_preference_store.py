@@ -12,6 +12,7 @@ from conftest import DatabaseLink
 
 from notification_service.config import Config
 from notification_service.errors import UserDocumentInvalid, UserNotFound
+from notification_service.keys import KeySpec
 from notification_service.storage import preference_updates as prefs
 from notification_service.storage.mongo_connector import DatabaseUnavailable, connect, database
 from notification_service.storage.preference_store import PreferenceStore
@@ -150,6 +151,18 @@ def test_opted_out_reads_a_user_document_as_the_create_path_has_it(
     doc = db[config.users_collection].find_one({"_id": ObjectId(user_id)})
     assert store.opted_out(doc, "new_post") == {"in_app"}
     assert store.opted_out(doc, "new_message") == set()
+
+
+def test_skipped_is_the_keys_channels_the_user_turned_off_and_none_when_mandatory(
+    store: PreferenceStore,
+) -> None:
+    user = {"notifications_prefs": {"k": {"email": False, "in_app": False}}}
+    both = KeySpec("k", in_app=True, email="always")
+    assert store.skipped(user, both) == ["in_app", "email"]
+    assert store.skipped(user, KeySpec("k", in_app=True, email="never")) == ["in_app"]
+    assert store.skipped(user, KeySpec("k", in_app=False, email="always")) == ["email"]
+    assert store.skipped(user, KeySpec("k", in_app=True, email="always", mandatory=True)) == []
+    assert store.skipped({}, both) == []
 
 
 def test_the_in_app_condition_keeps_a_push_from_a_user_who_opted_out(

@@ -19,6 +19,7 @@ from pymongo.errors import OperationFailure
 
 from ..config import Config
 from ..errors import UserDocumentInvalid, UserNotFound
+from ..keys import KeySpec
 from . import preference_updates as prefs
 from .mongo_connector import Document, guarded
 from .updates import Layout
@@ -48,6 +49,14 @@ class PreferenceStore:
         from their document as the caller has it (it must not project `<field>_prefs`
         out). Mandatory keys are the caller's business: this reads what is stored."""
         return prefs.opted_out(self.layout, user_doc, key)
+
+    def skipped(self, user_doc: Mapping[str, Any], spec: KeySpec) -> list[str]:
+        """The channels of `spec` a create skips for this user, in the key's order: those
+        they turned off; none for a mandatory key (the create path's `skipped`)."""
+        if spec.mandatory:
+            return []
+        off = self.opted_out(user_doc, spec.name)
+        return [channel for channel in spec.channels if channel in off]
 
     def in_app_allowed(self, key: str) -> Document:
         """The condition a create's `$push` filter adds so that a user who turned
