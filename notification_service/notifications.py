@@ -392,6 +392,7 @@ def readiness(svc: Services) -> Readiness:
         "outbox": {
             "queued": backlog["queued"],
             "sending": backlog["sending"],
+            "scheduled": backlog["scheduled"],
             "oldest_due_seconds": None
             if oldest is None
             else round((now - oldest).total_seconds(), 3),

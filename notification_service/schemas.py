@@ -470,6 +470,7 @@ class InboxPage(TypedDict):
 class OutboxHealth(TypedDict):
     queued: int
     sending: int
+    scheduled: int  # digests waiting for their due time: not late, not counted as queued
     oldest_due_seconds: float | None  # how long the longest-waiting due email has waited
 
 
