@@ -65,7 +65,7 @@ def records(count: int, config: Config) -> list[dict[str, Any]]:
                             key="new_login", target_id=f"t{i}", data=data)  # fmt: skip
         out.append({"kind": "notification", "to": user["email"], "message_id": message_id(config),
                     "user_id": user["_id"], "notification_id": note["id"], "key": note["key"],
-                    **dataclasses.asdict(templates.render(note, user))})  # fmt: skip
+                    **dataclasses.asdict(templates.render(note["key"], [note], user))})  # fmt: skip
     return out
 
 

@@ -116,7 +116,7 @@ def _check_dependencies(config: Config) -> None:
 
     if config.db_uri:
         check_uri(config)
-    EmailTemplates(config.templates_dir)
+    EmailTemplates(config.templates_dir, config.keys)
 
 
 def web_server_argv(config: Config, log_config: Path | None = None) -> list[str]:

@@ -216,16 +216,24 @@ def _handler(endpoint: Endpoint, view: Callable[..., Any]) -> Callable[..., Resp
 
 def _parse(endpoint: Endpoint, path: dict[str, str]) -> BaseModel:
     assert endpoint.model is not None
-    context = endpoint.context(_config()) if endpoint.context is not None else {}
+    context = validation_context(endpoint, _config())
     if endpoint.source == "query":
         # ?token= is the credential server.py has read, not a field of the request.
         ignored = ("token",) if endpoint.query_token else ()
         return parse_query(endpoint.model, ignored=ignored, **context)
     if endpoint.source == "body":
-        return parse_body(endpoint.model)
+        return parse_body(endpoint.model, **context)
     if endpoint.source == "query_or_body":
-        return parse_query_or_body(endpoint.model)
-    return endpoint.model.model_validate(path)
+        return parse_query_or_body(endpoint.model, **context)
+    return endpoint.model.model_validate(path, context=context)
+
+
+def validation_context(endpoint: Endpoint, config: Config) -> dict[str, Any]:
+    """What a route's model validates against from the configuration: the key table
+    (KEYS_FILE) for every route, and the route's own (LIST_MAX_LIMIT). openapi.py
+    documents the same."""
+    own = endpoint.context(config) if endpoint.context is not None else {}
+    return {"keys": config.keys, **own}
 
 
 def _config() -> Config:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from .keys import DEFAULT_KEYS, KeysFileError, KeyTable
 from .schemas import is_email_address
 from .tokens import SECRET_MIN_BYTES
 
@@ -30,6 +31,7 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 FAN_OUT_TIMEOUT_FACTOR = 10  # see Config.fan_out_timeout_seconds
+UNSUBSCRIBE_SECRET_MIN_BYTES = 32
 
 
 @final
@@ -189,6 +191,12 @@ class Config:
     smtp_max_per_connection: int = 100
     smtp_rate_limit: float = 0.0  # messages per second, whole deployment; 0 = unlimited
     templates_dir: str | None = None
+    # The notification keys (KEYS_FILE replaces the seed's table, keys.py).
+    keys: KeyTable = DEFAULT_KEYS
+    # Signs one-click unsubscribe links, and where they point ({public_url}/unsubscribe/..):
+    # both required when a key that is not mandatory can email.
+    unsubscribe_secret: Secret | None = None
+    public_url: str | None = None
     # Development: DB_URI without SMTP_HOST is allowed (serve's .eml sink takes the mail).
     dev_mail_sink: bool = False
     # Outbox dispatcher
@@ -211,8 +219,10 @@ class Config:
         # with its password in it): however a Config was made, its secrets are Secrets.
         keys = tuple(_as_secret(key) for key in self.api_keys)
         object.__setattr__(self, "api_keys", keys)
-        if self.smtp_password is not None:
-            object.__setattr__(self, "smtp_password", _as_secret(self.smtp_password))
+        for name in ("smtp_password", "unsubscribe_secret"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _as_secret(value))
         if self.db_uri is None:
             object.__setattr__(self, "db_password", None)
             return
@@ -280,6 +290,10 @@ class Config:
             env = dict(environ)
         r = _Reader(env)
         d = cls()
+        # Read ahead of the others: it bounds KEYS_FILE's email_after_seconds.
+        dispatch_max_age_seconds = r.number(
+            "DISPATCH_MAX_AGE_SECONDS", d.dispatch_max_age_seconds, 1, 30 * 86400
+        )
         # A bad value is recorded and its default used meanwhile: nothing below is
         # returned unless every variable was read.
         config = cls(
@@ -338,6 +352,9 @@ class Config:
             ),
             smtp_rate_limit=r.number("SMTP_RATE_LIMIT", d.smtp_rate_limit, 0, 100_000),
             templates_dir=r.optional("TEMPLATES_DIR", _check_dir),
+            keys=_keys(r, dispatch_max_age_seconds),
+            unsubscribe_secret=_unsubscribe_secret(r),
+            public_url=r.optional("PUBLIC_URL", _check_public_url),
             dev_mail_sink=r.boolean("DEV_MAIL_SINK", d.dev_mail_sink),
             allow_unauthenticated=r.boolean("ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
             dispatcher_threads=r.integer("DISPATCHER_THREADS", d.dispatcher_threads, 0, 64),
@@ -351,9 +368,7 @@ class Config:
             dispatch_max_attempts=r.integer(
                 "DISPATCH_MAX_ATTEMPTS", d.dispatch_max_attempts, 1, 1000
             ),
-            dispatch_max_age_seconds=r.number(
-                "DISPATCH_MAX_AGE_SECONDS", d.dispatch_max_age_seconds, 1, 30 * 86400
-            ),
+            dispatch_max_age_seconds=dispatch_max_age_seconds,
             dispatch_backoff_base_seconds=r.number(
                 "DISPATCH_BACKOFF_BASE_SECONDS", d.dispatch_backoff_base_seconds, 0.01, 3600
             ),
@@ -426,6 +441,20 @@ class Config:
                 "SMTP_HOST: must be set when DB_URI is set (without it mail would go to the "
                 "local .eml sink); set DEV_MAIL_SINK=true to allow that in development"
             )
+        if r.ok("KEYS_FILE"):
+            # A key the user may turn off gets a one-click unsubscribe link in each email
+            # (RFC 8058): it cannot be signed without the secret, nor point anywhere
+            # without the URL.
+            optional = [s.name for s in config.keys.emailing if not s.mandatory]
+            for name, value in (
+                ("UNSUBSCRIBE_SECRET", config.unsubscribe_secret),
+                ("PUBLIC_URL", config.public_url),
+            ):
+                if optional and value is None and r.ok(name):
+                    problems.append(
+                        f"{name}: must be set when a key that is not mandatory sends email "
+                        f"({', '.join(optional)}): its emails carry an unsubscribe link"
+                    )
         if problems:
             raise ConfigError(*problems)
         return config
@@ -611,6 +640,52 @@ def _user_token_key(r: _Reader) -> Secret | None:
         )
         return None
     return secret
+
+
+def _keys(r: _Reader, max_age_seconds: float) -> KeyTable:
+    path = r.optional("KEYS_FILE", _check_file)
+    if path is None or not r.ok("DISPATCH_MAX_AGE_SECONDS"):
+        # A bad DISPATCH_MAX_AGE_SECONDS is reported already; the file is judged once
+        # its bound is known.
+        return DEFAULT_KEYS
+    try:
+        return KeyTable.load(path, max_age_seconds=max_age_seconds)
+    except KeysFileError as exc:
+        r.refuse("KEYS_FILE", str(exc))
+        return DEFAULT_KEYS
+
+
+def _unsubscribe_secret(r: _Reader) -> Secret | None:
+    secret = r.secret("UNSUBSCRIBE_SECRET")
+    if secret is not None and len(secret.reveal().encode("utf-8")) < UNSUBSCRIBE_SECRET_MIN_BYTES:
+        # Neither the value nor its length: the message may end up in a log.
+        r.refuse(
+            "UNSUBSCRIBE_SECRET",
+            f"must be at least {UNSUBSCRIBE_SECRET_MIN_BYTES} bytes "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+        )
+        return None
+    return secret
+
+
+def _check_public_url(raw: str) -> str:
+    """An http(s) URL the unsubscribe links start with, without its trailing slash."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in raw) or not raw.isascii():
+        raise ValueError("must be an ASCII URL without spaces or control characters")
+    if "?" in raw or "#" in raw:
+        # Links are built as PUBLIC_URL + "/unsubscribe/<token>": a query or a fragment
+        # would swallow that path.
+        raise ValueError("must have no query (?) or fragment (#)")
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise ValueError("must not carry a user or password: it is sent in every email")
+    try:
+        parts.port  # noqa: B018  # raises on a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    return raw.rstrip("/")
 
 
 def _check_name(raw: str) -> str:

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 EmailMode = Literal["never", "always", "if_unread"]
 EMAIL_MODES: tuple[str, ...] = get_args(EmailMode)
@@ -56,8 +56,9 @@ class KeySpec:
 class KeysFileError(ValueError):
     """A KEYS_FILE that cannot be used; the message names the file, the key and the field."""
 
-    def __init__(self, path: str | Path, problem: str, *, key: str | None = None,
-                 field: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, path: str | Path, problem: str, *, key: str | None = None, field: str | None = None
+    ) -> None:
         self.path = str(path)
         self.key = key
         self.field = field
@@ -104,7 +105,8 @@ class KeyTable:
         return hash(tuple(self))
 
     def __repr__(self) -> str:
-        return f"KeyTable({list(self)!r})"
+        # Short: it shows in the Config's repr.
+        return f"KeyTable({', '.join(self.names)})"
 
     @classmethod
     def load(cls, path: str | Path, *, max_age_seconds: float) -> KeyTable:
@@ -177,7 +179,7 @@ def _spec(path: str | Path, name: str, fields: object, max_age_seconds: float) -
     if email == "if_unread" and not in_app:
         raise refuse('email = "if_unread" needs in_app = true (nothing to read otherwise)', "email")
     if not in_app and email == "never":
-        raise refuse("uses no channel: set in_app = true or email to a mode other than never")
+        raise refuse('no channel: set in_app = true, or email to "always" or "if_unread"', "in_app")
     after = fields.get("email_after_seconds", DEFAULT_EMAIL_AFTER_SECONDS)
     if not 1 <= after <= max_age_seconds:
         raise refuse(
@@ -215,18 +217,3 @@ DEFAULT_KEYS = KeyTable(
         KeySpec("new_login", in_app=True, email="always", mandatory=True, template="new_login"),
     ]
 )
-
-
-# --- Transitional names, kept until every importer reads the app's table. ---------------
-@dataclass(frozen=True)
-class Actions:
-    record: bool  # stored in the user's notifications array
-    email: bool  # sent as an email through the outbox
-
-
-KEYS: dict[str, Actions] = {s.name: Actions(record=s.in_app, email=s.emails) for s in DEFAULT_KEYS}
-EMAIL_KEYS: tuple[str, ...] = tuple(s.name for s in DEFAULT_KEYS.emailing)
-if TYPE_CHECKING:
-    NotificationKey = str
-else:
-    NotificationKey = Literal[tuple(KEYS)]

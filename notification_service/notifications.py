@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from .config import Config
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
-from .keys import KEYS
 from .outbox import Outbox
 from .schemas import (
     Counts,
@@ -87,17 +86,17 @@ def create_notification(
     :raise UserDocumentInvalid: the user's document cannot take a notification.
     """
     assert request.user_id is not None  # the model requires user_id or user_ids
-    route = KEYS[request.key]
+    route = svc.config.keys.get(request.key)
     written, refused = _create(svc, request, [request.user_id], ids, repeat)
     if not written:
         raise refused[request.user_id]
     target = written[0]
     counts = (
-        svc.store.counts(request.user_id, svc.clock(), after_write=True) if route.record else None
+        svc.store.counts(request.user_id, svc.clock(), after_write=True) if route.in_app else None
     )
     return {
-        "notification_id": target.notification["id"] if route.record else None,
-        "email_id": target.email_id if route.email else None,
+        "notification_id": target.notification["id"] if route.in_app else None,
+        "email_id": target.email_id if route.email != "never" else None,
         "elements": counts["elements"] if counts else None,
         "new": counts["new"] if counts else None,
     }
@@ -111,7 +110,7 @@ def fan_out(
     has no address (for a key that emails) or whose document cannot take notifications
     gets that outcome; the others are written all the same."""
     assert request.user_ids is not None
-    route = KEYS[request.key]
+    route = svc.config.keys.get(request.key)
     written, refused = _create(svc, request, request.user_ids, ids, repeat)
     outcomes: dict[str, FanOutOutcome] = {
         user_id: {"user_id": user_id, "status": error.code} for user_id, error in refused.items()
@@ -120,8 +119,8 @@ def fan_out(
         outcomes[target.user_id] = {
             "user_id": target.user_id,
             "status": "created",
-            "notification_id": target.notification["id"] if route.record else None,
-            "email_id": target.email_id if route.email else None,
+            "notification_id": target.notification["id"] if route.in_app else None,
+            "email_id": target.email_id if route.email != "never" else None,
         }
     results = [outcomes[user_id] for user_id in request.user_ids]
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
@@ -153,7 +152,7 @@ def _create(
 
     The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
     """
-    route = KEYS[request.key]
+    route = svc.config.keys.get(request.key)
     now = svc.clock()
     if svc.config.email is not None:
         # Test mode of the original assignment: the users are made first, so that
@@ -162,7 +161,7 @@ def _create(
     # The users are read only when an email needs them (its address, the templates'
     # fields): a key that only records writes at once, and learns who is missing from
     # the write itself.
-    users = svc.store.find_users(user_ids) if route.email else None
+    users = svc.store.find_users(user_ids) if route.email != "never" else None
     refused: dict[str, Refusal] = {}
     targets: list[_Target] = []
     for i, user_id in enumerate(user_ids):
@@ -170,18 +169,20 @@ def _create(
         email = None
         if users is not None:
             user = users.get(user_id)
-            problem = _problem(svc, user, route.record)
+            problem = _problem(svc, user, route.in_app)
             if problem is not None:
                 refused[user_id] = problem
                 continue
             assert user is not None
             email = _notification_email(svc, notification, user)
         targets.append(_Target(user_id, notification, email, ids.id(2 * i + 1)))
-    done, rejected = _write(svc, targets, route.record, route.email, now, repeat)
+    done, rejected = _write(svc, targets, route.in_app, route.email != "never", now, repeat)
     refused.update(rejected)
     for target in targets:
         if target.user_id not in done and target.user_id not in refused:
-            refused[target.user_id] = _why_not(svc, target.user_id, route.email, len(user_ids))
+            refused[target.user_id] = _why_not(
+                svc, target.user_id, route.email != "never", len(user_ids)
+            )
     written = [t for t in targets if t.user_id in done]
     # Once done, so a retry of an attempt cut short counts it once (a crash between
     # here and the idempotency record may count it twice).
@@ -480,7 +481,7 @@ def _notification_email(svc: Services, notification: Notification, user: Documen
     :raise UserHasNoEmail:
     """
     address = _address(user)
-    content = svc.templates.render(notification, user)
+    content = svc.templates.render(notification["key"], [notification], user)
     return _email_record(
         svc,
         "notification",

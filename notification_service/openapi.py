@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
-from .api import Answer, Endpoint
+from .api import Answer, Endpoint, validation_context
 from .config import Config
 from .errors import (
     ApiError,
@@ -138,12 +138,12 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
         operation["description"] = description
     parameters: list[Any] = [{"$ref": "#/components/parameters/RequestId"}]
     if endpoint.model is not None:
-        context = endpoint.context(config) if endpoint.context is not None else {}
+        context = validation_context(endpoint, config)
         location = "path" if endpoint.source == "path" else "query"
         if endpoint.source != "body":
             parameters[:0] = _parameters(endpoint, location, context, components)
         if endpoint.source == "body":
-            operation["requestBody"] = _request_body(endpoint, config, components)
+            operation["requestBody"] = _request_body(endpoint, config, context, components)
     if endpoint.idempotency_scope is not None:
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
@@ -165,8 +165,7 @@ def _parameters(
 ) -> list[Any]:
     assert endpoint.model is not None
     schema = _model_schema(endpoint.model, components, inline=True)
-    overrides = getattr(endpoint.model, "schema_overrides", None)
-    extra = overrides(context) if overrides is not None and context else {}
+    extra = _overrides(endpoint.model, context)
     required = set(schema.get("required", ()))
     parameters = []
     for name, field in schema["properties"].items():
@@ -199,9 +198,23 @@ def _without_null(field: Schema) -> Schema:
     return field
 
 
-def _request_body(endpoint: Endpoint, config: Config, components: dict[str, Schema]) -> Any:
+def _overrides(model: type[BaseModel], context: dict[str, Any]) -> dict[str, Schema]:
+    """What the configuration adds to the model's fields' schemas (the key table's enum,
+    LIST_MAX_LIMIT), by field name."""
+    overrides = getattr(model, "schema_overrides", None)
+    extra: dict[str, Schema] = overrides(context) if overrides is not None else {}
+    return extra
+
+
+def _request_body(
+    endpoint: Endpoint, config: Config, context: dict[str, Any], components: dict[str, Schema]
+) -> Any:
     assert endpoint.model is not None
-    media: dict[str, Any] = {"schema": _model_schema(endpoint.model, components)}
+    body = _model_schema(endpoint.model, components)
+    properties = components[endpoint.model.__name__]["properties"]
+    for name, extra in _overrides(endpoint.model, context).items():
+        properties[name] = {**properties[name], **extra}
+    media: dict[str, Any] = {"schema": body}
     if endpoint.body_example is not None:
         media["example"] = endpoint.body_example
     return {

@@ -81,7 +81,7 @@ def build_runtime(
 ) -> Runtime:
     """Connect and assemble the services; start `dispatcher_threads` outbox dispatchers
     (DISPATCHER_THREADS by default; none at 0)."""
-    templates = EmailTemplates(config.templates_dir)
+    templates = EmailTemplates(config.templates_dir, config.keys)
     client = connect(config)
     db = database(client, config)
     services = Services(
@@ -91,7 +91,7 @@ def build_runtime(
         templates=templates,
         idempotency=IdempotencyStore(db, config),
         clock=clock.now,
-        events=metrics.DomainEvents(),
+        events=metrics.DomainEvents(config.keys),
     )
     try:
         services.outbox.ensure_indexes()

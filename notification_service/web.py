@@ -81,8 +81,8 @@ def _parse_json_body() -> dict[str, Any]:
     return value
 
 
-def parse_body(model: type[M]) -> M:
-    return model.model_validate(json_body())
+def parse_body(model: type[M], **context: Any) -> M:
+    return model.model_validate(json_body(), context=context)
 
 
 def parse_query(model: type[M], ignored: tuple[str, ...] = (), **context: Any) -> M:
@@ -91,7 +91,7 @@ def parse_query(model: type[M], ignored: tuple[str, ...] = (), **context: Any) -
     return model.model_validate(values, context=context)
 
 
-def parse_query_or_body(model: type[M]) -> M:
+def parse_query_or_body(model: type[M], **context: Any) -> M:
     """Fields from the query string and, when a JSON body is sent, from the body too."""
     fields: dict[str, Any] = _single_values()
     # An empty body is no body, whatever its Content-Type says (clients that always
@@ -103,7 +103,7 @@ def parse_query_or_body(model: type[M]) -> M:
                     details=[{"field": name, "problem": "differs between query and body"}]
                 )
             fields[name] = value
-    return model.model_validate(fields, strict=True)
+    return model.model_validate(fields, strict=True, context=context)
 
 
 def _differs(query_value: Any, body_value: Any) -> bool:

@@ -36,7 +36,7 @@ def test_seed_variables_are_read() -> None:
             "SMTP_HOST": "smtp.example.com",
             "SMTP_PORT": "465",
             "SMTP_LOGIN": "mailer",
-            "SMTP_PASSWORD": "secret",
+            "SMTP_PASSWORD": "pa55-w0rd",
             "SMTP_EMAIL": "noreply@example.com",
             "SMTP_NAME": "Служба",
             "EMAIL": "test@example.com",
@@ -46,13 +46,13 @@ def test_seed_variables_are_read() -> None:
     assert config.database_name == "app"
     assert (config.smtp_host, config.resolved_smtp_port) == ("smtp.example.com", 465)
     assert config.smtp_login == "mailer"
-    assert config.smtp_password is not None and config.smtp_password.reveal() == "secret"
+    assert config.smtp_password is not None and config.smtp_password.reveal() == "pa55-w0rd"
     assert (config.smtp_email, config.smtp_name, config.email) == (
         "noreply@example.com",
         "Служба",
         "test@example.com",
     )
-    assert "secret" not in repr(config)
+    assert "pa55-w0rd" not in repr(config)
 
 
 def test_log_format_is_read_in_any_case_and_unset_by_default() -> None:

@@ -424,15 +424,18 @@ def test_template_data_in_the_subject_stays_literal(tmp_path: Path) -> None:
     (templates / "registration.subject.txt").write_text("Welcome, {{ user.name }}: {{ data.x }}\n")
     name = "=?utf-8?q?Eve=0D=0AReply-To:attacker@evil.example?="
     rendered = EmailTemplates(templates).render(
-        {
-            "id": "0" * 24,
-            "timestamp": 0,
-            "is_new": True,
-            "user_id": "0" * 24,
-            "key": "registration",
-            "target_id": None,
-            "data": {"x": "=?UTF-8?B?DQoNCm1vdmVkIHRvIHRoZSBib2R5?="},
-        },
+        "registration",
+        [
+            {
+                "id": "0" * 24,
+                "timestamp": 0,
+                "is_new": True,
+                "user_id": "0" * 24,
+                "key": "registration",
+                "target_id": None,
+                "data": {"x": "=?UTF-8?B?DQoNCm1vdmVkIHRvIHRoZSBib2R5?="},
+            }
+        ],
         {"_id": "0" * 24, "email": "user@example.com", "name": name},
     )
     assert rendered.subject == f"Welcome, {name}: =?UTF-8?B?DQoNCm1vdmVkIHRvIHRoZSBib2R5?="

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from notification_service.email_templates import PACKAGE_TEMPLATES, EmailTemplates, TemplateError
-from notification_service.keys import EMAIL_KEYS
+from notification_service.keys import DEFAULT_KEYS
 from notification_service.schemas import Notification
 
 
@@ -28,9 +28,9 @@ def notification(key: str, **data: Any) -> Notification:
 USER = {"_id": "638f394d4b7243fc0399ea67", "email": "u@example.com", "name": "Zoë"}
 
 
-@pytest.mark.parametrize("key", EMAIL_KEYS)
+@pytest.mark.parametrize("key", [spec.name for spec in DEFAULT_KEYS.emailing])
 def test_default_templates_name_the_key_in_subject_and_body(key: str) -> None:
-    content = EmailTemplates().render(notification(key), USER)
+    content = EmailTemplates().render(key, [notification(key)], USER)
     assert key in content.subject
     assert key in content.text
     assert content.html is not None and key in content.html
@@ -40,7 +40,7 @@ def test_default_templates_name_the_key_in_subject_and_body(key: str) -> None:
 
 
 def test_html_is_autoescaped_and_text_is_not() -> None:
-    content = EmailTemplates().render(notification("new_login", ip="<script>"), USER)
+    content = EmailTemplates().render("new_login", [notification("new_login", ip="<script>")], USER)
     assert "ip: <script>" in content.text
     assert content.html is not None
     assert "&lt;script&gt;" in content.html and "<script>" not in content.html
@@ -55,7 +55,9 @@ def own_templates(tmp_path: Path) -> Path:
 
 def test_templates_dir_overrides_and_a_subject_stays_one_line(own_templates: Path) -> None:
     (own_templates / "registration.subject.txt").write_text("Hi {{ user.name }}\n\nfrom {{ key }}")
-    content = EmailTemplates(own_templates).render(notification("registration"), USER)
+    content = EmailTemplates(own_templates).render(
+        "registration", [notification("registration")], USER
+    )
     assert content.subject == "Hi Zoë from registration"
 
 
