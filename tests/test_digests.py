@@ -20,8 +20,8 @@ from test_dispatcher import FAST_RETRY, context_of, drain, make_dispatcher
 from notification_service.config import Config
 from notification_service.digests import Digests, open_digest
 from notification_service.dispatcher import DispatchContext, Dispatcher
-from notification_service.email_templates import EmailContent
-from notification_service.keys import KeySpec, KeyTable
+from notification_service.email_templates import EmailTemplates
+from notification_service.keys import DEFAULT_KEYS, KeySpec, KeyTable
 from notification_service.notifications import Services
 from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
@@ -31,38 +31,8 @@ from notification_service.storage.mongo_connector import Document
 
 DELAY = 600
 DIGESTED = KeySpec("new_message", in_app=True, email="if_unread", email_after_seconds=DELAY)
-KEYS = KeyTable(
-    [
-        KeySpec("registration", in_app=False, email="always", mandatory=True),
-        DIGESTED,
-        KeySpec("new_post", in_app=True, email="never"),
-        KeySpec("new_login", in_app=True, email="always", mandatory=True),
-        KeySpec("alert", in_app=True, email="if_unread", email_after_seconds=60, mandatory=True),
-    ]
-)
-
-
-class ListTemplates:
-    """Renders a digest as the list of its notifications' ids (newest first).
-
-    Stands in for EmailTemplates.render(key, notifications, user, *, unsubscribe_url)
-    until helper KEYS's version lands on this branch.
-    """
-
-    def render(
-        self,
-        key: str,
-        notifications: list[Notification],
-        user: dict[str, Any],
-        *,
-        unsubscribe_url: str | None = None,
-    ) -> EmailContent:
-        ids = [n["id"] for n in notifications]
-        return EmailContent(
-            subject=f"{len(ids)} unread {key}",
-            text="\n".join([f"to {user['email']}", *ids, f"unsubscribe: {unsubscribe_url}"]),
-            html=None,
-        )
+ALERT = KeySpec("alert", in_app=True, email="if_unread", email_after_seconds=60, mandatory=True)
+KEYS = KeyTable([*(s for s in DEFAULT_KEYS if s.name != DIGESTED.name), DIGESTED, ALERT])
 
 
 class UserPreferences:
@@ -109,7 +79,7 @@ def digests_for(svc: Services, db: Any) -> Digests:
     return Digests(
         outbox=svc.outbox,
         users=DigestStore(svc.outbox.records.database, config),
-        templates=ListTemplates(),
+        templates=EmailTemplates(None, KEYS),
         keys=KEYS,
         preferences=UserPreferences(db, config),
         unsubscribe_url=lambda user_id, key: f"https://example.com/unsubscribe/{user_id}.{key}",
@@ -128,7 +98,7 @@ def make_setup(
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
 
     def make() -> Setup:
-        config = make_config(**smtp_server.config_kwargs(), **FAST_RETRY)
+        config = make_config(**smtp_server.config_kwargs(), **FAST_RETRY, keys=KEYS)
         app = make_app(config, runtime=build_runtime(config, clock=clock))
         context = replace(
             context_of(app), clock=clock, digests=digests_for(runtime(app).services, db)
@@ -158,6 +128,7 @@ def create_unread(setup: Setup, user_id: str, spec: KeySpec = DIGESTED) -> str:
         "target_id": None,
         "data": {},
     }
+    notification["data"] = {"n": notification["id"]}  # shown by the generic template
     open_digest(setup.svc.outbox, spec, user_id, notification["id"], now)
     done, _ = setup.svc.store.append([(user_id, notification)], now, require_email=False)
     assert done == {user_id}
@@ -203,8 +174,10 @@ def test_the_first_unread_opens_a_batch_and_one_email_at_due_time_lists_the_stil
     assert drain(d) == 1
     [received] = smtp_server.wait_for_messages(1)
     body = received.message.get_body(("plain",)).get_content()
-    assert [line for line in body.splitlines() if line in (first, read, last)] == [last, first]
-    assert received.message["Subject"] == "2 unread new_message"
+    listed = [line for line in body.splitlines() if line.startswith("n: ")]
+    assert listed == [f"n: {last}", f"n: {first}"]  # newest first, the read one left out
+    assert received.message["Subject"] == "2 new notifications (new_message)"
+    assert f"unsubscribe: https://example.com/unsubscribe/{user_id}.new_message" in body
     shown = state(setup, digest["_id"])
     assert (shown["status"], shown["attempts"]) == ("sent", 1)
     assert shown["to"] == "user@example.com"
@@ -253,7 +226,7 @@ def test_email_turned_off_before_due_cancels_the_digest_as_unsubscribed(
 def test_a_mandatory_key_s_digest_ignores_the_preference_and_carries_no_unsubscribe_link(
     setup: Setup, smtp_server: SmtpServer, user_id: str, db: Any
 ) -> None:
-    alert = KEYS.get("alert")
+    alert = ALERT
     create_unread(setup, user_id, alert)
     db.users.update_one(
         {"_id": ObjectId(user_id)}, {"$set": {"notifications_prefs.alert.email": False}}
@@ -261,7 +234,7 @@ def test_a_mandatory_key_s_digest_ignores_the_preference_and_carries_no_unsubscr
     setup.clock.advance(alert.email_after_seconds)
     assert drain(setup.dispatcher()) == 1
     [received] = smtp_server.wait_for_messages(1)
-    assert "unsubscribe: None" in received.message.get_body(("plain",)).get_content()
+    assert "unsubscribe" not in received.message.get_body(("plain",)).get_content()
     assert digests_of(db)[0]["unsubscribe_url"] is None
 
 
