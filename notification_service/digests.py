@@ -165,7 +165,14 @@ class Digests:
                 if not unread:
                     reason = "nothing_unread"
                 else:
-                    rendered[record["_id"]] = (record, self._content(record, user, unread))
+                    try:
+                        rendered[record["_id"]] = (record, self._content(record, user, unread))
+                    except Exception:
+                        # A key no longer emailing, a template failing on this data: left
+                        # without content, the dispatcher fails it for good ("cannot
+                        # build message") instead of the whole claim failing again
+                        # at every retry.
+                        log.exception("digest %s: cannot be rendered", record["_id"])
             if reason is not None:
                 cancels[record["claimed_by"], reason].append(record["_id"])
         return rendered

@@ -21,7 +21,7 @@ from notification_service.config import Config
 from notification_service.digests import Digests, open_digest
 from notification_service.dispatcher import DispatchContext, Dispatcher
 from notification_service.email_templates import EmailTemplates
-from notification_service.keys import DEFAULT_KEYS, KeySpec, KeyTable
+from notification_service.keys import DEFAULT_EMAIL_AFTER_SECONDS, DEFAULT_KEYS, KeySpec, KeyTable
 from notification_service.notifications import Services
 from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
@@ -381,3 +381,20 @@ def test_a_restart_loses_no_scheduled_digest(
     [received] = smtp_server.wait_for_messages(1)
     assert notification_id in received.message.get_body(("plain",)).get_content()
     assert digests_of(db)[0]["status"] == "sent"
+
+
+def test_a_digest_that_cannot_be_rendered_fails_alone_and_the_rest_of_its_claim_goes(
+    setup: Setup, smtp_server: SmtpServer, make_user: Callable[..., str], db: Any
+) -> None:
+    broken, fine = make_user(), make_user()
+    # A key that no longer emails (the operator changed KEYS_FILE while it waited).
+    create_unread(setup, broken, KeySpec("new_post", in_app=True, email="if_unread"))
+    create_unread(setup, fine)
+    setup.clock.advance(DEFAULT_EMAIL_AFTER_SECONDS)
+    assert drain(setup.dispatcher()) == 2
+    assert len(smtp_server.wait_for_messages(1)) == 1
+    states = {d["user_id"]: (d["status"], d["last_error"]) for d in digests_of(db)}
+    assert states[fine] == ("sent", None)
+    status, error = states[broken]
+    assert (status, error["permanent"]) == ("failed", True)
+    assert "cannot build message" in error["message"]
