@@ -65,9 +65,10 @@ class Preferences(Protocol):
 
 def open_digest(
     outbox: Outbox, spec: KeySpec, user_id: str, notification_id: str, now: datetime
-) -> str:
+) -> str | None:
     """Put a notification of an `if_unread` key in the user's digest, opening one due
-    `spec.email_after_seconds` from `now` if none is open; return the digest's id.
+    `spec.email_after_seconds` from `now` if none is open; return the digest's id when
+    this opened it, None when it joined one (Outbox.schedule_digest).
 
     Call it BEFORE pushing the notification: a crash between leaves an id the due-time
     step never finds (nothing sent for it), never a notification without its email.
