@@ -18,6 +18,8 @@ LOCK        := requirements.lock
 LOCK_PYTHON := 3.11
 LOCK_TOOL   := uv==0.13.9
 LOCK_FLAGS  ?=
+# make run's unsubscribe secret (var/ is ignored by git).
+RUN_SECRET  := var/unsubscribe-secret
 
 .PHONY: run test faults lint fmt bench check-config lock clean chromium screenshots
 
@@ -34,8 +36,23 @@ $(DEV_STAMP): $(DEPS)
 	touch $(SERVE_STAMP) $(DEV_STAMP)
 
 ## Serve on $$PORT (default 5000); embedded database and mail sink when DB_URI / SMTP_HOST are unset.
+# Unless the environment or ./.env sets them, it sets UNSUBSCRIBE_SECRET (made once and
+# kept in var/, so that unsubscribe links already mailed keep working after a restart)
+# and PUBLIC_URL (this machine's loopback, on PORT).
 run: $(SERVE_STAMP)
-	$(BIN)/python -m notification_service serve
+	@set -e; \
+	if [ -z "$$UNSUBSCRIBE_SECRET" ] && ! grep -qs '^UNSUBSCRIBE_SECRET=.' .env; then \
+	  if [ ! -s $(RUN_SECRET) ]; then \
+	    mkdir -p $(dir $(RUN_SECRET)); \
+	    (umask 077; $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(32))' > $(RUN_SECRET)); \
+	  fi; \
+	  UNSUBSCRIBE_SECRET=$$(cat $(RUN_SECRET)); export UNSUBSCRIBE_SECRET; \
+	fi; \
+	if [ -z "$$PUBLIC_URL" ] && ! grep -qs '^PUBLIC_URL=.' .env; then \
+	  port=$${PORT:-$$(sed -n 's/^PORT=//p' .env 2>/dev/null | tail -n 1)}; \
+	  PUBLIC_URL=http://127.0.0.1:$${port:-5000}; export PUBLIC_URL; \
+	fi; \
+	exec $(BIN)/python -m notification_service serve
 
 ## The whole suite against real SecantusDB and SMTP servers the fixtures start, and the
 ## pages in Debian's headless Chromium. In TEST_WORKERS processes (pytest-xdist), each

@@ -57,7 +57,7 @@ class Counts(monitoring.CommandListener, d.DispatchEvents):
 
 def records(count: int, config: Config) -> list[dict[str, Any]]:
     """new_login emails rendered by the service's templates, as notifications.py stores them."""
-    templates, now, out = EmailTemplates(config.templates_dir), int(time.time()), []
+    templates, now, out = EmailTemplates(config.templates_dir, config.keys), int(time.time()), []
     for i in range(count):
         user = {"_id": f"{i:024x}", "email": f"user{i}@example.com", "name": f"User {i}"}
         data = {"ip": f"203.0.113.{i % 250}", "device": "Firefox 131 on Ubuntu 24.04"}

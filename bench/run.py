@@ -59,7 +59,7 @@ WHY = {
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
         "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
-        "9": ("req/s", "server CPU")}  # fmt: skip
+        "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
 RETIRED = (
@@ -462,6 +462,53 @@ def memory(bench: Bench) -> list[Figure]:
     return figs
 
 
+def _at_most(limit: float, value: float) -> bool:
+    return value <= limit
+
+
+def features(bench: Bench) -> list[Figure]:
+    """Section 11 (features.py): each feature of issue 17 beside the create it adds to, on
+    one server, each side on users of its own; throughput, then server and db CPU."""
+    import features as f
+
+    server = bench.stack.service("features", NOTIFICATIONS_LIMIT=str(CAP),
+                                 **f.env(bench.stack.run_dir))  # fmt: skip
+    groups = {(i, side): Users(400 + 10 * i + j, GROUP, CAP // 2)
+              for i, pair in enumerate(f.PAIRS)
+              for j, (side, _) in enumerate(pair[1:3])}  # fmt: skip
+    progress(f"seeding section 11's {len(groups) * GROUP:,} users")
+    for users in groups.values():
+        seed(bench.stack.db_uri, users)
+
+    def load(build: Callable[[str, str], Request], users: Users) -> Load:
+        picks = bench.picks(f"{server.url} {id(build)}", "POST /create", users)
+        reqs = [build(*p) for p in picks]
+        return http_load(server.url, reqs, AT, SECONDS, bench.cpu(server.pid))
+
+    duels: list[Duel] = []
+    for i, (name, *sides, _) in enumerate(f.PAIRS):
+        http_load(server.url, [b(*groups[(i, s)].pick(n)) for s, b in sides for n in range(AT)],
+                  AT, SECONDS, {})  # each worker's first requests, unmeasured  # fmt: skip
+        pair: list[Side] = [(s, partial(load, b, groups[(i, s)])) for s, b in sides]
+        duels.append((ratio(f.S11, f"{name}, {AT} conns, req/s"), pair))
+    play(duels)
+    server.child.stop()
+    figs = []
+    for (fig, played), (*_, goal) in zip(duels, f.PAIRS, strict=True):
+        figs.append(fig)
+        names = [side for side, _ in played]
+        for what, limit in (("server", goal), ("db", None)):
+            keys = [f"{side} {what} CPU ms/req" for side in names]
+            mine, theirs = parts = [fig.detail.pop(k) for k in keys]
+            met = None if limit is None else partial(_at_most, limit)
+            cpu = Figure(f.S11, fig.name.replace("req/s", f"{what} CPU ms/req"), "ratio",
+                         f"≤ {limit}" if limit else "", met)  # fmt: skip
+            cpu.rounds = [a / b for a, b in zip(mine, theirs, strict=True)]
+            cpu.load, cpu.detail = fig.load, dict(zip(keys, parts, strict=True))
+            figs.append(cpu)
+    return figs
+
+
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
               if number(f.section) in ("0", "2") and f.verdict == "missed"}  # fmt: skip
@@ -609,7 +656,8 @@ def main() -> int:
         stack = Stack(Path(tmp))
         try:
             bench = Bench(stack)
-            sections = (anchor, cost, growth, fan_out, email, durability, prices, peers, memory)
+            sections: list[Callable[[Bench], list[Figure]]] = [anchor, cost, growth, fan_out]
+            sections += [email, durability, prices, peers, memory, features]
             for section in sections:
                 try:
                     figures += section(bench)

@@ -141,12 +141,14 @@ class EmailTemplates:
                 "data": {},
             }
             try:
-                self.render(
-                    spec.name,
-                    [sample],
-                    {"_id": "0" * 24, "email": "user@example.com"},
-                    unsubscribe_url="https://example.com/unsubscribe/sample",
-                )
+                # With and without a link: a template's branch on it must render too.
+                for url in (None, "https://example.com/unsubscribe/sample"):
+                    self.render(
+                        spec.name,
+                        [sample],
+                        {"_id": "0" * 24, "email": "user@example.com"},
+                        unsubscribe_url=url,
+                    )
             except jinja2.TemplateError as exc:
                 raise TemplateError(
                     f"TEMPLATES_DIR: the templates of key {spec.name!r} "

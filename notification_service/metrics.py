@@ -148,8 +148,8 @@ class DomainEvents:
     def notifications_created(self, key: str, count: int) -> None:
         if count > 0:
             # A key outside the table (none is accepted today) must not become a label.
-            series = self._created.get(key) or NOTIFICATIONS.labels("other")
-            series.inc(count)
+            series = self._created.get(key)
+            (NOTIFICATIONS.labels("other") if series is None else series).inc(count)
 
 
 class PrometheusEvents(DispatchEvents):

@@ -303,3 +303,65 @@ def test_the_badge_never_counts_ahead_of_the_list_it_shows(
         seen.add(unread)
         page.wait_for_timeout(50)
     assert seen >= {1}  # the change did arrive, with its list
+
+
+def test_a_collapsed_thread_is_one_row_whose_count_grows_without_reload(
+    site: Server, mongo_server: MongoServer, context: Any
+) -> None:
+    user = a_user(mongo_server)
+    page = open_inbox(context, site, f"token={token_for(user)}")
+    made = []
+    for n in range(1, 4):
+        status, body, _ = site.call(
+            "POST", "/create",
+            {"user_id": user, "key": "new_message", "collapse_key": "thread-7",
+             "data": {"title": f"{n} new messages from Grace"}},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )  # fmt: skip
+        assert status == 201, body
+        made.append(body["data"]["notification_id"])
+        page.wait_for_function(
+            "(n) => { const rows = document.querySelectorAll('#list li');"
+            " return rows.length === 1 && rows[0].dataset.count === String(n); }",
+            arg=n,
+            timeout=APPEAR_SECONDS * 1000,
+        )
+    assert len(set(made)) == 1  # one notification, kept
+    row = page.query_selector(f"#list li[data-id='{made[0]}']")
+    assert row is not None
+    assert row.query_selector(".count").text_content() == "\u00d73"  # times 3
+    assert "3 new messages from Grace" in row.query_selector(".title").text_content()
+    wait_badge(page, "1")  # one unread row, however many messages it holds
+    assert page.evaluate("() => window.sameDocument") is True
+    assert page.errors == []
+
+
+def test_the_preferences_panel_saves_a_toggle_and_keeps_mandatory_ones_on(
+    site: Server, mongo_server: MongoServer, context: Any
+) -> None:
+    user = a_user(mongo_server)
+    page = open_inbox(context, site, f"token={token_for(user)}")
+    page.click("#prefs summary")
+    page.wait_for_selector("#prefs input[data-key='new_post'][data-channel='in_app']")
+    mandatory = page.query_selector("#prefs input[data-key='new_login'][data-channel='email']")
+    assert mandatory is not None and mandatory.is_disabled() and mandatory.is_checked()
+    # new_post does not email: no toggle for a channel it does not use.
+    assert page.query_selector("#prefs input[data-key='new_post'][data-channel='email']") is None
+
+    page.uncheck("#prefs input[data-key='new_post'][data-channel='in_app']")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('Saved')"
+    )
+    status, body, _ = site.call(
+        "GET", f"/preferences?user_id={user}", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 200, body
+    assert body["data"]["keys"]["new_post"] == {"in_app": False, "mandatory": False}
+    # And a create honours it: nothing reaches the inbox the page shows.
+    status, body, _ = site.call(
+        "POST", "/create", {"user_id": user, "key": "new_post", "data": {}},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )  # fmt: skip
+    assert status == 200 and body["data"]["skipped"] == ["in_app"], body
+    assert page.eval_on_selector_all("#list li", "els => els.length") == 0
+    assert page.errors == []

@@ -510,3 +510,131 @@ def test_an_unreadable_keys_file_is_refused_without_quoting_it(tmp_path: Path) -
     with pytest.raises(ConfigError) as raised:
         Config.from_env({"API_KEYS_FILE": str(keys_file)})
     assert str(raised.value) == "API_KEYS_FILE: cannot be read as UTF-8 text (UnicodeDecodeError)"
+
+
+# --- the key table and unsubscribe links ----------------------------------------------------
+
+UNSUBSCRIBE_SECRET = "u" * 32
+OPTIONAL_EMAIL_KEY = '[keys.new_comment]\nin_app = true\nemail = "if_unread"\n'
+MANDATORY_EMAIL_KEY = '[keys.password_reset]\nin_app = false\nemail = "always"\nmandatory = true\n'
+
+
+def keys_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "keys.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_keys_file_replaces_the_key_table(tmp_path: Path) -> None:
+    config = Config.from_env({"KEYS_FILE": keys_file(tmp_path, MANDATORY_EMAIL_KEY)})
+    assert config.keys.names == ("password_reset",)
+    assert config.keys.get("password_reset").mandatory is True
+
+
+def test_a_bad_keys_file_stops_the_start_naming_the_variable_the_file_the_key_and_field(
+    tmp_path: Path,
+) -> None:
+    path = keys_file(tmp_path, '[keys.new_comment]\nin_app = true\nemail = "sometimes"\n')
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"KEYS_FILE": path})
+    assert raised.value.problems == [
+        f"KEYS_FILE: {path}: key 'new_comment' field 'email': must be one of 'never', "
+        "'always', 'if_unread', not 'sometimes'"
+    ]
+    with pytest.raises(ConfigError, match="KEYS_FILE: no such file"):
+        Config.from_env({"KEYS_FILE": str(tmp_path / "nowhere.toml")})
+
+
+def test_email_after_seconds_is_bounded_by_dispatch_max_age_seconds(tmp_path: Path) -> None:
+    text = '[keys.a]\nin_app = true\nemail = "if_unread"\nemail_after_seconds = 7200\n'
+    path = keys_file(tmp_path, text)
+    env = {"KEYS_FILE": path, "UNSUBSCRIBE_SECRET": UNSUBSCRIBE_SECRET, "PUBLIC_URL": "http://x"}
+    assert Config.from_env(env).keys.get("a").email_after_seconds == 7200
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({**env, "DISPATCH_MAX_AGE_SECONDS": "3600"})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["KEYS_FILE"]
+    assert "field 'email_after_seconds': must be from 1 to 3600" in str(raised.value)
+    # A bad bound is reported alone: the file is judged once the bound is known.
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({**env, "DISPATCH_MAX_AGE_SECONDS": "soon"})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["DISPATCH_MAX_AGE_SECONDS"]
+
+
+def test_a_key_the_user_can_turn_off_that_emails_needs_the_secret_and_the_public_url(
+    tmp_path: Path,
+) -> None:
+    path = keys_file(tmp_path, OPTIONAL_EMAIL_KEY + MANDATORY_EMAIL_KEY)
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"KEYS_FILE": path})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == [
+        "UNSUBSCRIBE_SECRET",
+        "PUBLIC_URL",
+    ]
+    assert "(new_comment)" in raised.value.problems[0]
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"KEYS_FILE": path, "PUBLIC_URL": "https://notify.example.com"})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["UNSUBSCRIBE_SECRET"]
+    config = Config.from_env(
+        {
+            "KEYS_FILE": path,
+            "PUBLIC_URL": "https://notify.example.com/",
+            "UNSUBSCRIBE_SECRET": UNSUBSCRIBE_SECRET,
+        }
+    )
+    assert config.public_url == "https://notify.example.com"
+    assert config.unsubscribe_secret is not None
+    assert config.unsubscribe_secret.reveal() == UNSUBSCRIBE_SECRET
+    assert UNSUBSCRIBE_SECRET not in repr(config)
+
+
+def test_mandatory_email_keys_alone_need_neither(tmp_path: Path) -> None:
+    config = Config.from_env({"KEYS_FILE": keys_file(tmp_path, MANDATORY_EMAIL_KEY)})
+    assert (config.unsubscribe_secret, config.public_url) == (None, None)
+    assert Config.from_env({}).public_url is None  # the seed's table: all mail is mandatory
+
+
+def test_a_short_unsubscribe_secret_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"UNSUBSCRIBE_SECRET": "short-s3cret"})
+    assert str(raised.value).startswith("UNSUBSCRIBE_SECRET: must be at least 32 bytes")
+    assert "short-s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("https://notify.example.com", "https://notify.example.com"),
+        ("https://notify.example.com/", "https://notify.example.com"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("HTTPS://example.com/notifications//", "HTTPS://example.com/notifications"),
+    ],
+)
+def test_public_url_is_kept_without_its_trailing_slash(given: str, kept: str) -> None:
+    assert Config.from_env({"PUBLIC_URL": given}).public_url == kept
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "notify.example.com",
+        "ftp://notify.example.com",
+        "javascript:alert(1)",
+        "https://",
+        "https://notify.example.com/?ref=mail",
+        "https://notify.example.com/#top",
+        "https://notify.example.com/a b",
+        "https://user:pass@notify.example.com",
+        "https://notify.example.com:99999",
+        "https://notify.example.com/\u00e9",
+    ],
+)
+def test_a_bad_public_url_is_refused_naming_the_variable(bad: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"PUBLIC_URL": bad})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["PUBLIC_URL"]
+
+
+def test_a_config_built_by_hand_holds_the_unsubscribe_secret_as_a_secret() -> None:
+    config = Config(unsubscribe_secret=UNSUBSCRIBE_SECRET)  # type: ignore[arg-type]
+    assert isinstance(config.unsubscribe_secret, Secret)
+    assert UNSUBSCRIBE_SECRET not in repr(config)

@@ -208,3 +208,30 @@ def test_a_link_to_a_parameter_that_does_not_exist_is_refused() -> None:
     endpoint = replace(api.endpoints[0], answers={201: broken})
     with pytest.raises(ValueError, match="link Nowhere"):
         document([endpoint, *api.endpoints[1:]], Config())
+
+
+def test_the_key_enum_follows_the_keys_file_table(
+    make_app: Callable[..., Flask], db_uri: str, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(
+        '[keys.new_comment]\nin_app = true\nemail = "never"\n'
+        '[keys.account_closed]\nin_app = false\nemail = "always"\nmandatory = true\n'
+    )
+    config = Config.from_env(
+        {"KEYS_FILE": str(keys_file), "DB_URI": db_uri, "DEV_MAIL_SINK": "true"}
+    )
+    client = make_app(replace(config, dispatcher_threads=0)).test_client()
+    doc = client.get("/openapi.json").get_json()
+    validate(doc)
+    body = doc["components"]["schemas"]["CreateRequest"]["properties"]["key"]
+    assert body["enum"] == ["new_comment", "account_closed"]
+    list_key = next(p for p in doc["paths"]["/list"]["get"]["parameters"] if p.get("name") == "key")
+    assert list_key["schema"]["enum"] == ["new_comment", "account_closed"]
+    # /docs renders the document the app serves, so it shows the same table.
+    assert "openapi.json" in client.get("/docs/docs.js").get_data(as_text=True)
+    # The default table's document is another app's: nothing of this one leaked into it.
+    default = document(api.endpoints, Config())
+    assert default["components"]["schemas"]["CreateRequest"]["properties"]["key"]["enum"] == [
+        "registration", "new_message", "new_post", "new_login",
+    ]  # fmt: skip

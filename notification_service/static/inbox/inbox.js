@@ -28,8 +28,8 @@ function tokenUser(token) {
   }
 }
 
-// One API call: GET with a query string, POST with a JSON body; the token (if any) in
-// the Authorization header. Answers `data`, or throws the error's code and message.
+// One API call: GET with a query string, POST or PUT with a JSON body; the token (if any)
+// in the Authorization header. Answers `data`, or throws the error's code and message.
 async function call(method, route, fields) {
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
   const init = { method, headers };
@@ -56,13 +56,20 @@ function element(tag, className, text) {
 
 function item(notification) {
   const { id, key, timestamp, is_new: isNew, data } = notification;
+  const count = notification.count || 1;
   const li = document.createElement("li");
   li.dataset.id = id;
+  li.dataset.count = count;
   li.classList.toggle("unread", isNew);
   const title = typeof data.title === "string" ? data.title : key;
   const when = new Date(timestamp * 1000).toLocaleString();
+  const heading = element("span", "title", title);
+  if (count > 1) {
+    // A collapsed notification: one row for `count` events of one thread.
+    heading.append(" ", element("span", "count", `×${count}`));
+  }
   li.append(
-    element("span", "title", title),
+    heading,
     element("span", "meta", `${key} · ${when}`),
     element("code", "data", JSON.stringify(data)),
     element("button", "delete", "Delete"),
@@ -101,8 +108,17 @@ function follow() {
   const events = new EventSource(url);
   events.addEventListener("notification", (event) => {
     const notification = JSON.parse(event.data);
-    const known = [...list.children].some((li) => li.dataset.id === notification.id);
-    if (known || !shown) return;
+    if (!shown) return;
+    const known = [...list.children].find((li) => li.dataset.id === notification.id);
+    if (known) {
+      // Sent again: a collapse updated it (same id, a higher count, new data) and moved
+      // it to the top. The counts did not change; a `counts` event follows if they did.
+      if (Number(known.dataset.count) !== (notification.count || 1)) {
+        known.remove();
+        list.prepend(item(notification));
+      }
+      return;
+    }
     list.prepend(item(notification));
     shown.elements += 1;
     shown.new += notification.is_new ? 1 : 0;
@@ -149,6 +165,61 @@ document.getElementById("mark-all").addEventListener("click", async () => {
     changed(await call("POST", "read-all", { user_id: userId, up_to: newest }));
     for (const li of list.children) li.classList.remove("unread");
   } catch (error) {
+    report(error.message, true);
+  }
+});
+
+// The preferences panel: read when first opened; each toggle saves at once.
+const prefs = document.getElementById("prefs");
+const CHANNELS = ["in_app", "email"];
+
+function toggle(key, channel, setting, mandatory) {
+  const cell = document.createElement("td");
+  if (setting === undefined) {
+    cell.textContent = "—"; // the kind does not use this channel
+    return cell;
+  }
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.checked = setting;
+  box.disabled = mandatory;
+  box.dataset.key = key;
+  box.dataset.channel = channel;
+  box.setAttribute("aria-label", `${key}: ${channel === "in_app" ? "in the inbox" : "by email"}`);
+  cell.append(box);
+  return cell;
+}
+
+function showPreferences(data) {
+  const rows = Object.entries(data.keys).map(([key, setting]) => {
+    const row = document.createElement("tr");
+    const name = element("th", "", key);
+    if (setting.mandatory) name.append(" ", element("span", "mandatory", "mandatory"));
+    row.append(name, ...CHANNELS.map((c) => toggle(key, c, setting[c], setting.mandatory)));
+    return row;
+  });
+  prefs.querySelector("tbody").replaceChildren(...rows);
+}
+
+prefs.addEventListener("toggle", () => {
+  if (!prefs.open || prefs.dataset.loaded) return;
+  call("GET", "preferences", { user_id: userId })
+    .then((data) => {
+      prefs.dataset.loaded = "yes";
+      showPreferences(data);
+    })
+    .catch((error) => report(error.message, true));
+});
+
+prefs.addEventListener("change", async (event) => {
+  const box = event.target;
+  if (!box.dataset.key) return;
+  const change = { [box.dataset.key]: { [box.dataset.channel]: box.checked } };
+  try {
+    showPreferences(await call("PUT", "preferences", { user_id: userId, keys: change }));
+    report(`Saved: ${box.dataset.key} ${box.checked ? "on" : "off"}.`);
+  } catch (error) {
+    box.checked = !box.checked;
     report(error.message, true);
   }
 });
