@@ -26,10 +26,10 @@ from pydantic import BaseModel
 from .config import Config
 from .errors import ApiError, TokenForAnotherUser, TokenNotAccepted
 from .idempotency import idempotent
-from .web import not_modified, ok, parse_body, parse_query, parse_query_or_body
+from .web import not_modified, ok, parse_body, parse_form, parse_query, parse_query_or_body
 
 Source = Literal["none", "query", "body", "query_or_body", "path"]
-Method = Literal["GET", "POST"]
+Method = Literal["GET", "POST", "PUT"]
 # What opens a route (server.py checks it, openapi.py documents it): nothing; an API key;
 # or an API key or the user token (tokens.py) of the `user_id` the request names.
 Auth = Literal["open", "key", "key_or_token"]
@@ -100,6 +100,8 @@ class Endpoint:
     body_example: Any = None
     params: dict[str, str] = field(default_factory=dict)  # query parameter descriptions
     headers: tuple[str, ...] = ()  # request headers it reads, by openapi.py's parameter names
+    # A form body (urlencoded or multipart) read beside `model`: the view gets both.
+    form: type[BaseModel] | None = None
 
 
 class Api:
@@ -128,12 +130,16 @@ class Api:
         body_example: Any = None,
         params: dict[str, str] | None = None,
         headers: tuple[str, ...] = (),
+        form: type[BaseModel] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         if (source == "none") != (model is None):
             raise TypeError(f"{rule}: a model needs a source, and a source a model")
         if auth == "key_or_token" and (model is None or "user_id" not in model.model_fields):
             # A token opens only its own user's requests: the request must name one.
             raise TypeError(f"{rule}: a route a token opens needs a user_id field")
+        if form is not None and (method == "GET" or model is None or source == "body"):
+            # The form is the body: beside a model read from the path or the query.
+            raise TypeError(f"{rule}: a form body goes with a path or query model, not GET")
         if query_token and (auth != "key_or_token" or method != "GET"):
             # A token in a URL can be sent by any page that links to it: never for a write.
             raise TypeError(f"{rule}: ?token= is for a GET that a token opens")
@@ -160,6 +166,7 @@ class Api:
                 body_example=body_example,
                 params=params or {},
                 headers=headers,
+                form=form,
             )
             handler = _handler(endpoint, view)
             if idempotency_scope is not None:
@@ -194,7 +201,12 @@ def _handler(endpoint: Endpoint, view: Callable[..., Any]) -> Callable[..., Resp
                 raise TokenNotAccepted()
             if getattr(model, "user_id", None) != owner:
                 raise TokenForAnotherUser()
-        result = view() if model is None else view(model)
+        if model is None:
+            result = view()
+        elif endpoint.form is None:
+            result = view(model)
+        else:
+            result = view(model, parse_form(endpoint.form))
         if isinstance(result, Response):
             return result
         reply = result if isinstance(result, Reply) else Reply(result, success)

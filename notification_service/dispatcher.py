@@ -663,6 +663,7 @@ class Dispatcher:
                     text=record["text"],
                     html=record.get("html"),
                     message_id=record["message_id"],
+                    unsubscribe_url=record.get("unsubscribe_url"),
                 ),
                 from_email=cfg.smtp_email,
                 from_name=cfg.smtp_name,

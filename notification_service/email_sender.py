@@ -129,6 +129,8 @@ class OutgoingEmail:
     text: str
     html: str | None
     message_id: str  # with its angle brackets: "<abc@example.com>"
+    # The one-click unsubscribe link of an email of a non-mandatory key (unsubscribe.py).
+    unsubscribe_url: str | None = None
 
 
 def build_message(
@@ -140,8 +142,12 @@ def build_message(
 ) -> EmailMessage:
     """Build the message to send; pure apart from reading the clock when `date` is None.
 
+    With `email.unsubscribe_url`, the message carries `List-Unsubscribe: <url>` and
+    `List-Unsubscribe-Post: List-Unsubscribe=One-Click` (RFC 2369, RFC 8058 section
+    3.1); without it, neither.
+
     :raise ValueError: for a line break in a header value (header injection), a bad
-        address or Message-ID, or a naive `date`.
+        address, Message-ID or unsubscribe URL, or a naive `date`.
     """
     for name, value in (
         ("to", email.to),
@@ -153,6 +159,8 @@ def build_message(
         _require_one_line(name, value)
     if not _MESSAGE_ID_RE.fullmatch(email.message_id) or "=?" in email.message_id:
         raise ValueError(f"message_id must look like <id@domain>, got {email.message_id!r}")
+    if email.unsubscribe_url is not None:
+        _check_unsubscribe_url(email.unsubscribe_url)
     if date is None:
         date = datetime.now(UTC)
     elif date.tzinfo is None:
@@ -174,6 +182,11 @@ def build_message(
     date_text = format_datetime(date)
     message["Date"] = _Written("Date", date_text, date_text.split(" "))
     message["Message-ID"] = _Written("Message-ID", email.message_id, [email.message_id])
+    if email.unsubscribe_url is not None:
+        link = f"<{email.unsubscribe_url}>"
+        message["List-Unsubscribe"] = _Written("List-Unsubscribe", link, [link])
+        one_click = "List-Unsubscribe=One-Click"
+        message["List-Unsubscribe-Post"] = _Written("List-Unsubscribe-Post", one_click, [one_click])
     message.set_content(email.text)  # adds MIME-Version
     if email.html is not None:
         message.add_alternative(email.html, subtype="html")
@@ -322,6 +335,19 @@ def _word(chunk: str, encoding: str) -> str:
     else:
         payload = base64.b64encode(chunk.encode("utf-8")).decode("ascii")
     return f"=?utf-8?{encoding}?{payload}?="
+
+
+# An http(s) URL as unsubscribe.py makes it: printable ASCII without blanks, quotes or
+# angle brackets (which would end the header's <...>), short enough for one line.
+_UNSUBSCRIBE_URL_RE = re.compile(r"https?://[!#-;=?-~]+")
+_UNSUBSCRIBE_URL_MAX = 998 - len("List-Unsubscribe: <>")  # RFC 5322's line limit
+
+
+def _check_unsubscribe_url(url: str) -> None:
+    # The URL is the service's own (PUBLIC_URL and a token); it is checked all the same,
+    # as it is written into the header as it is, unfolded and unencoded.
+    if len(url) > _UNSUBSCRIBE_URL_MAX or not _UNSUBSCRIBE_URL_RE.fullmatch(url):
+        raise ValueError(f"unsubscribe_url must be one line of an http(s) URL, got {url[:200]!r}")
 
 
 def _require_one_line(name: str, value: str) -> None:

@@ -71,6 +71,14 @@ class TokenForAnotherUser(ApiError):
     default_message = "This user token is for another user_id."
 
 
+class InvalidUnsubscribeToken(ApiError):
+    """Not an unsubscribe token this service signed: malformed, altered or forged."""
+
+    status = 403
+    default_code = "invalid_unsubscribe_token"
+    default_message = "This unsubscribe link is not valid: it may have been altered."
+
+
 class TokensNotConfigured(ApiError):
     status = 501
     default_code = "tokens_not_configured"
@@ -93,6 +101,21 @@ class ValidationFailed(ApiError):
     status = 422
     default_code = "validation_failed"
     default_message = "Some fields are not valid."
+
+
+class MandatoryKey(ValidationFailed):
+    """A change that would turn off a key the user cannot turn off."""
+
+    default_code = "mandatory_key"
+    default_message = "This key is mandatory: its notifications cannot be turned off."
+
+    def __init__(self, *keys: str) -> None:
+        named = ", ".join(repr(key) for key in keys)
+        super().__init__(
+            f"A mandatory key cannot be turned off: {named}.",
+            details=[{"field": f"keys.{key}", "problem": "is mandatory"} for key in keys],
+        )
+        self.keys = keys
 
 
 class UserHasNoEmail(ValidationFailed):

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import metrics, notifications, openapi, sse, tokens
+from . import metrics, notifications, openapi, preference_handler, sse, tokens
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
@@ -413,6 +413,10 @@ def email(request: EmailRequest) -> EmailQueued:
 def email_state(path: EmailIdPath) -> EmailState:
     """Where a queued email is: queued, sending, sent or failed."""
     return notifications.email_state(services(), path.email_id)
+
+
+# GET/PUT /preferences and GET/POST /unsubscribe/<token> (preference_handler.py).
+preference_handler.declare(api)
 
 
 @api.route(

@@ -40,6 +40,7 @@ from .storage.idempotency_store import IdempotencyStore
 from .storage.ids import IdBlock, new_id
 from .storage.inbox_store import InboxStore, RefusedWrites, has_email
 from .storage.mongo_connector import Document
+from .storage.preference_store import PreferenceStore
 
 Clock = Callable[[], datetime]
 
@@ -67,6 +68,7 @@ class Services:
     outbox: Outbox
     templates: EmailTemplates
     idempotency: IdempotencyStore
+    preferences: PreferenceStore
     clock: Clock = utc_now
     events: Events = field(default_factory=NoEvents)
 

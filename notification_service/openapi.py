@@ -44,9 +44,10 @@ Every answer is JSON: `{"success": true, "data": ...}`, or `{"success": false, "
 branch on. Every answer carries `X-Request-ID` (yours when you send a valid one), the id
 to quote when asking about a request.
 
-With `API_KEYS` set, every route except the probes, this documentation and the demo
-inbox page needs `Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox
-routes (list, count, read, read-all, delete, delete-all, stream) also take a user token
+With `API_KEYS` set, every route except the probes, this documentation, the demo
+inbox page and the unsubscribe links (whose token is their credential) needs
+`Authorization: Bearer <key>`. With `USER_TOKEN_SECRET` set, the inbox routes (list,
+count, read, read-all, delete, delete-all, stream) and preferences also take a user token
 (`userToken`; minted by your backend or `POST /token`) in its place: it opens only the
 requests of its own `user_id` (403 `token_for_another_user` otherwise) until it expires
 (401 `token_expired`), and no other route (403 `token_not_accepted`). GET /stream also
@@ -144,6 +145,8 @@ def _operation(endpoint: Endpoint, config: Config, components: dict[str, Schema]
             parameters[:0] = _parameters(endpoint, location, context, components)
         if endpoint.source == "body":
             operation["requestBody"] = _request_body(endpoint, config, context, components)
+    if endpoint.form is not None:
+        operation["requestBody"] = _form_body(endpoint.form, config, components)
     if endpoint.idempotency_scope is not None:
         parameters.append({"$ref": "#/components/parameters/IdempotencyKey"})
     if endpoint.etag is not None:
@@ -226,6 +229,16 @@ def _request_body(
     }
 
 
+def _form_body(form: type[BaseModel], config: Config, components: dict[str, Schema]) -> Any:
+    # Both encodings an HTML form and a mail provider's one-click POST use (RFC 8058 3.2).
+    media = {"schema": _model_schema(form, components)}
+    return {
+        "description": f"A form, at most {config.max_body_bytes} bytes as sent (MAX_BODY_BYTES).",
+        "required": True,
+        "content": {"application/x-www-form-urlencoded": media, "multipart/form-data": media},
+    }
+
+
 def _responses(endpoint: Endpoint, components: dict[str, Schema]) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status, answer in sorted(endpoint.answers.items()):
@@ -295,6 +308,8 @@ def _errors(endpoint: Endpoint) -> dict[int, list[tuple[str, str]]]:
     kinds: list[type[ApiError]] = list(endpoint.errors)
     if endpoint.source in ("body", "query_or_body"):
         kinds += _BODY_ERRORS
+    if endpoint.form is not None:  # no JSON to get wrong: a form's fields are validated
+        kinds += [PayloadTooLarge, RequestTimeout]
     if endpoint.model is not None or endpoint.idempotency_scope is not None:
         kinds.append(ValidationFailed)
     if endpoint.auth == "key_or_token":

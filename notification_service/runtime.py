@@ -23,6 +23,7 @@ from .outbox import Outbox
 from .storage.idempotency_store import IdempotencyStore
 from .storage.inbox_store import InboxStore
 from .storage.mongo_connector import DatabaseUnavailable, connect, database
+from .storage.preference_store import PreferenceStore
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def build_runtime(
         outbox=Outbox(db, config.outbox_collection, retention_days=config.outbox_retention_days),
         templates=templates,
         idempotency=IdempotencyStore(db, config),
+        preferences=PreferenceStore(db, config),
         clock=clock.now,
         events=metrics.DomainEvents(config.keys),
     )

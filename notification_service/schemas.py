@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections import Counter
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AfterValidator,
@@ -443,6 +443,103 @@ class AssetPath(_Query):
 
 class InboxAssetPath(_Query):
     asset: Annotated[str, Field(max_length=64, json_schema_extra={"enum": list(INBOX_ASSETS)})]
+
+
+# -- preferences and unsubscribe links (preferences.py) ---------------------------------
+
+
+class ChannelChoices(TypedDict, total=False):
+    """The channels of one key to turn on (true) or off (false); those left out stay."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[misc]
+
+    in_app: bool
+    email: bool
+
+
+KeyName = Annotated[str, Field(pattern=KEY_NAME_PATTERN)]
+
+
+class PreferencesUpdate(_Body):
+    """A partial update: only the keys and channels given change. Each key must be one
+    of the service's, each channel one its key uses (the domain checks both against the
+    key table the service runs with)."""
+
+    user_id: ObjectIdStr
+    keys: Annotated[
+        dict[KeyName, ChannelChoices], Field(json_schema_extra={"additionalProperties": False})
+    ]
+
+    @classmethod
+    def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The table's keys, each with the channels it uses; a mandatory key's can only
+        be true (openapi.py)."""
+        table: KeyTable = context.get("keys", DEFAULT_KEYS)
+        choices = {
+            spec.name: {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    channel: {"const": True} if spec.mandatory else {"type": "boolean"}
+                    for channel in spec.channels
+                },
+            }
+            for spec in table
+        }
+        # The table's names replace the pattern any name is checked against.
+        return {
+            "keys": {"properties": choices, "patternProperties": {}, "additionalProperties": False}
+        }
+
+
+_UNSUBSCRIBE_EXAMPLE = "6756b2f1a4c3e0d9b8f71234.new_post." + "A" * 43
+
+
+class UnsubscribePath(_Query):
+    # Any text: a malformed token is a 403 `invalid_unsubscribe_token`, like a forged one.
+    token: Annotated[str, WithJsonSchema({"type": "string", "examples": [_UNSUBSCRIBE_EXAMPLE]})]
+
+
+def _one_form_action(schema: dict[str, Any]) -> None:
+    # A form field is sent or not: it has no null default to document.
+    for field in schema["properties"].values():
+        field.pop("default", None)
+    schema["oneOf"] = [{"required": ["List-Unsubscribe"]}, {"required": ["undo"]}]
+
+
+class UnsubscribeForm(BaseModel):
+    """RFC 8058's one-click body, or this service's undo. Other fields are ignored: a
+    mail provider's one-click POST must never fail for something it added."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra=_one_form_action,
+    )
+
+    # A form field is text or absent, never null: the schema says so.
+    one_click: Annotated[Literal["One-Click"] | None, WithJsonSchema({"const": "One-Click"})] = (
+        Field(default=None, alias="List-Unsubscribe")
+    )
+    undo: Annotated[Literal["1"] | None, WithJsonSchema({"const": "1"})] = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> UnsubscribeForm:
+        if (self.one_click is None) == (self.undo is None):
+            raise ValueError("send exactly one of List-Unsubscribe=One-Click and undo=1")
+        return self
+
+
+class KeyPreferences(TypedDict):
+    """One key's channels as the user has them (a channel the key does not use is not
+    listed), and whether it is mandatory (then every channel shows true)."""
+
+    in_app: NotRequired[bool]
+    email: NotRequired[bool]
+    mandatory: bool
+
+
+class Preferences(TypedDict):
+    keys: dict[str, KeyPreferences]  # every key of the service, in the table's order
 
 
 class TokenIssued(TypedDict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from flask import Response, current_app, g, jsonify, request
@@ -91,6 +92,21 @@ def parse_query(model: type[M], ignored: tuple[str, ...] = (), **context: Any) -
     return model.model_validate(values, context=context)
 
 
+def parse_form(model: type[M]) -> M:
+    """The form body (application/x-www-form-urlencoded or multipart/form-data) as
+    `model`; another body reads as an empty form.
+
+    :raise ValidationFailed: a field of the model given more than once (strict parsing;
+        the model decides what it makes of the others).
+    """
+    form = request.form
+    values = form.to_dict()
+    if current_app.config.get(STRICT_PARSING, True):
+        read = {field.alias or name for name, field in model.model_fields.items()}
+        _refuse_repeated((name, given) for name, given in form.lists() if name in read)
+    return model.model_validate(values)
+
+
 def parse_query_or_body(model: type[M], **context: Any) -> M:
     """Fields from the query string and, when a JSON body is sent, from the body too."""
     fields: dict[str, Any] = _single_values()
@@ -121,14 +137,18 @@ def _single_values() -> dict[str, Any]:
     args = request.args
     values = args.to_dict()  # the first value of each
     if current_app.config.get(STRICT_PARSING, True):
-        repeated: list[ErrorDetail] = [
-            {"field": name, "problem": "is given more than once"}
-            for name, given in args.lists()
-            if len(given) > 1
-        ]
-        if repeated:
-            raise ValidationFailed(details=repeated)
+        _refuse_repeated(args.lists())
     return values
+
+
+def _refuse_repeated(lists: Iterable[tuple[str, list[str]]]) -> None:
+    repeated: list[ErrorDetail] = [
+        {"field": name, "problem": "is given more than once"}
+        for name, given in lists
+        if len(given) > 1
+    ]
+    if repeated:
+        raise ValidationFailed(details=repeated)
 
 
 def _object_with_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 import trustme
+from conftest import runtime
 from flask import Flask
 from smtp_fixtures import SMTP_USER, SmtpServer
+from test_dispatcher import context_of, drain, make_dispatcher
 
 from notification_service.config import Config, Secret
 from notification_service.email_sender import (
@@ -245,6 +247,86 @@ def test_message_id_must_be_one_bracketed_id(message_id: str) -> None:
 def test_naive_date_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         build_message(outgoing(), from_email=FROM, from_name=None, date=datetime(2026, 1, 1))
+
+
+# -- one-click unsubscribe (RFC 2369, RFC 8058) --------------------------------------
+
+UNSUBSCRIBE_URL = (
+    "https://notify.example.com/unsubscribe/6756b2f1a4c3e0d9b8f71234.new_post."
+    "Qk9hN2tqYlVwTXlkQ3hWRm5aUmdYc0pqT3lKd2VtNEd"
+)
+
+
+def test_an_unsubscribe_url_adds_list_unsubscribe_and_the_one_click_post() -> None:
+    wire = message(unsubscribe_url=UNSUBSCRIBE_URL).as_bytes()
+    # One line each, as RFC 8058 section 3.1 writes them (a URL is never folded inside).
+    assert f"\r\nList-Unsubscribe: <{UNSUBSCRIBE_URL}>\r\n".encode() in wire
+    assert b"\r\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in wire
+    read = parse(message(unsubscribe_url=UNSUBSCRIBE_URL, html="<p>hi</p>"))
+    assert read["List-Unsubscribe"] == f"<{UNSUBSCRIBE_URL}>"
+    assert read["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_without_an_unsubscribe_url_neither_header_is_there() -> None:
+    read = parse(message())
+    assert read["List-Unsubscribe"] is None
+    assert read["List-Unsubscribe-Post"] is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/u/x\r\nBcc: victim@example.com",
+        "https://example.com/u/x\nBcc: victim@example.com",
+        "https://example.com/u/x\u2028y",
+        "https://example.com/u/x>, <mailto:attacker@example.com",
+        "https://example.com/u/x y",
+        "https://example.com/u/\u00e9",
+        "javascript:alert(1)",
+        "mailto:unsubscribe@example.com",
+        'https://example.com/u/=?utf-8?q?=0D=0ABcc:_x?="',
+        "https://example.com/" + "a" * 1000,
+        "",
+    ],
+)
+def test_an_unsubscribe_url_that_is_not_one_ascii_http_url_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="unsubscribe_url"):
+        message(unsubscribe_url=url)
+
+
+def test_the_dispatcher_sends_the_unsubscribe_headers_of_a_record_that_has_the_url(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+) -> None:
+    app = make_app(make_config(**smtp_server.config_kwargs()))
+    outbox = runtime(app).services.outbox
+    record = {
+        "kind": "notification",
+        "subject": "Hello",
+        "text": "Hi.",
+        "html": None,
+        "user_id": None,
+        "notification_id": None,
+        "key": "new_post",
+    }
+    with_url = {**record, "to": "a@example.com", "message_id": "<a@example.com>"}
+    without = {**record, "to": "b@example.com", "message_id": "<b@example.com>"}
+    outbox.enqueue_many(
+        [{**with_url, "unsubscribe_url": UNSUBSCRIBE_URL}, without],
+        datetime.now(UTC),
+        email_ids=["6756b2f1a4c3e0d9b8f70001", "6756b2f1a4c3e0d9b8f70002"],
+    )
+    dispatcher = make_dispatcher(context_of(app))
+    try:
+        assert drain(dispatcher) == 2
+    finally:
+        dispatcher.close()
+    by_to = {m.message["To"]: m.message for m in smtp_server.wait_for_messages(2)}
+    assert by_to["a@example.com"]["List-Unsubscribe"] == f"<{UNSUBSCRIBE_URL}>"
+    assert by_to["a@example.com"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert by_to["b@example.com"]["List-Unsubscribe"] is None
+    assert by_to["b@example.com"]["List-Unsubscribe-Post"] is None
 
 
 # -- header values are literal text (RFC 2047 encoded words) ------------------------

@@ -99,6 +99,8 @@ def test_probes_docs_and_inbox_page_need_no_key_and_the_rest_does() -> None:
         ("GET", "/docs/{asset}"),
         ("GET", "/inbox"),
         ("GET", "/inbox/{asset}"),
+        ("GET", "/unsubscribe/{token}"),
+        ("POST", "/unsubscribe/{token}"),
     }
     assert all("401" in ops[key]["responses"] for key in set(ops) - open_)
 
@@ -115,6 +117,8 @@ def test_the_inbox_routes_are_documented_as_taking_a_user_token_and_no_other() -
         ("POST", "/read-all"),
         ("POST", "/delete"),
         ("POST", "/delete-all"),
+        ("GET", "/preferences"),
+        ("PUT", "/preferences"),
     }
     in_query = {key for key, op in ops.items() if {"userTokenQuery": []} in op.get("security", [])}
     assert in_query == {("GET", "/stream")}
