@@ -37,6 +37,7 @@ from notification_service.dispatcher import Dispatcher, RateLimiter
 from notification_service.email_sender import SmtpSender, SmtpSettings
 from notification_service.embedded import free_port, start_database
 from notification_service.keys import DEFAULT_KEYS, KeySpec, KeyTable
+from notification_service.outbox import Outbox
 from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
 from notification_service.storage.digest_store import DigestStore
@@ -188,6 +189,28 @@ def main(n: int) -> None:
             sent = handler.received - before
             assert sent == expected, (sent, expected)
             per_op(label, expected, seconds, listener.take())
+            for name, total in sorted(spent.items()):
+                print(f"    {name:20s} {total / expected * 1000:7.2f} ms per email")
+            spent.clear()
+
+        spent: Counter[str] = Counter()
+
+        def clocked(owner: Any, name: str) -> None:
+            original = getattr(owner, name)
+
+            def timed_call(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spent[name] += time.perf_counter() - started
+
+            setattr(owner, name, timed_call)
+
+        for owner, name in [(DigestStore, "unread"), (Outbox, "write_digests"),
+                            (Digests, "prepare"), (Outbox, "claim_batch"),
+                            (Outbox, "mark_sent"), (SmtpSender, "send")]:  # fmt: skip
+            clocked(owner, name)
 
         # The `always` emails above are queued: send them first, as plain emails.
         drain(f"due time, plain email (x{n}, batches of {config.dispatch_batch_size})", n)
