@@ -20,6 +20,7 @@ too, one read per key and claim, so a change before an email goes out stops it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from .config import Config
 from .email_templates import EmailContent
 from .keys import KeySpec, KeyTable
 from .outbox import DIGEST, CancelReason, Outbox
@@ -34,6 +36,7 @@ from .schemas import Notification
 from .storage.digest_store import UNREAD, DigestStore
 from .storage.inbox_store import has_email
 from .storage.mongo_connector import Document
+from .unsubscribe import unsubscribe_url
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,21 @@ class Digests:
     preferences: Preferences
     unsubscribe_url: Callable[[str, str], str | None]
     sender_domain: str
+
+    @classmethod
+    def of(
+        cls, config: Config, outbox: Outbox, templates: Templates, preferences: Preferences
+    ) -> Digests:
+        """The due-time step of a process, from its services."""
+        return cls(
+            outbox=outbox,
+            users=DigestStore(outbox.records.database, config),
+            templates=templates,
+            keys=config.keys,
+            preferences=preferences,
+            unsubscribe_url=functools.partial(unsubscribe_url, config),
+            sender_domain=config.smtp_email.rpartition("@")[2] or "localhost",
+        )
 
     def prepare(self, records: list[Document], now: datetime) -> list[Document]:
         """The claimed records to send, in order, each with its content: digests

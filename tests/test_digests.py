@@ -17,43 +17,22 @@ from flask import Flask
 from smtp_fixtures import SmtpServer
 from test_dispatcher import FAST_RETRY, context_of, drain, make_dispatcher
 
-from notification_service.config import Config
+from notification_service.config import Config, Secret
 from notification_service.digests import Digests, open_digest
 from notification_service.dispatcher import DispatchContext, Dispatcher
-from notification_service.email_templates import EmailTemplates
 from notification_service.keys import DEFAULT_EMAIL_AFTER_SECONDS, DEFAULT_KEYS, KeySpec, KeyTable
 from notification_service.notifications import Services
 from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
-from notification_service.storage.digest_store import DigestStore
 from notification_service.storage.ids import new_id
 from notification_service.storage.mongo_connector import Document
 
 DELAY = 600
+PUBLIC_URL = "https://notify.example.com"
 DIGESTED = KeySpec("new_message", in_app=True, email="if_unread", email_after_seconds=DELAY)
 ALERT = KeySpec("alert", in_app=True, email="if_unread", email_after_seconds=60, mandatory=True)
-KEYS = KeyTable([*(s for s in DEFAULT_KEYS if s.name != DIGESTED.name), DIGESTED, ALERT])
-
-
-class UserPreferences:
-    """Preferences as helper PREFS stores them (`<field>_prefs.<key>.email: false` in the
-    user's document), read from the real database; stands in for PreferenceStore until
-    it lands on this branch."""
-
-    def __init__(self, db: Any, config: Config) -> None:
-        self.users = db[config.users_collection]
-        self.field = f"{config.notifications_field}_prefs"
-
-    def email_allowed(self, user_ids: list[str], key: str) -> set[str]:
-        off = self.users.find(
-            {"_id": {"$in": [ObjectId(u) for u in user_ids]}, f"{self.field}.{key}.email": False},
-            projection={"_id": 1},
-        )
-        return set(user_ids) - {str(doc["_id"]) for doc in off}
-
-    def opted_out(self, user_doc: Document, key: str) -> set[str]:
-        prefs = (user_doc.get(self.field) or {}).get(key) or {}
-        return {channel for channel, on in prefs.items() if on is False}
+NEWS = KeySpec("news", in_app=True, email="always")  # emailed at once, and optional
+KEYS = KeyTable([*(s for s in DEFAULT_KEYS if s.name != DIGESTED.name), DIGESTED, ALERT, NEWS])
 
 
 @dataclass
@@ -74,19 +53,6 @@ class Setup:
         return self.made[-1]
 
 
-def digests_for(svc: Services, db: Any) -> Digests:
-    config = svc.config
-    return Digests(
-        outbox=svc.outbox,
-        users=DigestStore(svc.outbox.records.database, config),
-        templates=EmailTemplates(None, KEYS),
-        keys=KEYS,
-        preferences=UserPreferences(db, config),
-        unsubscribe_url=lambda user_id, key: f"https://example.com/unsubscribe/{user_id}.{key}",
-        sender_domain="example.com",
-    )
-
-
 @pytest.fixture
 def make_setup(
     make_app: Callable[..., Flask],
@@ -98,11 +64,17 @@ def make_setup(
     clock = FakeClock(datetime.now(UTC).replace(microsecond=0))
 
     def make() -> Setup:
-        config = make_config(**smtp_server.config_kwargs(), **FAST_RETRY, keys=KEYS)
-        app = make_app(config, runtime=build_runtime(config, clock=clock))
-        context = replace(
-            context_of(app), clock=clock, digests=digests_for(runtime(app).services, db)
+        config = make_config(
+            **smtp_server.config_kwargs(),
+            **FAST_RETRY,
+            keys=KEYS,
+            unsubscribe_secret=Secret("s" * 32),
+            public_url=PUBLIC_URL,
         )
+        app = make_app(config, runtime=build_runtime(config, clock=clock))
+        svc = runtime(app).services
+        digests = Digests.of(config, svc.outbox, svc.templates, svc.preferences)
+        context = replace(context_of(app), clock=clock, digests=digests)
         return Setup(app, clock, context, made)
 
     yield make
@@ -177,7 +149,10 @@ def test_the_first_unread_opens_a_batch_and_one_email_at_due_time_lists_the_stil
     listed = [line for line in body.splitlines() if line.startswith("n: ")]
     assert listed == [f"n: {last}", f"n: {first}"]  # newest first, the read one left out
     assert received.message["Subject"] == "2 new notifications (new_message)"
-    assert f"unsubscribe: https://example.com/unsubscribe/{user_id}.new_message" in body
+    link = received.message["List-Unsubscribe"]
+    assert link.startswith(f"<{PUBLIC_URL}/unsubscribe/{user_id}.new_message.")
+    assert received.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert f"unsubscribe: {link[1:-1]}" in body
     shown = state(setup, digest["_id"])
     assert (shown["status"], shown["attempts"]) == ("sent", 1)
     assert shown["to"] == "user@example.com"
@@ -213,9 +188,7 @@ def test_email_turned_off_before_due_cancels_the_digest_as_unsubscribed(
     setup: Setup, smtp_server: SmtpServer, user_id: str, db: Any
 ) -> None:
     create_unread(setup, user_id)
-    db.users.update_one(
-        {"_id": ObjectId(user_id)}, {"$set": {"notifications_prefs.new_message.email": False}}
-    )
+    setup.svc.preferences.update(user_id, {"new_message": {"email": False}})
     setup.clock.advance(DELAY)
     assert drain(setup.dispatcher()) == 1
     [digest] = digests_of(db)
@@ -228,6 +201,7 @@ def test_a_mandatory_key_s_digest_ignores_the_preference_and_carries_no_unsubscr
 ) -> None:
     alert = ALERT
     create_unread(setup, user_id, alert)
+    # An opt-out written before the key became mandatory: ignored now.
     db.users.update_one(
         {"_id": ObjectId(user_id)}, {"$set": {"notifications_prefs.alert.email": False}}
     )
@@ -235,6 +209,7 @@ def test_a_mandatory_key_s_digest_ignores_the_preference_and_carries_no_unsubscr
     assert drain(setup.dispatcher()) == 1
     [received] = smtp_server.wait_for_messages(1)
     assert "unsubscribe" not in received.message.get_body(("plain",)).get_content()
+    assert received.message["List-Unsubscribe"] is None
     assert digests_of(db)[0]["unsubscribe_url"] is None
 
 
@@ -242,16 +217,14 @@ def test_a_queued_email_of_a_key_turned_off_is_cancelled_at_send_time(
     setup: Setup, smtp_server: SmtpServer, make_user: Callable[..., str], db: Any
 ) -> None:
     off, on = make_user(), make_user()
-    db.users.update_one(
-        {"_id": ObjectId(off)}, {"$set": {"notifications_prefs.new_post.email": False}}
-    )
+    setup.svc.preferences.update(off, {"news": {"email": False}})
     outbox, now = setup.svc.outbox, setup.clock.now()
     ids = {}
     for user in (off, on):
         ids[user] = outbox.enqueue(
             {"kind": "notification", "to": "user@example.com", "subject": "s", "text": "t",
              "html": None, "message_id": f"<{new_id()}@test>", "user_id": user,
-             "notification_id": new_id(), "key": "new_post"},
+             "notification_id": new_id(), "key": "news"},
             now,
         )  # fmt: skip
     mandatory = outbox.enqueue(
@@ -260,6 +233,7 @@ def test_a_queued_email_of_a_key_turned_off_is_cancelled_at_send_time(
          "notification_id": new_id(), "key": "new_login"},
         now,
     )  # fmt: skip
+    # An opt-out of a mandatory key (written before it became one) is ignored.
     db.users.update_one(
         {"_id": ObjectId(off)}, {"$set": {"notifications_prefs.new_login.email": False}}
     )
