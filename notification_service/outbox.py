@@ -300,7 +300,12 @@ class Outbox:
             # Another create opened it between our look and our insert (mongod; SecantusDB
             # serialises the two): it is there now, so this joins it.
             result = self.records.update_one(query, update, upsert=True)
-        return None if result.upserted_id is None else str(result.upserted_id)
+        if result.upserted_id is None:
+            return None
+        # A new due time: idle dispatchers of this process look again at when to wake
+        # (next_due), rather than at the end of a long poll. A join changes no due time.
+        self._wake()
+        return str(result.upserted_id)
 
     @guarded
     def open_digest_id(self, user_id: str, key: str) -> str | None:
@@ -340,6 +345,8 @@ class Outbox:
             upserted.update({i: again[n] for n, i in enumerate(lost) if n in again})
         for index, digest_id in upserted.items():
             opened[entries[index][0]] = str(digest_id)
+        if opened:
+            self._wake()  # as schedule_digest
         return opened
 
     @guarded

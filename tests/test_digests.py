@@ -4,6 +4,7 @@ moved by the test's clock instead of waited for."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -372,3 +373,36 @@ def test_a_digest_that_cannot_be_rendered_fails_alone_and_the_rest_of_its_claim_
     status, error = states[broken]
     assert (status, error["permanent"]) == ("failed", True)
     assert "cannot build message" in error["message"]
+
+
+def test_an_in_server_dispatcher_sends_a_digest_soon_after_its_due_time(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    smtp_server: SmtpServer,
+    user_id: str,
+) -> None:
+    soon = KeySpec("soon", in_app=True, email="if_unread", email_after_seconds=1)
+    config = make_config(
+        **smtp_server.config_kwargs(),
+        keys=KeyTable([*KEYS, soon]),
+        unsubscribe_secret=Secret("s" * 32),
+        public_url=PUBLIC_URL,
+        dispatcher_threads=1,
+        dispatch_poll_seconds=30,  # only the due time, or a wake, brings the thread back
+    )
+    svc = runtime(make_app(config)).services
+    now = datetime.now(UTC)
+    note: Notification = {
+        "id": new_id(),
+        "timestamp": int(now.timestamp()),
+        "is_new": True,
+        "user_id": user_id,
+        "key": "soon",
+        "target_id": None,
+        "data": {},
+    }
+    opened_at = time.monotonic()
+    open_digest(svc.outbox, soon, user_id, note["id"], now)
+    svc.store.append([(user_id, note)], now, require_email=False)
+    assert len(smtp_server.wait_for_messages(1, timeout=10)) == 1
+    assert 0.9 <= time.monotonic() - opened_at < 4  # at its due time, not the poll's end
