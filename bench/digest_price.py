@@ -5,7 +5,8 @@ that only counts, on one dispatcher thread:
 
 1. per create when nothing is due: the notification's push alone (a key that only
    records), open_digest + push (opening, then joining a batch), and an `always`
-   key's outbox writes + push (the standalone path: insert pending, push, activate);
+   key's outbox writes + push (the standalone path: insert pending, push, activate;
+   and the replica set's: insert and push in one transaction);
 2. per email at due time: draining N plain queued emails against N due digests of 3
    unread notifications each (claim, user read, render, content write, send, record).
 
@@ -156,11 +157,26 @@ def main(n: int) -> None:
             svc.store.append([(user_id, note)], now, require_email=True)
             svc.outbox.activate([email_id], now)
 
+        def always_in_transaction(user_id: str, now: datetime) -> None:
+            note = notification(user_id, "new_login", now)
+
+            def both(session: Any) -> None:
+                svc.outbox.enqueue_many(
+                    [{"kind": "notification", "to": f"{user_id}@example.com", "subject": "s",
+                      "text": "t", "html": None, "message_id": f"<{new_id()}@x>",
+                      "user_id": user_id, "notification_id": note["id"], "key": "new_login"}],
+                    now, email_ids=[new_id()], session=session,
+                )  # fmt: skip
+                svc.store.append([(user_id, note)], now, require_email=True, session=session)
+
+            svc.store.in_transaction(both)
+
         timed("create, push only (new_post)", push)
         timed("create, open_digest (opens) + push", digest_create)
         timed("create, open_digest (joins) + push", digest_create)
         timed("create, open_digest (joins) + push, again", digest_create)
         timed("create, always: insert pending + push + activate", always_create)
+        timed("create, always: insert + push in a transaction", always_in_transaction)
 
         def dispatcher() -> Dispatcher:
             context = replace(
@@ -213,7 +229,7 @@ def main(n: int) -> None:
             clocked(owner, name)
 
         # The `always` emails above are queued: send them first, as plain emails.
-        drain(f"due time, plain email (x{n}, batches of {config.dispatch_batch_size})", n)
+        drain(f"due time, plain email (x{2 * n}, batches of {config.dispatch_batch_size})", 2 * n)
         clock.offset += timedelta(seconds=DIGESTED.email_after_seconds + 1)
         drain(f"due time, digest of 3 unread (x{n})", n)
     finally:
