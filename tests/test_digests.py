@@ -137,6 +137,7 @@ def test_the_first_unread_opens_a_batch_and_one_email_at_due_time_lists_the_stil
     assert (shown["to"], shown["cancel_reason"], shown["cancelled_at"]) == (None, None, None)
     due = digest["next_attempt_at"]
     assert due == digest["created_at"] + timedelta(seconds=DELAY)  # the first one's delay
+    assert shown["next_attempt_at"] == due.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     setup.svc.store.mark_read(user_id, read, setup.clock.now())
 
     d = setup.dispatcher()
