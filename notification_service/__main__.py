@@ -299,7 +299,12 @@ def _log_progress(outbox: Outbox, last: dict[str, int] | None) -> dict[str, int]
         log.warning("outbox backlog unknown: the database is not answering")
         return last
     if backlog != last and (last is not None or any(backlog.values())):
-        log.info("outbox backlog: %d queued, %d sending", backlog["queued"], backlog["sending"])
+        log.info(
+            "outbox backlog: %d queued, %d sending, %d digests scheduled",
+            backlog["queued"],
+            backlog["sending"],
+            backlog["scheduled"],
+        )
     return backlog
 
 

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
+from .digests import Digests
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
 from .outbox import LastError, Outbox
 from .storage.mongo_connector import DatabaseUnavailable
@@ -96,6 +97,8 @@ class DispatchContext:
     `clock`: the time of day for the outbox's records, monotonic time for leases and
     sweeps, and every wait.
     `events`: where the dispatcher reports its claims and sends (a no-op by default).
+    `digests`: the due-time step of each claim (digests.py): digests rendered or
+    cancelled, emails whose user turned their key off cancelled. None: sent as claimed.
     """
 
     config: Config
@@ -103,6 +106,7 @@ class DispatchContext:
     clock: Clock
     is_recorded: Callable[[str, str], bool]
     events: DispatchEvents = field(default_factory=DispatchEvents)
+    digests: Digests | None = None
 
 
 def backoff_seconds(attempts: int, base: float, cap: float, rng: random.Random) -> float:
@@ -239,7 +243,7 @@ class Dispatcher:
 
     def dispatch_once(self) -> int:
         """Send a batch of due emails: the one claimed while the previous batch was sent,
-        or one claimed now; return how many were attempted.
+        or one claimed now; return how many were attempted (or cancelled instead).
 
         While a batch is sent, the next one is claimed in the background, and the
         sends are recorded in the background (never more than SENT_FLUSH unrecorded);
@@ -276,6 +280,11 @@ class Dispatcher:
         finished = False
         sent: list[Any] = []
         try:
+            if ctx.digests is not None:
+                # Inside the try: on an error, what it did not settle is given back.
+                claimed = len(claim.pending)
+                claim.pending = ctx.digests.prepare(claim.pending, ctx.clock.now())
+                attempted = claimed - len(claim.pending)  # cancelled: handled, not sent
             while claim.pending:
                 if attempted and self.stopping.is_set():
                     break

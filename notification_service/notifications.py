@@ -395,6 +395,7 @@ def readiness(svc: Services) -> Readiness:
         "outbox": {
             "queued": backlog["queued"],
             "sending": backlog["sending"],
+            "scheduled": backlog["scheduled"],
             "oldest_due_seconds": None
             if oldest is None
             else round((now - oldest).total_seconds(), 3),
@@ -411,22 +412,27 @@ def email_state(svc: Services, email_id: str) -> EmailState:
     if record is None:
         raise EmailNotFound()
     status = record["status"]
+    due = status in ("queued", "scheduled")
     return {
         "id": str(record["_id"]),
         "status": status,
-        "to": record["to"],
-        "subject": record["subject"],
+        # A digest has no content until its due time (digests.py).
+        "to": record.get("to"),
+        "subject": record.get("subject"),
         "kind": record.get("kind", "notification"),
         "user_id": record.get("user_id"),
         "notification_id": record.get("notification_id"),
+        "notification_ids": record.get("notification_ids"),
         "key": record.get("key"),
-        "message_id": record["message_id"],
+        "message_id": record.get("message_id"),
         "attempts": record["attempts"],
         "created_at": _iso(record["created_at"]) or "",
         # For a claimed record this field holds the lease's end: not a time to show.
-        "next_attempt_at": _iso(record["next_attempt_at"]) if status == "queued" else None,
+        "next_attempt_at": _iso(record["next_attempt_at"]) if due else None,
         "sent_at": _iso(record.get("sent_at")),
         "failed_at": _iso(record.get("failed_at")),
+        "cancelled_at": _iso(record.get("cancelled_at")),
+        "cancel_reason": record.get("cancel_reason"),
         "last_error": record.get("last_error"),
     }
 

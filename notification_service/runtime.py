@@ -16,6 +16,7 @@ from typing import Any
 from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
+from .digests import Digests
 from .dispatcher import DispatchContext, DispatcherPool
 from .email_templates import EmailTemplates
 from .notifications import Services
@@ -56,6 +57,7 @@ class Runtime:
             self.clock,
             svc.store.has_notification,
             events=metrics.PrometheusEvents(),
+            digests=Digests.of(svc.config, svc.outbox, svc.templates, svc.preferences),
         )
 
     def close(self) -> None:

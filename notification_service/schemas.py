@@ -560,19 +560,22 @@ class EmailState(TypedDict):
     """What GET /email/<id> shows of an outbox record."""
 
     id: str
-    status: str
-    to: str
-    subject: str
-    kind: str
+    status: str  # outbox.Status: pending, scheduled, queued, sending, sent, failed, cancelled
+    to: str | None  # None: a digest not rendered yet (its content is made at due time)
+    subject: str | None
+    kind: str  # notification, custom, or digest
     user_id: str | None
     notification_id: str | None
+    notification_ids: list[str] | None  # a digest's batch; None for other kinds
     key: str | None
-    message_id: str
+    message_id: str | None
     attempts: int
     created_at: str
-    next_attempt_at: str | None
+    next_attempt_at: str | None  # when it is due: queued, or scheduled (a digest)
     sent_at: str | None
     failed_at: str | None
+    cancelled_at: str | None
+    cancel_reason: str | None  # outbox.CancelReason, e.g. nothing_unread, unsubscribed
     last_error: dict[str, Any] | None
 
 
@@ -607,6 +610,7 @@ class InboxPage(TypedDict):
 class OutboxHealth(TypedDict):
     queued: int
     sending: int
+    scheduled: int  # digests waiting for their due time: not late, not counted as queued
     oldest_due_seconds: float | None  # how long the longest-waiting due email has waited
 
 

@@ -174,7 +174,7 @@ def test_release_backoffs_only_touches_outage_retries(outbox: Outbox, db: Any) -
     assert state[a["_id"]] == ("queued", now)
     assert state[b["_id"]] == ("queued", later)  # its own 4xx keeps its backoff
     assert state[c["_id"]][0] == "failed" and state[d["_id"]][0] == "sent"
-    assert outbox.backlog() == {"queued": 2, "sending": 0}
+    assert outbox.backlog() == {"scheduled": 0, "queued": 2, "sending": 0}
 
 
 def test_renew_extends_only_what_the_claim_still_holds(outbox: Outbox) -> None:
@@ -202,7 +202,7 @@ def test_a_pending_email_is_neither_claimed_nor_counted_nor_due(outbox: Outbox) 
     outbox.enqueue(email(), T0, pending=True)
     later = T0 + timedelta(days=1)
     assert outbox.claim_batch("a", later, 60, 10) == []
-    assert outbox.backlog() == {"queued": 0, "sending": 0}
+    assert outbox.backlog() == {"scheduled": 0, "queued": 0, "sending": 0}
     assert outbox.next_due() is None
     assert outbox.release_backoffs(later) == 0
 
@@ -327,12 +327,13 @@ def retained(service_db: Database[Document], config: Config) -> Callable[[int | 
     return make
 
 
-def test_retention_indexes_expire_only_sent_and_failed_records(
+def test_retention_indexes_expire_only_sent_failed_and_cancelled_records(
     retained: Callable[[int | None], Outbox],
 ) -> None:
     assert retention_indexes(retained(30)) == {
         "sent_retention": ([("sent_at", 1)], 30 * DAY, {"status": "sent"}),
         "failed_retention": ([("failed_at", 1)], 30 * DAY, {"status": "failed"}),
+        "cancelled_retention": ([("cancelled_at", 1)], 30 * DAY, {"status": "cancelled"}),
     }
 
 
@@ -344,6 +345,7 @@ def test_a_changed_retention_is_applied_to_the_existing_indexes(
     assert {name: ttl for name, (_, ttl, _) in retention_indexes(outbox).items()} == {
         "sent_retention": 7 * DAY,
         "failed_retention": 7 * DAY,
+        "cancelled_retention": 7 * DAY,
     }
     retained(7)  # unchanged: nothing to do, and no error
 
@@ -361,7 +363,7 @@ def test_an_outbox_without_retention_settings_leaves_the_indexes_alone(
     retained: Callable[[int | None], Outbox],
 ) -> None:
     retained(30)
-    assert len(retention_indexes(retained(None))) == 2
+    assert len(retention_indexes(retained(None))) == 3
 
 
 def test_records_past_retention_are_removed_and_unfinished_ones_never(
@@ -374,6 +376,7 @@ def test_records_past_retention_are_removed_and_unfinished_ones_never(
     gone = [
         email(0, status="sent", sent_at=now - timedelta(days=2)),
         email(1, status="failed", failed_at=now - timedelta(days=2)),
+        email(7, status="cancelled", cancelled_at=now - timedelta(days=2)),
     ]
     kept = [
         email(2, status="sent", sent_at=now - timedelta(hours=1)),
@@ -382,9 +385,124 @@ def test_records_past_retention_are_removed_and_unfinished_ones_never(
         email(4, status="queued", created_at=long_ago, sent_at=long_ago, failed_at=long_ago),
         email(5, status="sending", created_at=long_ago, sent_at=long_ago),
         email(6, status="pending", created_at=long_ago, failed_at=long_ago),
+        email(8, status="scheduled", created_at=long_ago, cancelled_at=long_ago),
+        email(9, status="cancelled", cancelled_at=now - timedelta(hours=1)),
     ]
     outbox.records.insert_many(gone + kept)
     # The pass SecantusDB's TTL monitor makes every 60 s (as mongod's does), run now
     # rather than waited for.
     assert mongo_admin.admin.command("secantusAdmin.pruneTtl")["pruned"] >= len(gone)
     assert {r["to"] for r in outbox.records.find()} == {r["to"] for r in kept}
+
+
+# --- digests ("email if unread") ----------------------------------------------------------
+
+
+def test_a_digest_opens_once_due_after_its_delay_and_later_notifications_join_it(
+    outbox: Outbox,
+) -> None:
+    first = outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    assert first is not None  # opened
+    later = T0 + timedelta(seconds=5)
+    assert outbox.schedule_digest("u1", "new_message", "n2", later, 600) is None  # joined
+    assert outbox.schedule_digest("u1", "new_message", "n2", later, 600) is None
+    assert outbox.open_digest_id("u1", "new_message") == first
+    other_key = outbox.schedule_digest("u1", "new_post", "n3", T0, 60)
+    other_user = outbox.schedule_digest("u2", "new_message", "n4", T0, 600)
+    assert len({first, other_key, other_user} - {None}) == 3
+    digest = outbox.get(first)
+    assert digest is not None
+    assert digest["kind"] == "digest"
+    assert (digest["status"], digest["attempts"]) == ("scheduled", 0)
+    assert digest["notification_ids"] == ["n1", "n2"]  # a retried create joins once
+    assert digest["next_attempt_at"] == T0 + timedelta(seconds=600)  # the first one's delay
+    assert "to" not in digest  # rendered at due time, from what is unread then
+    assert outbox.backlog() == {"scheduled": 3, "queued": 0, "sending": 0}
+    assert outbox.next_due() == T0 + timedelta(seconds=60)
+
+
+def test_a_digest_is_claimed_only_when_due_and_the_claim_closes_its_batch(
+    outbox: Outbox,
+) -> None:
+    first = outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    assert outbox.claim_batch("a", T0 + timedelta(seconds=599), 60, 10) == []
+    assert outbox.oldest_due(T0 + timedelta(seconds=599)) is None
+    assert outbox.oldest_due(T0 + timedelta(seconds=700)) == T0 + timedelta(seconds=600)
+    [claimed] = outbox.claim_batch("a", T0 + timedelta(seconds=600), 60, 10)
+    assert (str(claimed["_id"]), claimed["status"], claimed["attempts"]) == (first, "sending", 1)
+    assert outbox.open_digest_id("u1", "new_message") is None
+    # The batch is closed: the next notification opens another, due after its own delay.
+    later = T0 + timedelta(seconds=601)
+    second = outbox.schedule_digest("u1", "new_message", "n2", later, 600)
+    assert second is not None and second != first
+    assert outbox.get(second)["notification_ids"] == ["n2"]  # type: ignore[index]
+    assert outbox.get(first)["notification_ids"] == ["n1"]  # type: ignore[index]
+
+
+def test_racing_opens_of_one_digest_make_one_scheduled_record(outbox: Outbox) -> None:
+    for round_ in range(10):
+        user = f"racer{round_}"
+        ids: list[str | None] = []
+        barrier = threading.Barrier(6)
+
+        def open_it(
+            n: int,
+            user: str = user,
+            barrier: threading.Barrier = barrier,
+            ids: list[str | None] = ids,
+        ) -> None:
+            barrier.wait()
+            ids.append(outbox.schedule_digest(user, "new_message", f"n{n}", T0, 600))
+
+        threads = [threading.Thread(target=open_it, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        [digest] = outbox.records.find({"user_id": user})
+        assert [i for i in ids if i is not None] == [str(digest["_id"])]  # one opened it
+        assert len(ids) == 6
+        assert sorted(digest["notification_ids"]) == [f"n{n}" for n in range(6)]
+
+
+def test_a_second_open_digest_of_a_user_and_key_is_refused_by_the_index(
+    outbox: Outbox,
+) -> None:
+    outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    with pytest.raises(DuplicateKeyError):
+        outbox.records.insert_one(
+            {"kind": "digest", "user_id": "u1", "key": "new_message", "status": "scheduled"}
+        )
+
+
+def test_schedule_digests_opens_and_joins_a_fan_out_in_one_bulk_write(outbox: Outbox) -> None:
+    existing = outbox.schedule_digest("u1", "new_message", "n0", T0, 600)
+    opened = outbox.schedule_digests(
+        [("u1", "n1"), ("u2", "n2"), ("u3", "n3")], "new_message", T0 + timedelta(seconds=1), 600
+    )
+    assert set(opened) == {"u2", "u3"}
+    by_user = {r["user_id"]: r for r in outbox.records.find()}
+    assert by_user["u1"]["notification_ids"] == ["n0", "n1"]
+    assert str(by_user["u1"]["_id"]) == existing
+    assert str(by_user["u2"]["_id"]) == opened["u2"]
+    assert by_user["u3"]["next_attempt_at"] == T0 + timedelta(seconds=601)
+
+
+def test_cancel_and_write_digests_hold_only_under_the_claim(outbox: Outbox) -> None:
+    a = outbox.schedule_digest("u1", "new_message", "n1", T0, 10)
+    b = outbox.schedule_digest("u2", "new_message", "n2", T0, 10)
+    claimed = outbox.claim_batch("mine", T0 + timedelta(seconds=10), 60, 10)
+    assert len(claimed) == 2
+    oa, ob = ObjectId(a), ObjectId(b)
+    outbox.records.update_one({"_id": ob}, {"$set": {"claimed_by": "theirs"}})  # taken over
+    fields = {"to": "u@example.com", "subject": "s", "text": "t", "html": None}
+    assert outbox.write_digests([(oa, "mine", fields), (ob, "mine", fields)]) == {oa}
+    assert outbox.get(b)["claimed_by"] == "theirs"  # type: ignore[index]
+    assert "to" not in outbox.get(b)  # type: ignore[operator]
+    now = T0 + timedelta(seconds=11)
+    assert outbox.cancel([oa, ob], "mine", "nothing_unread", now) == 1
+    cancelled = outbox.get(a)
+    assert cancelled is not None
+    assert (cancelled["status"], cancelled["cancel_reason"]) == ("cancelled", "nothing_unread")
+    assert (cancelled["cancelled_at"], cancelled["claimed_by"]) == (now, None)
+    assert outbox.backlog() == {"scheduled": 0, "queued": 0, "sending": 1}

@@ -35,7 +35,7 @@ def test_ready_reports_the_outbox_depth_and_the_oldest_wait(app: Flask) -> None:
     assert empty.status_code == 200
     assert empty.get_json()["data"] == {
         "status": "ready",
-        "outbox": {"queued": 0, "sending": 0, "oldest_due_seconds": None},
+        "outbox": {"queued": 0, "sending": 0, "scheduled": 0, "oldest_due_seconds": None},
     }
     email = {"to": "someone@example.com", "subject": "s", "text": "t"}
     assert client.post("/email", json=email).status_code == 202
@@ -43,7 +43,7 @@ def test_ready_reports_the_outbox_depth_and_the_oldest_wait(app: Flask) -> None:
     assert client.post("/email", json=email).status_code == 202
     clock.now += timedelta(seconds=12.5)
     outbox = client.get("/ready").get_json()["data"]["outbox"]
-    assert outbox == {"queued": 2, "sending": 0, "oldest_due_seconds": 42.5}
+    assert outbox == {"queued": 2, "sending": 0, "scheduled": 0, "oldest_due_seconds": 42.5}
 
 
 def test_probes_need_no_api_key(
