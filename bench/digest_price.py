@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -209,7 +209,7 @@ def main(n: int) -> None:
                 print(f"    {name:20s} {total / expected * 1000:7.2f} ms per email")
             spent.clear()
 
-        spent: Counter[str] = Counter()
+        spent: dict[str, float] = defaultdict(float)
 
         def clocked(owner: Any, name: str) -> None:
             original = getattr(owner, name)
