@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import harness
@@ -43,6 +44,7 @@ from bson import json_util
 from figures import Figure
 from harness import Request, cpu_seconds, http_load
 from mail import records
+from pymongo import MongoClient
 from service import ENDPOINTS, Server, Stack, Users, seed
 
 from notification_service import embedded
@@ -55,7 +57,7 @@ S12 = "12. Scale-out on one database"
 QUICK = os.environ.get("QUICK", "") not in ("", "0")
 PROCESSES = (1, 2, 3)
 CONNS = 24  # in all, split evenly: 24, 12 + 12, 8 + 8 + 8
-SECONDS, EMAILS, USERS = (2, 600, 100) if QUICK else (3, 1500, 200)
+SECONDS, EMAILS, USERS = (2, 400, 100) if QUICK else (3, 800, 200)
 ENDPOINTS_SCALED = ("GET /count", "POST /create")
 CAP = 100  # NOTIFICATIONS_LIMIT's default: users are seeded at it, creates keep them there
 LEAD = 3.0  # seconds between the outbox's fill and its emails falling due
@@ -78,19 +80,33 @@ class Step:
     seconds: float  # wall time the CPU was counted over
     cpu: dict[str, float]  # CPU seconds of each watched group meanwhile
     machine: float  # the machine's CPU busy, % of all its cores
+    ops: int = 0  # database operations meanwhile (serverStatus opcounters)
     errors: int = 0
     load: float = 0.0  # CPU seconds of the load generators (none with wrk: not counted)
 
     def detail(self, unit: str, workers: str) -> dict[str, float]:
         per = {k: 1000 * v / max(1, self.work) for k, v in self.cpu.items()}
         return {f"{workers} CPU ms/{unit}": per["workers"], f"db CPU ms/{unit}": per["db"],
+                f"db operations/{unit}": self.ops / max(1, self.work),
                 "db CPU % of a core": 100 * self.cpu["db"] / self.seconds,
                 "machine CPU % of all cores": self.machine,
                 **({"load generator CPU % of a core": 100 * self.load / self.seconds}
                    if self.load else {})}  # fmt: skip
 
 
-def together(targets: list[tuple[str, list[Request], int]], cpu: dict[str, list[int]]) -> Step:
+class Opcounters:
+    """The database's operations so far, all kinds (serverStatus' opcounters)."""
+
+    def __init__(self, uri: str) -> None:
+        self.client = MongoClient[dict[str, Any]](uri)
+
+    def __call__(self) -> int:
+        return sum(self.client.admin.command("serverStatus")["opcounters"].values())
+
+
+def together(
+    targets: list[tuple[str, list[Request], int]], cpu: dict[str, list[int]], ops: Opcounters
+) -> Step:
     """One load a target (url, requests, connections), all started at once, for SECONDS;
     the CPU of each group of process trees meanwhile. wrk when installed, else harness.py
     as a generator in a process of its own per target, started once all are ready."""
@@ -98,7 +114,7 @@ def together(targets: list[tuple[str, list[Request], int]], cpu: dict[str, list[
     psutil.cpu_percent()
     if shutil.which("wrk"):
         with ThreadPoolExecutor(len(targets)) as pool:
-            cpu0, start = cpu_seconds(groups), time.perf_counter()
+            cpu0, ops0, start = cpu_seconds(groups), ops(), time.perf_counter()
             loads = list(pool.map(lambda t: http_load(t[0], t[1], t[2], SECONDS, {}), targets))
         got = [{"requests": x.requests, "seconds": x.seconds, "errors": x.errors} for x in loads]
     else:
@@ -114,19 +130,19 @@ def together(targets: list[tuple[str, list[Request], int]], cpu: dict[str, list[
         for p in procs:
             assert p.stdout is not None
             p.stdout.readline()  # ready: its threads start when its stdin closes
-        cpu0, start = cpu_seconds(groups), time.perf_counter()
+        cpu0, ops0, start = cpu_seconds(groups), ops(), time.perf_counter()
         for p in procs:
             assert p.stdin is not None
             p.stdin.close()
         got = [json.loads(p.stdout.readline()) for p in procs if p.stdout is not None]
         for p in procs:
             p.wait()
-    seconds, cpu1 = time.perf_counter() - start, cpu_seconds(groups)
+    seconds, cpu1, done_ops = time.perf_counter() - start, cpu_seconds(groups), ops() - ops0
     used = {k: sum(cpu1[g] - cpu0[g] for g in groups if g.startswith(f"{k} ")) for k in cpu}
     rate = sum(float(g["requests"]) / float(g["seconds"]) for g in got)
     done, errors = sum(int(g["requests"]) for g in got), sum(int(g["errors"]) for g in got)
     client = sum(float(g.get("cpu", 0.0)) for g in got)
-    return Step(rate, done, seconds, used, psutil.cpu_percent(), errors, client)
+    return Step(rate, done, seconds, used, psutil.cpu_percent(), done_ops, errors, client)
 
 
 def web(stack: Stack, rounds: int, progress: Callable[[str], None]) -> list[Figure]:
@@ -138,7 +154,7 @@ def web(stack: Stack, rounds: int, progress: Callable[[str], None]) -> list[Figu
     servers: list[Server] = [stack.service(f"scale-web-{n}", NOTIFICATIONS_LIMIT=str(CAP),
                                            DISPATCHER_THREADS="0")
                              for n in range(max(PROCESSES))]  # fmt: skip
-    db = stack.db.process.pid
+    db, ops = stack.db.process.pid, Opcounters(stack.db_uri)
     figs = {(e, n): Figure(S12, f"{e}: {n} web process{'es' if n > 1 else ''}, {CONNS} "
                            "connections in all", "req/s", note=NOTE if n > 2 else "")
             for e in ENDPOINTS_SCALED for n in PROCESSES}  # fmt: skip
@@ -159,7 +175,7 @@ def web(stack: Stack, rounds: int, progress: Callable[[str], None]) -> list[Figu
                     per = CONNS // n
                     targets = [(s.url, requests(e, 300), per) for s in servers[:n]]
                     fig = figs[(e, n)]
-                    step = fig.add(partial(_web_step, targets, servers[:n], db, fig))
+                    step = fig.add(partial(_web_step, targets, servers[:n], db, ops, fig))
                     db_use = fig.detail["db CPU % of a core"][-1]
                     progress(f"§12 {rnd + 1}/{rounds} {e}, {n} web: {step:.0f} req/s, db "
                              f"{db_use:.0f}% of a core")  # fmt: skip
@@ -174,8 +190,8 @@ def web(stack: Stack, rounds: int, progress: Callable[[str], None]) -> list[Figu
 
 
 def _web_step(targets: list[tuple[str, list[Request], int]], servers: list[Server], db: int,
-              fig: Figure) -> float:  # fmt: skip
-    step = together(targets, {"workers": [s.pid for s in servers], "db": [db]})
+              ops: Opcounters, fig: Figure) -> float:  # fmt: skip
+    step = together(targets, {"workers": [s.pid for s in servers], "db": [db]}, ops)
     for key, value in {**step.detail("req", "server"), "errors": step.errors}.items():
         fig.detail.setdefault(key, []).append(value)
     return step.rate
@@ -195,6 +211,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
                       f"thread, {EMAILS:,} emails", "emails/s", note=NOTE if n > 2 else "")
             for n in PROCESSES}  # fmt: skip
     db, mail = stack.db.process.pid, stack.children[1].process.pid
+    ops = Opcounters(stack.db_uri)
 
     def drain(n: int) -> float:
         workers = [embedded.start_worker(env, stack.run_dir, name=f"scale-worker-{k}")
@@ -207,7 +224,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
             groups = {"workers": [w.process.pid for w in workers], "db": [db], "sink": [mail]}
             flat = {f"{k} {pid}": pid for k, pids in groups.items() for pid in pids}
             psutil.cpu_percent()
-            cpu0, start = cpu_seconds(flat), time.perf_counter()
+            cpu0, ops0, start = cpu_seconds(flat), ops(), time.perf_counter()
             deadline = start + 60 + EMAILS / 10
             while _delivered(sink) < before + EMAILS:
                 if time.perf_counter() > deadline:
@@ -219,7 +236,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"{n} dispatchers: sends not all recorded")
                 time.sleep(0.05)
-            seconds, cpu1 = time.perf_counter() - start, cpu_seconds(flat)
+            seconds, cpu1, done_ops = time.perf_counter() - start, cpu_seconds(flat), ops()
         finally:
             for worker in workers:
                 worker.process.terminate()
@@ -227,7 +244,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
                 worker.stop()
         outbox.records.delete_many({})
         used = {k: sum(cpu1[g] - cpu0[g] for g in flat if g.startswith(f"{k} ")) for k in groups}
-        step = Step(EMAILS / sent, EMAILS, seconds, used, psutil.cpu_percent())
+        step = Step(EMAILS / sent, EMAILS, seconds, used, psutil.cpu_percent(), done_ops - ops0)
         detail = {**step.detail("email", "dispatcher"),
                   "sink CPU % of a core": 100 * used["sink"] / seconds}  # fmt: skip
         for key, value in detail.items():
