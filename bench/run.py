@@ -60,7 +60,7 @@ WHY = {
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
         "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
         "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU"),
-        "12": ("CPU", "operations", "/ 1")}  # fmt: skip
+        "12": ("CPU", "operations", "finds", "/ 1")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
 RETIRED = (

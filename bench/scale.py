@@ -95,13 +95,17 @@ class Step:
 
 
 class Opcounters:
-    """The database's operations so far, all kinds (serverStatus' opcounters)."""
+    """The database's operations so far, all kinds (serverStatus' opcounters); `finds`,
+    those of them that were queries (a find, not an aggregate) or their getMores."""
 
     def __init__(self, uri: str) -> None:
         self.client = MongoClient[dict[str, Any]](uri)
+        self.finds = 0
 
     def __call__(self) -> int:
-        return sum(self.client.admin.command("serverStatus")["opcounters"].values())
+        counters = self.client.admin.command("serverStatus")["opcounters"]
+        self.finds = int(counters["query"]) + int(counters["getmore"])
+        return int(sum(counters.values()))
 
 
 def together(
@@ -225,6 +229,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
             flat = {f"{k} {pid}": pid for k, pids in groups.items() for pid in pids}
             psutil.cpu_percent()
             cpu0, ops0, start = cpu_seconds(flat), ops(), time.perf_counter()
+            finds0 = ops.finds
             deadline = start + 60 + EMAILS / 10
             while _delivered(sink) < before + EMAILS:
                 if time.perf_counter() > deadline:
@@ -246,6 +251,7 @@ def dispatchers(stack: Stack, rounds: int, progress: Callable[[str], None]) -> l
         used = {k: sum(cpu1[g] - cpu0[g] for g in flat if g.startswith(f"{k} ")) for k in groups}
         step = Step(EMAILS / sent, EMAILS, seconds, used, psutil.cpu_percent(), done_ops - ops0)
         detail = {**step.detail("email", "dispatcher"),
+                  "db finds/email": (ops.finds - finds0) / EMAILS,
                   "sink CPU % of a core": 100 * used["sink"] / seconds}  # fmt: skip
         for key, value in detail.items():
             figs[n].detail.setdefault(key, []).append(value)
