@@ -59,7 +59,8 @@ WHY = {
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
         "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
-        "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU")}  # fmt: skip
+        "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU"),
+        "12": ("CPU", "operations", "finds", "/ 1")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
 RETIRED = (
@@ -430,6 +431,12 @@ def email(bench: Bench) -> list[Figure]:
     return mail.email_figures(bench.stack.db_uri, bench.stack.sink_port, ROUNDS, QUICK, progress)
 
 
+def scale(bench: Bench) -> list[Figure]:
+    import scale
+
+    return scale.figures(bench.stack, ROUNDS, progress)
+
+
 def memory(bench: Bench) -> list[Figure]:
     """RSS around MIXED requests from 64 connections: every endpoint and answers of every
     kind (a 400, a 404, a 405, static), weighted towards those that cost the database little
@@ -657,7 +664,7 @@ def main() -> int:
         try:
             bench = Bench(stack)
             sections: list[Callable[[Bench], list[Figure]]] = [anchor, cost, growth, fan_out]
-            sections += [email, durability, prices, peers, memory, features]
+            sections += [email, durability, prices, peers, memory, features, scale]
             for section in sections:
                 try:
                     figures += section(bench)
