@@ -25,6 +25,7 @@ from notification_service.config import Config, Secret
 from notification_service.digests import open_digest
 from notification_service.embedded import free_port
 from notification_service.keys import KeySpec, KeyTable
+from notification_service.storage.idempotency_store import refs_of
 from notification_service.storage.ids import new_id
 
 API_KEY = "user-data-test-api-key-0123456"
@@ -530,3 +531,32 @@ def test_an_id_in_upper_case_is_the_same_user(web: FlaskClient, users: tuple[str
     alice, _ = users
     assert post(web, "/create", {"user_id": alice, "key": "new_post"}).status_code == 201
     assert erase(web, alice.upper())["notifications"] == 1
+
+
+def test_a_pending_email_of_a_create_in_progress_is_cancelled_and_never_released(
+    app: Flask, web: FlaskClient, users: tuple[str, str], db: Any
+) -> None:
+    # A create on a standalone server writes its email pending, then releases it once
+    # its notification is stored: an erasure between the two must win.
+    alice, _ = users
+    svc = runtime(app).services
+    record = {"kind": "custom", "to": ADDRESS, "subject": "s", "text": "t", "user_id": alice}
+    email_id = svc.outbox.enqueue(record, svc.clock(), pending=True)
+    assert erase(web, alice)["emails_cancelled"] == 1
+    assert svc.outbox.activate([email_id], svc.clock()) == 0
+    assert svc.outbox.existing([email_id]) == {email_id}  # so the create queues no other
+    assert db.email_outbox.find_one({"_id": ObjectId(email_id)})["status"] == "cancelled"
+    assert found_in(db, ADDRESS) == []
+
+
+def test_a_stored_answer_names_the_users_of_its_request_or_else_its_email() -> None:
+    user = "6756B2F1A4C3E0D9B8F71234"
+    assert refs_of({"user_id": user, "key": "k"}, {}) == [f"user:{user.lower()}"]
+    assert refs_of({"user_ids": ["a" * 24, "b" * 24]}, {}) == [
+        "user:" + "a" * 24,
+        "user:" + "b" * 24,
+    ]
+    email = {"success": True, "data": {"email_id": "c" * 24}}
+    assert refs_of({"to": ADDRESS, "subject": "s"}, email) == ["email:" + "c" * 24]
+    assert refs_of({"user_id": user}, email) == [f"user:{user.lower()}"]
+    assert refs_of("not an object", email) == []
