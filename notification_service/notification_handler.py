@@ -14,15 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import (
-    metrics,
-    notifications,
-    openapi,
-    preference_handler,
-    sse,
-    tokens,
-    user_data_handler,
-)
+from . import metrics, notifications, openapi, preference_handler, sse, tokens, user_data_handler
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
