@@ -325,6 +325,11 @@ def test_erase_leaves_the_address_nowhere_and_keeps_preferences_and_the_applicat
     assert after_twin["notifications"] == before_twin["notifications"]
     assert len(after_twin["emails"]) == len(before_twin["emails"]) == 8
     assert list(db.idempotency_keys.find({"refs": f"user:{twin}"})) == twin_keys
+    # A keyed request's retry replays without her, and sends nothing again.
+    by_address = {"to": ADDRESS, "subject": "Hi", "text": "Sent by address."}
+    replay = post(web, "/email", by_address, key=f"email-{alice}")
+    assert replay.headers["Idempotent-Replay"] == "true"
+    assert data(replay, 202) == {"email_id": None}
     # Idempotent: nothing is left to remove.
     assert erase(web, alice) == dict.fromkeys(report, 0)
     assert erase(web, alice, f"?email={ADDRESS}") == dict.fromkeys(report, 0)
