@@ -29,7 +29,7 @@ from .idempotency import idempotent
 from .web import not_modified, ok, parse_body, parse_form, parse_query, parse_query_or_body
 
 Source = Literal["none", "query", "body", "query_or_body", "path"]
-Method = Literal["GET", "POST", "PUT"]
+Method = Literal["GET", "POST", "PUT", "DELETE"]
 # What opens a route (server.py checks it, openapi.py documents it): nothing; an API key;
 # or an API key or the user token (tokens.py) of the `user_id` the request names.
 Auth = Literal["open", "key", "key_or_token"]
@@ -232,7 +232,8 @@ def _parse(endpoint: Endpoint, path: dict[str, str]) -> BaseModel:
     if endpoint.source == "query":
         # ?token= is the credential server.py has read, not a field of the request.
         ignored = ("token",) if endpoint.query_token else ()
-        return parse_query(endpoint.model, ignored=ignored, **context)
+        # With the rule's path parameters (/users/<user_id>/export?email=).
+        return parse_query(endpoint.model, ignored=ignored, path=path, **context)
     if endpoint.source == "body":
         return parse_body(endpoint.model, **context)
     if endpoint.source == "query_or_body":

@@ -55,7 +55,7 @@ from .errors import (
     IdempotencyKeyReused,
     ValidationFailed,
 )
-from .storage.idempotency_store import KeyClaim
+from .storage.idempotency_store import KeyClaim, refs_of
 from .storage.ids import IdBlock
 from .storage.mongo_connector import DatabaseUnavailable, with_own_deadline
 from .web import json_body, services
@@ -181,15 +181,16 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
             if claim.outcome == "in_use":
                 raise IdempotencyKeyInUse(retry_after(claim.lease_until, now))
             g.idempotency_ids = (IdBlock(claim.seed), claim.outcome == "taken_over")
-            return _run(claim, lambda: make_response(view(*args, **kwargs)))
+            return _run(claim, lambda: make_response(view(*args, **kwargs)), body)
 
         return wrapper
 
     return decorate
 
 
-def _run(claim: KeyClaim, view: Callable[[], Response]) -> Response:
-    """Run the view holding `claim`, then record its outcome on the key."""
+def _run(claim: KeyClaim, view: Callable[[], Response], request_body: Any = None) -> Response:
+    """Run the view holding `claim`, then record its outcome on the key (with whom it
+    is about, `refs_of`, so that an erasure of a user finds it)."""
     svc = services()
     store = svc.idempotency
     # Read here: the writes about the key run outside the request's context, each with
@@ -219,7 +220,8 @@ def _run(claim: KeyClaim, view: Callable[[], Response]) -> Response:
     if 200 <= status < 300:
         try:
             body = response.get_json()
-            with_own_deadline(budget, lambda: store.complete(claim, status, body))
+            refs = refs_of(request_body, body)
+            with_own_deadline(budget, lambda: store.complete(claim, status, body, refs))
         except DatabaseUnavailable:
             # The answer stands: its writes are done. The key stays running until its
             # lease ends; a retry then takes it over with the same seed, and the

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import metrics, notifications, openapi, preference_handler, sse, tokens
+from . import metrics, notifications, openapi, preference_handler, sse, tokens, user_data_handler
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
@@ -417,6 +417,8 @@ def email_state(path: EmailIdPath) -> EmailState:
 
 # GET/PUT /preferences and GET/POST /unsubscribe/<token> (preference_handler.py).
 preference_handler.declare(api)
+# GET /users/<id>/export and DELETE /users/<id>/data (user_data_handler.py).
+user_data_handler.declare(api)
 
 
 @api.route(

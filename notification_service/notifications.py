@@ -411,6 +411,11 @@ def email_state(svc: Services, email_id: str) -> EmailState:
     record = svc.outbox.get(email_id)
     if record is None:
         raise EmailNotFound()
+    return email_view(record)
+
+
+def email_view(record: Document) -> EmailState:
+    """What GET /email/<id> (and a user's export) shows of an outbox record."""
     status = record["status"]
     due = status in ("queued", "scheduled")
     return {

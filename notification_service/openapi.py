@@ -174,10 +174,12 @@ def _parameters(
     for name, field in schema["properties"].items():
         field = _without_null({**field, **extra.get(name, {})})
         field.pop("title", None)
+        # A query model's field named in the rule (/users/<user_id>/...) is in the path.
+        where = "path" if f"<{name}>" in endpoint.rule else location
         parameter: dict[str, Any] = {
             "name": name,
-            "in": location,
-            "required": location == "path" or name in required,
+            "in": where,
+            "required": where == "path" or name in required,
             "schema": field,
         }
         if name in endpoint.params:

@@ -549,7 +549,8 @@ class TokenIssued(TypedDict):
 
 
 class EmailQueued(TypedDict):
-    email_id: str
+    # null only in a replay (Idempotency-Key) after the email's user was erased
+    email_id: str | None
 
 
 class Health(TypedDict):
@@ -656,3 +657,38 @@ class FanOutOutcome(TypedDict, total=False):
 class FanOutResult(TypedDict):
     results: list[FanOutOutcome]
     totals: dict[str, int]
+
+
+# -- a user's data: export and erasure (user_data.py) ------------------------------------
+
+
+class UserDataQuery(_Query):
+    """A user (the path's id) and, optionally, their address: what the application's
+    document no longer says once the application has deleted it."""
+
+    user_id: ObjectIdStr
+    email: EmailAddress | None = None
+
+
+class UserExport(TypedDict):
+    """Everything the service holds about a user."""
+
+    user_id: str
+    # Whether the application's document of the user exists (false: deleted, or an id
+    # that was never a user's; the rest is then what is held by id and by `email`).
+    user_document: bool
+    # The addresses the emails were looked up by: the document's, and `?email=`.
+    addresses: list[str]
+    notifications: list[Notification]  # every one stored, newest first, as /list shows them
+    preferences: Preferences | None  # as GET /preferences; null without a document
+    emails: list[EmailState]  # newest first, as GET /email/<id> shows each
+
+
+class ErasureReport(TypedDict):
+    """What an erasure removed, by kind (all 0 when there was nothing left)."""
+
+    notifications: int  # removed from the user's array (with its counts)
+    emails_cancelled: int  # not sent yet, or in flight: cancelled, without their address
+    emails_in_flight: int  # of those, being sent at that moment: they may have gone out
+    emails_erased: int  # sent, failed or cancelled earlier: deleted
+    idempotency_records: int  # stored answers the user was removed from

@@ -86,9 +86,22 @@ def parse_body(model: type[M], **context: Any) -> M:
     return model.model_validate(json_body(), context=context)
 
 
-def parse_query(model: type[M], ignored: tuple[str, ...] = (), **context: Any) -> M:
-    """The query string as `model`, less the parameters named in `ignored`."""
+def parse_query(
+    model: type[M],
+    ignored: tuple[str, ...] = (),
+    path: dict[str, str] | None = None,
+    **context: Any,
+) -> M:
+    """The query string as `model`, less the parameters named in `ignored`, with the
+    URL's `path` parameters; one of those given in the query too is refused (which of
+    the two would the route act on?)."""
     values = {k: v for k, v in _single_values().items() if k not in ignored}
+    if path:
+        twice = [name for name in path if name in values]
+        if twice:
+            problem = "is given in the path; not in the query too"
+            raise ValidationFailed(details=[{"field": name, "problem": problem} for name in twice])
+        values.update(path)
     return model.model_validate(values, context=context)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, OperationFailure
@@ -13,6 +16,8 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 from ..config import Config
 from .ids import IdBlock
 from .mongo_connector import Document, guarded
+
+log = logging.getLogger(__name__)
 
 ClaimOutcome = Literal["claimed", "taken_over", "replay", "reused", "in_use"]
 _INDEX_OPTIONS_CONFLICT = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
@@ -75,6 +80,9 @@ class IdempotencyStore:
                 self.records.name,
                 index={"name": "expires", "expireAfterSeconds": self.ttl_seconds},
             )
+        # Whom a stored answer is about (`refs`, see `refs_of`): an erasure finds the
+        # records of a user without reading the others.
+        self.records.create_index("refs", name="refs")
         self._indexed = True
 
     @guarded
@@ -134,12 +142,15 @@ class IdempotencyStore:
         return {"_id": claim.key, "seed": claim.seed, "lease_until": claim.lease_until}
 
     @guarded
-    def complete(self, claim: KeyClaim, status: int, body: Any) -> bool:
-        """Store the answer for replays; False if the lease was no longer ours."""
-        result = self.records.update_one(
-            {**self._held(claim), "state": "running"},
-            {"$set": {"state": "done", "status": status, "body": body}},
-        )
+    def complete(
+        self, claim: KeyClaim, status: int, body: Any, refs: list[str] | None = None
+    ) -> bool:
+        """Store the answer for replays, with `refs` (`refs_of`); False if the lease was
+        no longer ours."""
+        done: Document = {"state": "done", "status": status, "body": body}
+        if refs:
+            done["refs"] = refs
+        result = self.records.update_one({**self._held(claim), "state": "running"}, {"$set": done})
         return result.modified_count == 1
 
     @guarded
@@ -154,3 +165,100 @@ class IdempotencyStore:
             {**self._held(claim), "state": "running"}, {"$set": {"lease_until": _millis(now)}}
         )
         return result.modified_count == 1
+
+    @guarded
+    def erase_outcomes(self, user_id: str, email_ids: list[str]) -> int:
+        """Remove the user's part of the stored answers that name them (`refs`): a
+        single create's or an email's ids become null, a fan-out loses the user's entry of
+        `results` and its count in `totals`. Every record stays, so a retry with its key
+        replays (now without the user) and creates nothing again, for anyone.
+
+        `email_ids`: the user's emails (Outbox.of_user), which find the answers of emails
+        sent to their address without a user. Each update is conditional on the record
+        still naming the user, and removes that name: two erasures of one user change a
+        record once, and of two users of one fan-out, each only its own entry. Running
+        records (a request still in progress) are left: their answer is not written yet.
+        Returns how many records changed.
+        """
+        if not self._indexed:
+            self.ensure_indexes()
+        user_ref = f"{_USER_REF}{user_id.lower()}"
+        wanted = [user_ref, *(f"{_EMAIL_REF}{email_id}" for email_id in email_ids)]
+        changes: dict[Any, UpdateOne] = {}  # by record: one may name the user twice
+        for start in range(0, len(wanted), _REF_BATCH):
+            query = {"refs": {"$in": wanted[start : start + _REF_BATCH]}, "state": "done"}
+            for record in self.records.find(query, projection={"refs": 1, "body": 1}):
+                ref = user_ref if user_ref in record["refs"] else None
+                if ref is None:
+                    ref = next(r for r in record["refs"] if r in wanted)
+                change = _without_user(record, ref, user_id.lower())
+                if change is None:
+                    log.error("idempotency record of unknown shape left as is: %s", record["_id"])
+                    continue
+                changes[record["_id"]] = change
+        if not changes:
+            return 0
+        return self.records.bulk_write(list(changes.values()), ordered=False).modified_count
+
+
+# -- a user's data (user_data.py) ---------------------------------------------------------
+#
+# What an erasure expects of the stored answers (the `body` of a done record), by scope:
+#
+#   create, one user:   {"success": true, "data": {"notification_id", "email_id",
+#                        "elements", "new"}}         (schemas.CreateResult)
+#   create, a fan-out:  {"success": true, "data": {"results": [{"user_id", "status",
+#                        ...}], "totals": {"<status>": n}}}   (schemas.FanOutResult)
+#   email:              {"success": true, "data": {"email_id"}}   (schemas.EmailQueued)
+#
+# and that `refs` names whom each is about. A change to what is stored of a fan-out
+# (a smaller answer, say) changes `refs_of` and `erase_outcomes` together; a record of
+# another shape is left as it is and logged, never guessed at.
+
+_USER_REF = "user:"
+_EMAIL_REF = "email:"
+_STATUS = re.compile(r"[a-z_]{1,64}")  # a fan-out status, used as a field name below
+
+
+def refs_of(request: Any, body: Any) -> list[str]:
+    """Whom a stored answer is about, for `IdempotencyStore.erase_outcomes`: each user
+    the request names (`user_id`, `user_ids`); for an email to an address (no user), its
+    email id, since its request's address is not stored (only its fingerprint)."""
+    if not isinstance(request, dict):
+        return []
+    users = request.get("user_ids") if request.get("user_id") is None else [request["user_id"]]
+    if isinstance(users, list) and users:
+        return [f"{_USER_REF}{str(user).lower()}" for user in users]
+    data = body.get("data") if isinstance(body, dict) else None
+    email_id = data.get("email_id") if isinstance(data, dict) else None
+    return [f"{_EMAIL_REF}{email_id}"] if isinstance(email_id, str) else []
+
+
+def _without_user(record: Document, ref: str, user_id: str) -> UpdateOne | None:
+    """The update that removes the user (`ref`) from one record's stored answer, or
+    None when its answer is not of a shape listed above."""
+    data = record.get("body", {}).get("data") if isinstance(record.get("body"), dict) else None
+    if not isinstance(data, dict):
+        return None
+    query: Document = {"_id": record["_id"], "refs": ref}
+    if isinstance(data.get("results"), list) and isinstance(data.get("totals"), dict):
+        mine = [r for r in data["results"] if isinstance(r, dict) and r.get("user_id") == user_id]
+        update: Document = {"$pull": {"refs": ref, "body.data.results": {"user_id": user_id}}}
+        if mine:
+            status = mine[0].get("status")
+            if not isinstance(status, str) or not _STATUS.fullmatch(status):
+                return None
+            # The entry counted in `totals` is the one pulled, and counted once.
+            query["body.data.results"] = {"$elemMatch": {"user_id": user_id, "status": status}}
+            update["$inc"] = {f"body.data.totals.{status}": -1}
+        return UpdateOne(query, update)
+    if "notification_id" not in data and "email_id" not in data:
+        return None
+    cleared = dict.fromkeys(f"body.data.{name}" for name in data if name in _CREATE_FIELDS)
+    return UpdateOne(query, {"$pull": {"refs": ref}, "$set": cleared})
+
+
+# The fields of a single create's or an email's answer that an erasure clears: ids
+# of what was erased, and the user's counts.
+_CREATE_FIELDS = ("notification_id", "email_id", "elements", "new")
+_REF_BATCH = 50  # refs per `$in` (SecantusDB's cost grows faster than the list)

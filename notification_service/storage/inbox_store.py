@@ -383,6 +383,32 @@ class InboxStore:
             if not only_duplicates(exc):
                 raise
 
+    # -- a user's data (user_data.py) --------------------------------------------------
+
+    @guarded
+    def held_for(self, user_id: str) -> Document | None:
+        """What an export reads of the user's document: `email` and the array (every
+        notification stored, as /list shows them), nothing else of the application's
+        fields; None when the document is gone."""
+        return self.users.find_one(
+            {"_id": ObjectId(user_id)}, projection={"_id": 0, "email": 1, self.field: 1}
+        )
+
+    @guarded
+    def erase_notifications(self, user_id: str) -> int:
+        """Remove the array and its meta ({version, log}) from the user's document, with
+        one `$unset`; return how many notifications the array held just before. The
+        document and its other fields (the application's, and the preferences) stay.
+        A missing document, or one already erased, changes nothing and answers 0."""
+        oid = ObjectId(user_id)
+        size = {"$size": updates.items(self.layout)}
+        held = next(
+            iter(self.users.aggregate([{"$match": {"_id": oid}}, {"$project": {"n": size}}])),
+            {"n": 0},
+        )["n"]
+        self.users.update_one({"_id": oid}, {"$unset": {self.field: "", self.layout.meta: ""}})
+        return int(held)
+
     # -- the live stream (stream_watcher.py) ----------------------------------------------------
 
     @guarded
