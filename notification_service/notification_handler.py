@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import metrics, notifications, openapi, preference_handler, sse, tokens
+from . import email_handler, metrics, notifications, openapi, preference_handler, sse, tokens
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
@@ -417,6 +417,9 @@ def email_state(path: EmailIdPath) -> EmailState:
 
 # GET/PUT /preferences and GET/POST /unsubscribe/<token> (preference_handler.py).
 preference_handler.declare(api)
+# GET /email?status=failed, POST /email/<email_id>/resend and POST /email/resend
+# (email_handler.py).
+email_handler.declare(api)
 
 
 @api.route(

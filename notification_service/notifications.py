@@ -411,6 +411,11 @@ def email_state(svc: Services, email_id: str) -> EmailState:
     record = svc.outbox.get(email_id)
     if record is None:
         raise EmailNotFound()
+    return record_state(record)
+
+
+def record_state(record: Document) -> EmailState:
+    """What GET /email/<id> shows of an outbox record (also each dead letter listed)."""
     status = record["status"]
     due = status in ("queued", "scheduled")
     return {
@@ -434,6 +439,15 @@ def email_state(svc: Services, email_id: str) -> EmailState:
         "cancelled_at": _iso(record.get("cancelled_at")),
         "cancel_reason": record.get("cancel_reason"),
         "last_error": record.get("last_error"),
+        "requeued_at": _iso(record.get("requeued_at")),
+        "history": [
+            {
+                "attempts": earlier["attempts"],
+                "last_error": earlier.get("last_error"),
+                "failed_at": _iso(earlier.get("failed_at")),
+            }
+            for earlier in record.get("history", [])
+        ],
     }
 
 
