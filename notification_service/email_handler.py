@@ -1,5 +1,5 @@
 """HTTP handlers of the dead letters: failed emails listed (GET /email?status=failed) and
-sent again, one (POST /email/<id>/resend) or in bulk (POST /email/resend).
+sent again, one (POST /email/<id>/resend) or in bulk (POST /email/failed/resend).
 
 Declared on notification_handler's route table (`declare(api)`), so that the same
 parsing, API key and OpenAPI document cover them; each view calls one function of
@@ -58,7 +58,12 @@ def resend_all(request: ResendAllRequest) -> ResendResult:
 
 
 def declare(api: Api) -> None:
-    """Declare these routes on `api` (notification_handler's table)."""
+    """Declare these routes on `api` (notification_handler's table).
+
+    The bulk resend is `/email/failed/resend`, not `/email/resend`: a one-segment path
+    under /email is also GET /email/<email_id>'s (a 422 there), which would make GET an
+    undocumented method of it (the contract test's Allow check says so).
+    """
     api.route(
         "GET",
         "/email",
@@ -98,7 +103,7 @@ def declare(api: Api) -> None:
     )(resend)
     api.route(
         "POST",
-        "/email/resend",
+        "/email/failed/resend",
         source="body",
         model=ResendAllRequest,
         answers={200: Answer("How many failed emails were queued again.", ResendResult)},

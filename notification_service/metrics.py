@@ -104,7 +104,7 @@ SMTP_SECONDS = Histogram(
 RESENDS = Counter(
     f"{PREFIX}emails_resent",
     "Failed emails put back in the queue, by how: one (POST /email/<id>/resend) or bulk "
-    "(POST /email/resend).",
+    "(POST /email/failed/resend).",
     ["how"],
     registry=_process,
 )

@@ -417,7 +417,7 @@ def email_state(path: EmailIdPath) -> EmailState:
 
 # GET/PUT /preferences and GET/POST /unsubscribe/<token> (preference_handler.py).
 preference_handler.declare(api)
-# GET /email?status=failed, POST /email/<email_id>/resend and POST /email/resend
+# GET /email?status=failed, POST /email/<email_id>/resend and POST /email/failed/resend
 # (email_handler.py).
 email_handler.declare(api)
 

@@ -673,7 +673,7 @@ class FanOutResult(TypedDict):
 
 # -- dead letters: failed emails, listed and sent again (dead_letters.py) ---------------
 
-# The statuses GET /email lists and POST /email/resend requeues: the failed ones only
+# The statuses GET /email lists and POST /email/failed/resend requeues: the failed ones only
 # (outbox.Status has the others; a listing of them would need an index of its own).
 DeadLetterStatus = Literal["failed"]
 # Any key's name, not only the table's: an email of a key since removed from KEYS_FILE

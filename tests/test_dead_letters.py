@@ -1,5 +1,5 @@
 """Dead letters: failed emails listed (GET /email?status=failed) and sent again, one
-(POST /email/<id>/resend) or in bulk (POST /email/resend), against a real SecantusDB, a
+(POST /email/<id>/resend) or in bulk (POST /email/failed/resend), against a real SecantusDB, a
 real dispatcher and a real SMTP server (aiosmtpd), time moved by the test's clock."""
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class Mail:
 
     def failed(self, **params: Any) -> Any:
         return self.client.get("/email", query_string={"status": "failed", **params})
+
+    def resend_all(self, **body: Any) -> Any:
+        return self.client.post("/email/failed/resend", json={"status": "failed", **body})
 
 
 @pytest.fixture
@@ -350,14 +353,14 @@ def test_a_bulk_resend_by_key_requeues_only_that_key_s_and_a_second_finds_none(
 ) -> None:
     keyed = [_fail_at(mail, 1, user=make_user()) for _ in range(3)]
     custom = _fail_at(mail, 1)
-    answer = mail.client.post("/email/resend", json={"status": "failed", "key": "registration"})
+    answer = mail.resend_all(key="registration")
     assert answer.status_code == 200
     assert answer.get_json() == {"success": True, "data": {"requeued": 3}}
     assert _ids(mail.failed()) == [custom]
     for email_id in keyed:
         state = mail.state(email_id)
         assert (state["status"], state["attempts"], len(state["history"])) == ("queued", 0, 1)
-    again = mail.client.post("/email/resend", json={"status": "failed", "key": "registration"})
+    again = mail.resend_all(key="registration")
     assert again.get_json()["data"] == {"requeued": 0}
     assert mail.drain() == 3
     assert len(mail.server.wait_for_messages(3)) == 3
@@ -371,7 +374,7 @@ def test_a_bulk_resend_before_a_time_leaves_the_later_failures_and_then_the_rest
     cut = mail.clock.now() + timedelta(seconds=5)
     late = [_fail_at(mail, 10) for _ in range(2)]
     before = cut.isoformat().replace("+00:00", "Z")
-    answer = mail.client.post("/email/resend", json={"status": "failed", "failed_before": before})
+    answer = mail.resend_all(failed_before=before)
     assert answer.get_json()["data"] == {"requeued": 2}
     assert sorted(_ids(mail.failed())) == sorted(late)
     assert all(mail.state(e)["status"] == "queued" for e in early)
@@ -379,7 +382,7 @@ def test_a_bulk_resend_before_a_time_leaves_the_later_failures_and_then_the_rest
     mail.server.permanent_code = 550
     assert mail.drain() == 2
     mail.server.permanent_code = None
-    everything = mail.client.post("/email/resend", json={"status": "failed"})
+    everything = mail.resend_all()
     assert everything.get_json()["data"] == {"requeued": 4}
     assert mail.drain() == 4
     assert len(mail.server.wait_for_messages(4)) == 4
@@ -401,7 +404,7 @@ def test_a_bulk_resend_and_single_resends_racing_requeue_each_email_once(mail: M
     def everything() -> None:
         client = mail.app.test_client()
         start.wait()
-        answer = client.post("/email/resend", json={"status": "failed"})
+        answer = client.post("/email/failed/resend", json={"status": "failed"})
         bulk.append(answer.get_json()["data"]["requeued"])
 
     workers = [threading.Thread(target=one, args=(e,)) for e in failed]
@@ -433,7 +436,7 @@ def test_a_bulk_resend_and_single_resends_racing_requeue_each_email_once(mail: M
 def test_a_bad_bulk_resend_is_a_422_and_requeues_nothing(mail: Mail, body: Any) -> None:
     email_id = mail.queue()
     mail.fail(email_id)
-    answer = mail.client.post("/email/resend", json=body)
+    answer = mail.client.post("/email/failed/resend", json=body)
     assert answer.status_code == 422
     assert answer.get_json()["error"]["code"] == "validation_failed"
     assert mail.state(email_id)["status"] == "failed"
@@ -487,7 +490,7 @@ def test_metrics_show_the_failed_emails_and_count_the_resends(mail: Mail) -> Non
     failed = [_fail_at(mail, 1) for _ in range(3)]
     assert _metric(scrape(), "notification_service_outbox_failed_emails") == 3
     mail.client.post(f"/email/{failed[0]}/resend")
-    mail.client.post("/email/resend", json={"status": "failed"})
+    mail.resend_all()
     after = scrape()
     assert _metric(after, "notification_service_outbox_failed_emails") == 0
     assert _metric(after, 'notification_service_emails_resent_total{how="one"}') == resent_one + 1
@@ -504,7 +507,7 @@ def test_the_routes_need_an_api_key_and_refuse_a_user_token(
     calls = [
         ("GET", "/email?status=failed", None),
         ("POST", f"/email/{email_id}/resend", None),
-        ("POST", "/email/resend", {"status": "failed"}),
+        ("POST", "/email/failed/resend", {"status": "failed"}),
     ]
     token = client.post(
         "/token", json={"user_id": str(ObjectId())}, headers={"Authorization": f"Bearer {KEY}"}
