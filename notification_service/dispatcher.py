@@ -690,7 +690,9 @@ class Dispatcher:
         return "sent"
 
     def _too_old(self, record: dict[str, Any], now: datetime) -> bool:
-        age: timedelta = now - record["created_at"]
+        # Counted from the last resend when there was one: a resent email gets its whole
+        # give-up age again, as it gets its attempts (Outbox.requeue).
+        age: timedelta = now - (record.get("requeued_at") or record["created_at"])
         return age > timedelta(seconds=self.context.config.dispatch_max_age_seconds)
 
     def _failed(self, record: dict[str, Any], exc: SendError, seconds: float) -> Outcome:

@@ -144,6 +144,15 @@ class EmailNotFound(NotFound):
     default_message = "No queued email with this id."
 
 
+class EmailNotFailed(ApiError):
+    """A resend of an email that is not failed: queued, sent, or resent just now by
+    another request (of two concurrent resends, one gets this)."""
+
+    status = 409
+    default_code = "email_not_failed"
+    default_message = "This email has not failed: only a failed email can be sent again."
+
+
 class UserDocumentInvalid(ApiError):
     """The user's document cannot take the notification (the application's data)."""
 

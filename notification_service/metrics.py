@@ -101,12 +101,28 @@ SMTP_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
     registry=_process,
 )
+RESENDS = Counter(
+    f"{PREFIX}emails_resent",
+    "Failed emails put back in the queue, by how: one (POST /email/<id>/resend) or bulk "
+    "(POST /email/failed/resend).",
+    ["how"],
+    registry=_process,
+)
+RESEND_KINDS = ("one", "bulk")
 
 # Series that exist from the start, at 0: a rate over a series that appears only with
 # its first event misses that event. (Those of the keys, which are configuration, are
 # made by DomainEvents, for the app's table.)
 for _outcome in OUTCOMES:
     EMAILS.labels(_outcome)
+for _how in RESEND_KINDS:
+    RESENDS.labels(_how)
+
+
+def count_resends(how: str, count: int) -> None:
+    """Count failed emails requeued by a resend (`how`: one of RESEND_KINDS)."""
+    if count > 0:
+        RESENDS.labels(how).inc(count)
 
 
 def multiprocess_mode() -> bool:
@@ -177,8 +193,12 @@ class DeploymentCollector(Collector):
 
         bound = min(SCRAPE_DB_SECONDS, self.svc.config.db_timeout_ms / 1000)
         state = None
+        failed = 0
         try:
-            state = with_own_deadline(bound, lambda: readiness(self.svc))
+            # The dead letters' count under the same deadline: one more count, on its index.
+            state, failed = with_own_deadline(
+                bound, lambda: (readiness(self.svc), self.svc.outbox.count_failed())
+            )
         except DatabaseUnavailable:
             pass  # logged where it was raised
         except Exception:  # the scrape must answer whatever the database said
@@ -203,6 +223,12 @@ class DeploymentCollector(Collector):
             f"{PREFIX}outbox_oldest_due_seconds",
             "How long the longest-waiting due email has been due (0 when none is).",
             value=outbox["oldest_due_seconds"] or 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}outbox_failed_emails",
+            "Failed emails in the outbox (dead letters: GET /email?status=failed), until "
+            "resent or removed OUTBOX_RETENTION_DAYS after their failure.",
+            value=failed,
         )
 
 

@@ -14,7 +14,16 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 
-from . import metrics, notifications, openapi, preference_handler, sse, tokens, user_data_handler
+from . import (
+    email_handler,
+    metrics,
+    notifications,
+    openapi,
+    preference_handler,
+    sse,
+    tokens,
+    user_data_handler,
+)
 from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
@@ -419,6 +428,9 @@ def email_state(path: EmailIdPath) -> EmailState:
 preference_handler.declare(api)
 # GET /users/<id>/export and DELETE /users/<id>/data (user_data_handler.py).
 user_data_handler.declare(api)
+# GET /email?status=failed, POST /email/<email_id>/resend and POST /email/failed/resend
+# (email_handler.py).
+email_handler.declare(api)
 
 
 @api.route(

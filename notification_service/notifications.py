@@ -415,7 +415,8 @@ def email_state(svc: Services, email_id: str) -> EmailState:
 
 
 def email_view(record: Document) -> EmailState:
-    """What GET /email/<id> (and a user's export) shows of an outbox record."""
+    """What GET /email/<id> shows of an outbox record (also in a user's export, and
+    each dead letter listed)."""
     status = record["status"]
     due = status in ("queued", "scheduled")
     return {
@@ -439,6 +440,15 @@ def email_view(record: Document) -> EmailState:
         "cancelled_at": _iso(record.get("cancelled_at")),
         "cancel_reason": record.get("cancel_reason"),
         "last_error": record.get("last_error"),
+        "requeued_at": _iso(record.get("requeued_at")),
+        "history": [
+            {
+                "attempts": earlier["attempts"],
+                "last_error": earlier.get("last_error"),
+                "failed_at": _iso(earlier.get("failed_at")),
+            }
+            for earlier in record.get("history", [])
+        ],
     }
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -557,6 +558,14 @@ class Health(TypedDict):
     status: str
 
 
+class EarlierLife(TypedDict):
+    """How a resent email's earlier life ended: its attempts, last error and failure."""
+
+    attempts: int
+    last_error: dict[str, Any] | None
+    failed_at: str | None
+
+
 class EmailState(TypedDict):
     """What GET /email/<id> shows of an outbox record."""
 
@@ -578,6 +587,10 @@ class EmailState(TypedDict):
     cancelled_at: str | None
     cancel_reason: str | None  # outbox.CancelReason, e.g. nothing_unread, unsubscribed
     last_error: dict[str, Any] | None
+    # Set by a resend (POST /email/<id>/resend): when, and the lives before it (at most
+    # outbox.HISTORY_MAX, oldest first; empty for an email never resent).
+    requeued_at: str | None
+    history: list[EarlierLife]
 
 
 class Notification(TypedDict):
@@ -692,3 +705,64 @@ class ErasureReport(TypedDict):
     emails_in_flight: int  # of those, being sent at that moment: they may have gone out
     emails_erased: int  # sent, failed or cancelled earlier: deleted
     idempotency_records: int  # stored answers the user was removed from
+
+
+# -- dead letters: failed emails, listed and sent again (dead_letters.py) ---------------
+
+# The statuses GET /email lists and POST /email/failed/resend requeues: the failed ones only
+# (outbox.Status has the others; a listing of them would need an index of its own).
+DeadLetterStatus = Literal["failed"]
+# Any key's name, not only the table's: an email of a key since removed from KEYS_FILE
+# can still be failed. A custom email (POST /email) has no key.
+AnyKeyName = Annotated[
+    str, Field(pattern=KEY_NAME_PATTERN, json_schema_extra={"examples": ["new_login"]})
+]
+
+
+def _at_most_list_max(value: int, info: ValidationInfo) -> int:
+    # The maximum is configuration (LIST_MAX_LIMIT), passed as validation context.
+    maximum = (info.context or {}).get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)
+    if value > maximum:
+        raise ValueError(f"must be at most {maximum}")
+    return value
+
+
+class DeadLetterQuery(_Query):
+    """GET /email: one page of the failed emails, newest failure first."""
+
+    status: DeadLetterStatus
+    skip: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
+    limit: Annotated[int, Field(ge=0), AfterValidator(_at_most_list_max)] = 10
+    key: AnyKeyName | None = None
+
+    @classmethod
+    def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The bound of `limit`, as /list's (openapi.py)."""
+        return {"limit": {"maximum": context.get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)}}
+
+
+def _text_time(value: Any) -> Any:
+    # Lax parsing (the body's strict mode takes no text for a time) of text only: a
+    # number would otherwise pass as unix seconds, a unit the API uses nowhere.
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 time with its offset, e.g. 2026-12-01T00:00:00Z")
+    return value
+
+
+class ResendAllRequest(_Body):
+    """Which failed emails to send again: all, or those of a key, or failed before a time."""
+
+    status: DeadLetterStatus
+    key: AnyKeyName | None = None
+    failed_before: (
+        Annotated[AwareDatetime, Field(strict=False), BeforeValidator(_text_time)] | None
+    ) = None
+
+
+class DeadLetterPage(TypedDict):
+    list: list[EmailState]  # newest failure first
+    matched: int  # how many are failed (of `key`), over every page
+
+
+class ResendResult(TypedDict):
+    requeued: int  # how many failed emails this request put back in the queue
