@@ -24,7 +24,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ..config import Config
 from ..errors import NotificationNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
-from ..schemas import Notification
+from ..schemas import Notification, listed
 from . import updates
 from .ids import new_id
 from .mongo_connector import DatabaseUnavailable, Document, guarded, only_duplicates
@@ -82,34 +82,45 @@ class InboxStore:
         the others are written all the same. With `repeat` (a retried request, the same
         ids), a notification already there is not written again, and counts as held.
 
+        A notification with a `collapse_key` collapses into the user's unread one of the
+        same key and collapse key if there is one (`updates.collapse`), and then counts
+        as held too: which one it went into is read afterwards (`kept_ids`, or `counts`
+        with `kept_by`). The others take the plain `$push`.
+
         :raise RefusedWrites: some documents refused, inside a transaction (`session`):
             the server has aborted it; run it again without them.
         """
         if not entries:
             return set(), {}
         layout = self.layout
-        writes = [
-            (
-                updates.create_filter(
-                    layout,
-                    ObjectId(user_id),
-                    require_email=require_email,
-                    repeat_of=notification["id"] if repeat else None,
-                ),
-                updates.push(layout, notification),
+        cutoff = layout.cutoff(now)
+        collapsing = False
+        writes: list[tuple[Document, Document | list[Document]]] = []
+        for user_id, notification in entries:
+            collapses = notification.get("collapse_key") is not None
+            collapsing |= collapses
+            query = updates.create_filter(
+                layout,
+                ObjectId(user_id),
+                require_email=require_email,
+                repeat_of=notification["id"] if repeat else None,
+                collapsing=collapses,
             )
-            for user_id, notification in entries
-        ]
+            if collapses:
+                writes.append((query, updates.collapse(layout, notification, cutoff)))
+            else:
+                writes.append((query, updates.push(layout, notification)))
         refused: dict[str, UserDocumentInvalid] = {}
         try:
             if len(writes) == 1:
                 # The same command on the wire as a bulk write of one, for less of the
                 # client's CPU (a single create's path).
-                matched = self.users.update_one(*writes[0], session=session).matched_count
+                one = self.users.update_one(*writes[0], session=session)
+                matched, modified = one.matched_count, one.modified_count
             else:
                 requests = [UpdateOne(query, update) for query, update in writes]
                 result = self.users.bulk_write(requests, ordered=False, session=session)
-                matched = result.matched_count
+                matched, modified = result.matched_count, result.modified_count
         except OperationFailure as exc:
             if isinstance(exc, BulkWriteError) and exc.details.get("writeConcernErrors"):
                 raise  # what was written is not known to be durable: no 2xx (guarded: 503)
@@ -125,13 +136,38 @@ class InboxStore:
             if session is not None:
                 raise RefusedWrites(refused) from exc
             matched = -1  # unordered: the others went through
-        if matched == len(entries) and not repeat:
+        # Every write changes what it matches, but a collapse that finds no array there
+        # (matched, not modified).
+        if matched == len(entries) and not repeat and (modified == matched or not collapsing):
             return {user_id for user_id, _ in entries}, refused
         # Which users hold their notification (a user gone, or a repeat).
         wanted = {user_id: notification["id"] for user_id, notification in entries}
-        held = self._in_batches(list(wanted), lambda oids: updates.held_ids(layout, oids), session)
-        done = {user_id for user_id, doc in held.items() if wanted[user_id] in doc["ids"]}
+        held = self._in_batches(
+            list(wanted),
+            lambda oids: updates.held_ids(layout, oids, collapsing=collapsing),
+            session,
+        )
+        done = set()
+        for user_id, doc in held.items():
+            if wanted[user_id] in doc["ids"] or _logged(doc, wanted[user_id]) is not None:
+                done.add(user_id)
+            elif collapsing and not doc["takes"]:
+                refused[user_id] = self.not_an_array()
+        if refused and session is not None:
+            # As the server's own refusal would: the caller runs it again without them.
+            raise RefusedWrites(refused)
         return done, refused
+
+    @guarded
+    def kept_ids(self, wanted: dict[str, str]) -> dict[str, str]:
+        """For each user_id: notification_id of `wanted` whose create collapsed, the id
+        of the notification it went into (one read per 50 users). A create that made
+        its own notification, or whose collapse has left the log, is not there."""
+        held = self._in_batches(
+            list(wanted), lambda oids: updates.held_ids(self.layout, oids, collapsing=True)
+        )
+        kept = {user_id: _logged(doc, wanted[user_id]) for user_id, doc in held.items()}
+        return {user_id: into for user_id, into in kept.items() if into is not None}
 
     @guarded
     def why_not_appended(
@@ -261,24 +297,36 @@ class InboxStore:
         holds: str | None = None,
         token: str | None = None,
         prune: bool = False,
+        kept_by: str | None = None,
     ) -> Document | None:
-        """{elements, new, version, holds, changed} of the user (`updates.state`); with
-        `prune` (after a write), expired notifications found are removed."""
-        for doc in self.users.aggregate(updates.state(self.layout, oid, cutoff, holds, token)):
+        """{elements, new, version, holds, changed, kept} of the user (`updates.state`);
+        with `prune` (after a write), expired notifications found are removed."""
+        pipeline = updates.state(self.layout, oid, cutoff, holds, token, kept_by)
+        for doc in self.users.aggregate(pipeline):
             if prune and doc.pop("expired", False) and cutoff is not None:
                 # Not counted nor listed already: the answer stays as read.
                 self.users.update_one({"_id": oid}, updates.prune(self.layout, cutoff))
-            return {"holds": False, "changed": None, **doc.pop("counts"), **doc}
+            return {"holds": False, "changed": None, "kept": None, **doc.pop("counts"), **doc}
         return None
 
     @guarded
-    def counts(self, user_id: str, now: datetime, *, after_write: bool = False) -> Document:
-        """{elements, new, version}: one small read. `after_write`: the caller has just
-        written, so notifications found expired are removed.
+    def counts(
+        self,
+        user_id: str,
+        now: datetime,
+        *,
+        after_write: bool = False,
+        kept_by: str | None = None,
+    ) -> Document:
+        """{elements, new, version, kept}: one small read. `after_write`: the caller has
+        just written, so notifications found expired are removed. `kept_by`: a create's
+        notification id; `kept` is the id of the one it collapsed into, else None.
 
         :raise UserNotFound:
         """
-        found = self._state(ObjectId(user_id), self.layout.cutoff(now), prune=after_write)
+        found = self._state(
+            ObjectId(user_id), self.layout.cutoff(now), prune=after_write, kept_by=kept_by
+        )
         if found is None:
             raise UserNotFound()
         return found
@@ -310,7 +358,7 @@ class InboxStore:
                 **counts,
                 "version": result["version"],
                 "matched": matched,
-                "list": found["list"],
+                "list": [listed(item) for item in found["list"]],
             }
         raise UserNotFound()
 
@@ -353,9 +401,14 @@ class InboxStore:
 
     @guarded
     def has_notification(self, user_id: str, notification_id: str) -> bool:
-        """Whether the user's array holds the notification (the sweep of pending emails)."""
-        query = {"_id": ObjectId(user_id), f"{self.field}.id": notification_id}
-        return self.users.find_one(query, projection={"_id": 1}) is not None
+        """Whether the user's array holds the notification, or the one it collapsed
+        into (the sweep of pending emails)."""
+        oid = ObjectId(user_id)
+        # Two reads rather than an `$or`, which SecantusDB serves with a collection scan.
+        for path in (f"{self.field}.id", f"{self.layout.meta}.collapsed.by"):
+            if self.users.find_one({"_id": oid, path: notification_id}, {"_id": 1}) is not None:
+                return True
+        return False
 
     @guarded
     def ensure_user(self, user_id: str, email: str) -> None:
@@ -548,6 +601,15 @@ class UserChanges:
     def close(self) -> None:
         with contextlib.suppress(PyMongoError):
             self._stream.close()
+
+
+def _logged(doc: Document, notification_id: str) -> str | None:
+    """The id the collapse log of `doc` (`updates.held_ids`) gives `notification_id`."""
+    for entry in doc.get("collapsed", ()):
+        if isinstance(entry, dict) and entry.get("by") == notification_id:
+            into = entry.get("id")
+            return into if isinstance(into, str) else None
+    return None
 
 
 def has_email(user: Document) -> bool:
