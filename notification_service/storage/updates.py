@@ -454,7 +454,8 @@ def rewrite(
                     "before": {"$let": {"vars": {"live": alive}, "in": measure("$$live")}},
                     "log": _log(layout),
                     # Carried over: SecantusDB replaces the embedded document (below).
-                    "collapsed": collapse_log(layout),
+                    # Missing stays missing (a field of a missing value is left out).
+                    "collapsed": f"{meta}.collapsed",
                 },
             }
         },
