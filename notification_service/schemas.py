@@ -606,7 +606,8 @@ class EmailState(TypedDict):
 
 
 class Notification(TypedDict):
-    """A notification exactly as stored in the user's document and listed."""
+    """A notification as stored in the user's document and listed (one stored before
+    collapse keys is listed with `count` 1 and `collapse_key` null: `listed`)."""
 
     id: str
     timestamp: int  # of its last create (collapsed ones are stamped again)
