@@ -176,6 +176,18 @@ def test_a_collapse_updates_the_unread_one_in_place_and_moves_it_to_the_top(
     assert other["data"] == {"n": 2}
 
 
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_a_collapse_keeps_the_others_in_order_wherever_its_row_is(
+    store: InboxStore, db: Any, user_id: str, position: int
+) -> None:
+    row = thread(user_id, 10)
+    others = [notification(user_id, n) for n in range(3)]
+    array = [*others[:position], row, *others[position:]]
+    db.users.update_one({"_id": ObjectId(user_id)}, {"$set": {"notifications": array}})
+    store.append([(user_id, thread(user_id, 11))], NOW, require_email=False)
+    assert [n["id"] for n in stored(db, user_id)] == [row["id"], *(n["id"] for n in others)]
+
+
 def test_a_create_that_collapses_into_nothing_is_its_own_and_logs_nothing(
     store: InboxStore, db: Any, user_id: str
 ) -> None:

@@ -330,7 +330,11 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
     ]
     if cutoff is not None:
         same.append({"$gt": ["$$n.timestamp", {"$literal": cutoff}]})
-    found = {"$arrayElemAt": [{"$filter": {"input": "$$a", "as": "n", "cond": {"$and": same}}}, 0]}
+    # The first match only (`limit`): the others need not be evaluated, and a busy
+    # thread's row is near the top. Its position is then found by plain equality
+    # (`$indexOfArray`), and it is cut out with `$slice`: no expression per element.
+    first = {"$filter": {"input": "$$a", "as": "n", "cond": {"$and": same}, "limit": 1}}
+    found = {"$arrayElemAt": [first, 0]}
     changes = {key: notification[key] for key in ("data", "target_id", "timestamp")}
     merged = {
         "$mergeObjects": [
@@ -339,13 +343,26 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
             {"count": {"$add": [{"$ifNull": ["$$f.count", 1]}, 1]}},
         ]
     }
-    others = {"$filter": {"input": "$$a", "as": "n", "cond": {"$ne": ["$$n.id", "$$f.id"]}}}
+    moved = {
+        "$let": {
+            "vars": {"i": {"$indexOfArray": ["$$a", "$$f"]}},
+            "in": {
+                "$concatArrays": [
+                    [merged],
+                    # Before it (none at 0: the two-argument form takes a count of 0),
+                    # and after it (the three-argument form wants a positive count).
+                    {"$slice": ["$$a", "$$i"]},
+                    {"$slice": ["$$a", {"$add": ["$$i", 1]}, layout.limit]},
+                ]
+            },
+        }
+    }
     array = {
         "$cond": [
             {"$eq": ["$$f", None]},
             # As a literal: a string like "$email" in its data is stored as given.
             {"$concatArrays": [[{"$literal": notification}], "$$a"]},
-            {"$concatArrays": [[merged], others]},
+            moved,
         ]
     }
     logged = {
