@@ -195,8 +195,65 @@ def test_a_create_that_collapses_into_nothing_is_its_own_and_logs_nothing(
     store.append([(user_id, first)], NOW, require_email=False)
     assert store.counts(user_id, NOW, kept_by=first["id"])["kept"] is None
     assert stored(db, user_id) == [first]
-    meta = db.users.find_one({"_id": ObjectId(user_id)})["notifications_meta"]
-    assert meta == {"version": 1, "collapsed": []}
+    # A plain `$push` made it: no pipeline, no log.
+    assert db.users.find_one({"_id": ObjectId(user_id)})["notifications_meta"] == {"version": 1}
+
+
+def test_a_collapsing_create_makes_the_array_of_a_user_without_one(
+    store: InboxStore, db: Any, make_user: Callable[..., str]
+) -> None:
+    bare = make_user()
+    first = thread(bare, 1)
+    assert store.append([(bare, first)], NOW, require_email=True) == ({bare}, {})
+    assert stored(db, bare) == [first]
+
+
+class Racing(InboxStore):
+    """The store, with other writes landing after its own first writes, one each."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.between: list[Callable[[], None]] = []
+        self._outer = True
+
+    def _write_all(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._write_all(*args, **kwargs)
+        if self.between and self._outer:  # not after the other writes' own
+            self._outer = False
+            try:
+                self.between.pop(0)()
+            finally:
+                self._outer = True
+        return result
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_a_row_made_between_the_two_writes_still_counts_the_create_once(
+    config: Config, db: Any, user_id: str, read: bool
+) -> None:
+    client = connect(config)
+    try:
+        store = Racing(database(client, config), config)
+        row = thread(user_id, 1)
+        # After its first write (no row to collapse into), another create makes one;
+        # then, after its second (not made: the row is there), the row may be read.
+        store.between = [lambda: store.append([(user_id, row)], NOW, require_email=False)]
+        if read:
+            store.between.append(lambda: store.mark_read(user_id, row["id"], NOW))
+        mine = thread(user_id, 2)
+        assert store.append([(user_id, mine)], NOW, require_email=False) == ({user_id}, {})
+        kept = store.counts(user_id, NOW, kept_by=mine["id"])["kept"]
+    finally:
+        client.close()
+    if not read:  # into the row that came
+        assert kept == row["id"]
+        assert [(n["id"], n["count"]) for n in stored(db, user_id)] == [(row["id"], 2)]
+    else:  # the row was read before its third write: a new one
+        assert kept is None
+        assert [(n["id"], n["count"], n["is_new"]) for n in stored(db, user_id)] == [
+            (mine["id"], 1, True),
+            (row["id"], 1, False),
+        ]
 
 
 def test_a_read_one_is_not_collapsed_into(store: InboxStore, db: Any, user_id: str) -> None:

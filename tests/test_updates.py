@@ -127,6 +127,15 @@ def test_a_retried_collapsing_create_also_skips_a_user_that_logged_it_collapsed(
     assert first == {"_id": OID}
 
 
+def test_a_collapse_is_written_where_the_row_is_and_a_push_where_it_is_not() -> None:
+    item = notification({}, collapse_key="$t")
+    row = {"collapse_key": "$t", "key": "new_post", "is_new": True, "timestamp": {"$gt": 9}}
+    assert updates.collapsible(LAYOUT, item, 9) == {"notifications": {"$elemMatch": row}}
+    assert updates.collapsible(LAYOUT, item, 9, absent=True) == {
+        "notifications": {"$not": {"$elemMatch": row}}
+    }
+
+
 def test_a_collapse_is_one_stage_that_changes_nothing_without_an_array() -> None:
     item = notification({"a": "$email"}, collapse_key="$thread")
     [stage] = updates.collapse(LAYOUT, item, cutoff=None)

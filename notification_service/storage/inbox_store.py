@@ -74,53 +74,154 @@ class InboxStore:
         session: Any = None,
     ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
         """Prepend one notification to each (user_id, notification)'s capped array, in
-        ONE bulk write; return the user ids that hold theirs afterwards, and those whose
-        document refused the write, with why (a field that is not an array, MongoDB's
-        16 MB, a validator of the application's).
+        ONE bulk write (two for collapse keys: `_collapse`); return the user ids that
+        hold theirs afterwards, and those whose document refused the write, with why (a
+        field that is not an array, MongoDB's 16 MB, a validator of the application's).
 
         Users that do not exist or have no email (with `require_email`) are left out;
         the others are written all the same. With `repeat` (a retried request, the same
         ids), a notification already there is not written again, and counts as held.
 
         A notification with a `collapse_key` collapses into the user's unread one of the
-        same key and collapse key if there is one (`updates.collapse`), and then counts
-        as held too: which one it went into is read afterwards (`kept_ids`, or `counts`
-        with `kept_by`). The others take the plain `$push`.
+        same key and collapse key where there is one (`_collapse`), and then counts as
+        held too: which one it went into is read afterwards (`kept_ids`, or `counts`
+        with `kept_by`).
 
         :raise RefusedWrites: some documents refused, inside a transaction (`session`):
             the server has aborted it; run it again without them.
         """
-        if not entries:
-            return set(), {}
-        layout = self.layout
-        cutoff = layout.cutoff(now)
-        collapsing = False
-        writes: list[tuple[Document, Document | list[Document]]] = []
-        for user_id, notification in entries:
-            collapses = notification.get("collapse_key") is not None
-            collapsing |= collapses
-            query = updates.create_filter(
-                layout,
-                ObjectId(user_id),
-                require_email=require_email,
-                repeat_of=notification["id"] if repeat else None,
-                collapsing=collapses,
-            )
-            if collapses:
-                writes.append((query, updates.collapse(layout, notification, cutoff)))
-            else:
-                writes.append((query, updates.push(layout, notification)))
+        plain = [e for e in entries if e[1].get("collapse_key") is None]
+        collapsing = [e for e in entries if e[1].get("collapse_key") is not None]
+        done: set[str] = set()
         refused: dict[str, UserDocumentInvalid] = {}
+        for part, write in ((plain, self._push), (collapsing, self._collapse)):
+            if part:
+                more, refusals = write(part, now, require_email, repeat, session)
+                done |= more
+                refused.update(refusals)
+        return done, refused
+
+    def _push(
+        self,
+        entries: list[tuple[str, Notification]],
+        now: datetime,
+        require_email: bool,
+        repeat: bool,
+        session: Any,
+    ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+        """`append` of notifications without a collapse key: one `$push` each."""
+        writes = [
+            (
+                self._create_filter(user_id, notification, require_email, repeat),
+                updates.push(self.layout, notification),
+            )
+            for user_id, notification in entries
+        ]
+        matched, _, refused = self._write_all(entries, writes, session)
+        if matched == len(entries) and not repeat:
+            return {user_id for user_id, _ in entries}, refused
+        # Which users hold their notification (a user gone, or a repeat).
+        done, _ = self._held(entries, session, collapsing=False)
+        return done, refused
+
+    def _collapse(
+        self,
+        entries: list[tuple[str, Notification]],
+        now: datetime,
+        require_email: bool,
+        repeat: bool,
+        session: Any,
+    ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+        """`append` of notifications with a collapse key: into the user's unread one of
+        the same key and collapse key (`updates.collapse`, an update pipeline, where
+        `updates.collapsible` finds one), else a plain `$push` (where it finds none).
+
+        Two writes rather than the one pipeline that can do both: SecantusDB diffs an
+        array that a pipeline rewrote element by element (for its change events), and
+        prepending shifts every element, where a collapse into a row near the top
+        changes only the first few; a `$push` is not diffed. A user whose row came or
+        went between the two writes (neither matched) gets the pipeline alone, which is
+        right either way.
+        """
+        layout, cutoff = self.layout, self.layout.cutoff(now)
+        everyone = {user_id for user_id, _ in entries}
+
+        def writes(chosen: list[tuple[str, Notification]], step: str) -> list[tuple[Document, Any]]:
+            """ "into" an existing row, a "new" one, or "either" (no row condition)."""
+            found: list[tuple[Document, Any]] = []
+            for user_id, notification in chosen:
+                query = self._create_filter(
+                    user_id, notification, require_email, repeat or step == "either"
+                )
+                if step == "new":
+                    query.update(updates.collapsible(layout, notification, cutoff, absent=True))
+                    found.append((query, updates.push(layout, notification)))
+                    continue
+                if step == "into":
+                    query.update(updates.collapsible(layout, notification, cutoff))
+                found.append((query, updates.collapse(layout, notification, cutoff)))
+            return found
+
+        into, _, refused = self._write_all(entries, writes(entries, "into"), session)
+        if into == len(entries):
+            return everyone, refused
+        left = [e for e in entries if e[0] not in refused]
+        pushed, _, more = self._write_all(left, writes(left, "new"), session)
+        refused.update(more)
+        if into + pushed == len(entries):
+            return everyone, refused
+        # A repeat, a user gone or without an address, or a row made, read or deleted
+        # between the two writes: who holds theirs, and who can still take it.
+        done, takes = self._held(left, session, collapsing=True)
+        late = [e for e in left if takes.get(e[0]) and e[0] not in done and e[0] not in refused]
+        if late:
+            _, written, _ = self._write_all(late, writes(late, "either"), session)
+            if written == len(late):
+                done |= {user_id for user_id, _ in late}
+            else:
+                now_done, now_takes = self._held(late, session, collapsing=True)
+                done |= now_done
+                takes.update(now_takes)
+        for user_id, _ in left:
+            if user_id not in done and takes.get(user_id) is False:
+                refused.setdefault(user_id, self.not_an_array())
+        if refused and session is not None:
+            # As the server's own refusal would: the caller runs it again without them.
+            raise RefusedWrites(refused)
+        return done, refused
+
+    def _create_filter(
+        self, user_id: str, notification: Notification, require_email: bool, repeat: bool
+    ) -> Document:
+        return updates.create_filter(
+            self.layout,
+            ObjectId(user_id),
+            require_email=require_email,
+            repeat_of=notification["id"] if repeat else None,
+            collapsing=notification.get("collapse_key") is not None,
+        )
+
+    def _write_all(
+        self,
+        entries: list[tuple[str, Notification]],
+        writes: list[tuple[Document, Any]],
+        session: Any,
+    ) -> tuple[int, int, dict[str, UserDocumentInvalid]]:
+        """Run the writes (one per entry) as one command; return how many documents
+        they matched and modified (-1 for both when some were refused) and the users
+        whose document refused theirs.
+
+        :raise RefusedWrites: some documents refused, inside a transaction.
+        """
         try:
             if len(writes) == 1:
                 # The same command on the wire as a bulk write of one, for less of the
                 # client's CPU (a single create's path).
                 one = self.users.update_one(*writes[0], session=session)
-                matched, modified = one.matched_count, one.modified_count
-            else:
-                requests = [UpdateOne(query, update) for query, update in writes]
-                result = self.users.bulk_write(requests, ordered=False, session=session)
-                matched, modified = result.matched_count, result.modified_count
+                return one.matched_count, one.modified_count, {}
+            requests = [UpdateOne(query, update) for query, update in writes]
+            result = self.users.bulk_write(requests, ordered=False, session=session)
+            return result.matched_count, result.modified_count, {}
         except OperationFailure as exc:
             if isinstance(exc, BulkWriteError) and exc.details.get("writeConcernErrors"):
                 raise  # what was written is not known to be durable: no 2xx (guarded: 503)
@@ -135,28 +236,25 @@ class InboxStore:
             log.warning("create: %d writes refused", len(refused))
             if session is not None:
                 raise RefusedWrites(refused) from exc
-            matched = -1  # unordered: the others went through
-        # Every write changes what it matches, but a collapse that finds no array there
-        # (matched, not modified).
-        if matched == len(entries) and not repeat and (modified == matched or not collapsing):
-            return {user_id for user_id, _ in entries}, refused
-        # Which users hold their notification (a user gone, or a repeat).
+            return -1, -1, refused  # unordered: the others went through
+
+    def _held(
+        self, entries: list[tuple[str, Notification]], session: Any, *, collapsing: bool
+    ) -> tuple[set[str], dict[str, bool]]:
+        """The users that hold their notification (by its id; `collapsing`: or by the
+        collapse log), and whether the field of each user found can take one."""
         wanted = {user_id: notification["id"] for user_id, notification in entries}
         held = self._in_batches(
             list(wanted),
-            lambda oids: updates.held_ids(layout, oids, collapsing=collapsing),
+            lambda oids: updates.held_ids(self.layout, oids, collapsing=collapsing),
             session,
         )
-        done = set()
-        for user_id, doc in held.items():
-            if wanted[user_id] in doc["ids"] or _logged(doc, wanted[user_id]) is not None:
-                done.add(user_id)
-            elif collapsing and not doc["takes"]:
-                refused[user_id] = self.not_an_array()
-        if refused and session is not None:
-            # As the server's own refusal would: the caller runs it again without them.
-            raise RefusedWrites(refused)
-        return done, refused
+        done = {
+            user_id
+            for user_id, doc in held.items()
+            if wanted[user_id] in doc["ids"] or _logged(doc, wanted[user_id]) is not None
+        }
+        return done, {user_id: doc.get("takes", True) for user_id, doc in held.items()}
 
     @guarded
     def kept_ids(self, wanted: dict[str, str]) -> dict[str, str]:

@@ -307,6 +307,22 @@ def collapse_log(layout: Layout) -> Document:
     return {"$cond": [{"$isArray": logged}, logged, []]}
 
 
+def collapsible(
+    layout: Layout, notification: Notification, cutoff: int | None, *, absent: bool = False
+) -> Document:
+    """A filter for a user whose array holds the unread, live notification that
+    `notification` collapses into (`collapse`); with `absent`, one whose array holds
+    none (or is missing, or is not an array: the `$push` then refuses it)."""
+    found = holding(
+        layout,
+        cutoff,
+        collapse_key=notification["collapse_key"],
+        key=notification["key"],
+        is_new=True,
+    )
+    return {layout.field: {"$not": found[layout.field]}} if absent else found
+
+
 def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> list[Document]:
     """An update pipeline for a create with a `collapse_key`: the newest unread, live
     notification of the same `key` and `collapse_key` keeps its id, moves to the top,
@@ -317,9 +333,12 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
     COLLAPSE_LOG_SIZE: a retry's filter skips a write already made (`create_filter`),
     and the counts read that follows tells which notification it went into (`state`).
 
-    A field that is neither an array nor missing is left as it is, and so is the whole
-    document (matched, not modified): the caller reports the refusal, as the server's
-    own refusal of a `$push` is reported.
+    Written where `collapsible` finds the row, it collapses; without a filter, it
+    collapses or prepends, atomically, whichever the array calls for (the store's
+    fallback: a plain `$push` is cheaper when there is no row). A field that is neither
+    an array nor missing is left as it is, and so is the whole document (matched, not
+    modified): the caller reports the refusal, as the server's own refusal of a `$push`
+    is reported.
     """
     field, meta = layout.field, layout.meta
     same = [
