@@ -12,6 +12,7 @@ from bson import ObjectId
 from notification_service.config import Config
 from notification_service.errors import NotificationNotFound, UserHasNoEmail, UserNotFound
 from notification_service.schemas import Notification
+from notification_service.storage import updates
 from notification_service.storage.inbox_store import InboxStore
 from notification_service.storage.mongo_connector import connect, database
 
@@ -372,11 +373,29 @@ def test_read_all_and_delete_all_keep_the_collapse_log(
     store.mark_all_read(user_id, None, NOW)
     store.delete_all(user_id, True, NOW)
     meta = db.users.find_one({"_id": ObjectId(user_id)})["notifications_meta"]
-    assert set(meta) == {"version", "log", "collapsed"}
+    assert set(meta) == {"version", "log", "collapsed", "collapses"}
     assert [entry["by"] for entry in meta["collapsed"]] == [again["id"]]
+    assert meta["collapses"] == 1
     # So a late retry of it still counts once (and makes nothing new).
     store.append([(user_id, again)], NOW, require_email=False, repeat=True)
     assert stored(db, user_id) == []
+
+
+def test_the_collapse_log_keeps_the_last_ones_in_a_ring(
+    store: InboxStore, db: Any, user_id: str
+) -> None:
+    first = thread(user_id, 0)
+    store.append([(user_id, first)], NOW, require_email=False)
+    made = [thread(user_id, n) for n in range(1, updates.COLLAPSE_LOG_SIZE + 4)]
+    for item in made:
+        store.append([(user_id, item)], NOW, require_email=False)
+    meta = db.users.find_one({"_id": ObjectId(user_id)})["notifications_meta"]
+    assert meta["collapses"] == len(made)
+    assert {e["by"] for e in meta["collapsed"]} == {n["id"] for n in made[3:]}
+    assert {e["id"] for e in meta["collapsed"]} == {first["id"]}
+    assert store.kept_ids({user_id: made[-1]["id"]}) == {user_id: first["id"]}
+    assert store.kept_ids({user_id: made[2]["id"]}) == {}  # left the log
+    assert [n["count"] for n in stored(db, user_id)] == [len(made) + 1]
 
 
 def test_the_sweep_knows_a_collapsed_create_by_its_own_id(store: InboxStore, user_id: str) -> None:

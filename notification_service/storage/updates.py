@@ -301,8 +301,8 @@ def push(layout: Layout, notification: Notification) -> Document:
 
 
 def collapse_log(layout: Layout) -> Document:
-    """The collapse log, newest first: [{by: a create's own notification id, id: the
-    notification it collapsed into}] (see `collapse`)."""
+    """The collapse log, [{by: a create's own notification id, id: the notification it
+    collapsed into}]: the last COLLAPSE_LOG_SIZE collapses, in a ring (see `collapse`)."""
     logged = f"${layout.meta}.collapsed"
     return {"$cond": [{"$isArray": logged}, logged, []]}
 
@@ -330,8 +330,9 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
     one, `notification` is prepended. Capped at `limit` either way; the version moves.
 
     A collapse is logged under the notification's own id (`by`), the last
-    COLLAPSE_LOG_SIZE: a retry's filter skips a write already made (`create_filter`),
-    and the counts read that follows tells which notification it went into (`state`).
+    COLLAPSE_LOG_SIZE (`collapses` counts them all): a retry's filter skips a write
+    already made (`create_filter`), and the counts read that follows tells which
+    notification it went into (`state`).
 
     Written where `collapsible` finds the row, it collapses; without a filter, it
     collapses or prepends, atomically, whichever the array calls for (the store's
@@ -384,21 +385,35 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
             moved,
         ]
     }
+    # The log is a ring: collapse number c writes slot c mod COLLAPSE_LOG_SIZE, so a
+    # collapse changes one entry, where prepending would shift them all (SecantusDB
+    # diffs what a pipeline changed, element by element, for its change events).
+    count = {"$ifNull": [f"${meta}.collapses", 0]}
+    entry = {"by": {"$literal": notification["id"]}, "id": "$$f.id"}
+    ring = {
+        "$let": {
+            "vars": {"log": collapse_log(layout), "at": {"$mod": [count, COLLAPSE_LOG_SIZE]}},
+            "in": {
+                "$cond": [
+                    {"$lte": [{"$size": "$$log"}, "$$at"]},
+                    {"$concatArrays": ["$$log", [entry]]},
+                    {
+                        "$concatArrays": [
+                            {"$slice": ["$$log", "$$at"]},
+                            [entry],
+                            {"$slice": ["$$log", {"$add": ["$$at", 1]}, COLLAPSE_LOG_SIZE]},
+                        ]
+                    },
+                ]
+            },
+        }
+    }
+    moved_on = {"version": {"$add": [version(layout), 1]}}
     logged = {
         "$cond": [
             {"$eq": ["$$f", None]},
-            collapse_log(layout),
-            {
-                "$slice": [
-                    {
-                        "$concatArrays": [
-                            [{"by": {"$literal": notification["id"]}, "id": "$$f.id"}],
-                            collapse_log(layout),
-                        ]
-                    },
-                    COLLAPSE_LOG_SIZE,
-                ]
-            },
+            moved_on,
+            {**moved_on, "collapsed": ring, "collapses": {"$add": [count, 1]}},
         ]
     }
     changed = {
@@ -410,7 +425,7 @@ def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> 
                 meta: {
                     "$mergeObjects": [
                         {"$cond": [{"$eq": [{"$type": f"${meta}"}, "object"]}, f"${meta}", {}]},
-                        {"version": {"$add": [version(layout), 1]}, "collapsed": logged},
+                        logged,
                     ]
                 },
             },
@@ -492,6 +507,7 @@ def rewrite(
                     # Carried over: SecantusDB replaces the embedded document (below).
                     # Missing stays missing (a field of a missing value is left out).
                     "collapsed": f"{meta}.collapsed",
+                    "collapses": f"{meta}.collapses",
                 },
             }
         },
@@ -500,6 +516,7 @@ def rewrite(
                 layout.meta: {
                     "version": f"{meta}.version",
                     "collapsed": f"{meta}.collapsed",
+                    "collapses": f"{meta}.collapses",
                     "log": {
                         "$slice": [
                             {
