@@ -1,12 +1,14 @@
 """Server-Sent Events of GET /stream: what one stream has told its client, and the
 events a newer state of the inbox makes.
 
-Event ids are notification ids: each event carries the id of the newest notification
-the client has been told of (24 zeros while the inbox is empty). EventSource sends it
-back as Last-Event-ID when it reconnects, and the notifications before it in the array
-are sent first. If that notification has gone meanwhile (deleted, capped, expired),
-those stamped since the second its id was made, less a margin, are sent: a few may come
-twice, and their ids tell them apart.
+Event ids are notification ids: each event carries the id of the first notification
+in the array the client has been told of (24 zeros while the inbox is empty), the
+newest one, or the one a create collapsed into (it moves to the front, keeping its
+id). EventSource sends it back as Last-Event-ID when it reconnects, and the
+notifications before it in the array are sent first. If that notification has gone
+meanwhile (deleted, capped, expired), those stamped since the second its id was made,
+less a margin, are sent: a few may come twice (more after a collapse, whose id is
+older than its stamp), and their ids tell them apart.
 """
 
 from __future__ import annotations
