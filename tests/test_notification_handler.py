@@ -228,6 +228,21 @@ def test_a_collapsing_new_login_still_queues_its_email(
     assert "10.0.0.2" in emails[1]["text"]
 
 
+@pytest.mark.parametrize("key", ["new_post", "new_login"])
+def test_a_collapsing_create_for_a_missing_user_or_a_field_not_an_array_fails_as_a_plain_one(
+    client: FlaskClient, db: Any, make_user: Callable[..., str], key: str
+) -> None:
+    missing = create(client, user_id=str(ObjectId()), key=key, collapse_key="t")
+    assert (missing.status_code, missing.get_json()["error"]["code"]) == (404, "user_not_found")
+    odd = make_user(notifications="not an array")
+    refused = create(client, user_id=odd, key=key, collapse_key="t")
+    assert (refused.status_code, refused.get_json()["error"]["code"]) == (
+        409, "user_document_invalid"
+    )  # fmt: skip
+    assert db.users.find_one({"_id": ObjectId(odd)})["notifications"] == "not an array"
+    assert db.email_outbox.count_documents({}) == 0
+
+
 def test_sixteen_threads_collapsing_into_one_user_end_with_one_notification_counting_each(
     app: Flask, db: Any, user_id: str
 ) -> None:
