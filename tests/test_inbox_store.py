@@ -415,3 +415,7 @@ def test_a_page_shows_count_and_collapse_key_of_a_notification_stored_before_the
     db.users.update_one({"_id": ObjectId(user_id)}, {"$set": {"notifications": [old, "junk"]}})
     page = store.inbox_page(user_id, 0, 10, NOW)
     assert page["list"] == [{**old, "count": 1, "collapse_key": None}, "junk"]
+    # And an export (user_data.py) shows them as /list does.
+    exported = store.held_for(user_id)
+    assert exported is not None
+    assert exported["notifications"] == page["list"]

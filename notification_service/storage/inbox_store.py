@@ -541,9 +541,12 @@ class InboxStore:
         """What an export reads of the user's document: `email` and the array (every
         notification stored, as /list shows them), nothing else of the application's
         fields; None when the document is gone."""
-        return self.users.find_one(
+        document = self.users.find_one(
             {"_id": ObjectId(user_id)}, projection={"_id": 0, "email": 1, self.field: 1}
         )
+        if document is not None and isinstance(document.get(self.field), list):
+            document[self.field] = [listed(item) for item in document[self.field]]
+        return document
 
     @guarded
     def erase_notifications(self, user_id: str) -> int:
