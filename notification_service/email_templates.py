@@ -139,6 +139,8 @@ class EmailTemplates:
                 "key": spec.name,
                 "target_id": None,
                 "data": {},
+                "count": 1,
+                "collapse_key": None,
             }
             try:
                 # With and without a link: a template's branch on it must render too.

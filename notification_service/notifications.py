@@ -83,6 +83,10 @@ def create_notification(
     have written part of it (a retried Idempotency-Key): each write then completes what
     is missing and doubles nothing.
 
+    With a `collapse_key`, the user's unread notification of the same key and collapse
+    key, if any, takes this one's place (InboxStore.append): the answer gives its id,
+    with `collapsed` true, read with the counts (no extra command).
+
     :raise UserNotFound: unknown user outside test mode (EMAIL unset).
     :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
     :raise UserDocumentInvalid: the user's document cannot take a notification.
@@ -93,12 +97,22 @@ def create_notification(
     if not written:
         raise refused[request.user_id]
     target = written[0]
+    own_id = target.notification["id"]
     counts = (
-        svc.store.counts(request.user_id, svc.clock(), after_write=True) if route.in_app else None
+        svc.store.counts(
+            request.user_id,
+            svc.clock(),
+            after_write=True,
+            kept_by=own_id if request.collapse_key is not None else None,
+        )
+        if route.in_app
+        else None
     )
+    kept = counts["kept"] if counts else None
     return {
-        "notification_id": target.notification["id"] if route.in_app else None,
+        "notification_id": (kept or own_id) if route.in_app else None,
         "email_id": target.email_id if route.email != "never" else None,
+        "collapsed": kept is not None,
         "elements": counts["elements"] if counts else None,
         "new": counts["new"] if counts else None,
     }
@@ -117,12 +131,22 @@ def fan_out(
     outcomes: dict[str, FanOutOutcome] = {
         user_id: {"user_id": user_id, "status": error.code} for user_id, error in refused.items()
     }
+    # Which users' creates collapsed, and into what: one more read per 50 users (the
+    # write's answer does not say), only with a collapse key.
+    kept = (
+        svc.store.kept_ids({t.user_id: t.notification["id"] for t in written})
+        if route.in_app and request.collapse_key is not None and written
+        else {}
+    )
     for target in written:
         outcomes[target.user_id] = {
             "user_id": target.user_id,
             "status": "created",
-            "notification_id": target.notification["id"] if route.in_app else None,
+            "notification_id": kept.get(target.user_id, target.notification["id"])
+            if route.in_app
+            else None,
             "email_id": target.email_id if route.email != "never" else None,
+            "collapsed": target.user_id in kept,
         }
     results = [outcomes[user_id] for user_id in request.user_ids]
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
@@ -483,6 +507,8 @@ def _notification(
         "key": request.key,
         "target_id": request.target_id,
         "data": request.data,
+        "count": 1,
+        "collapse_key": request.collapse_key,
     }
 
 

@@ -39,6 +39,13 @@ DATA_MAX_BYTES = 16 * 1024
 DATA_MAX_DEPTH = 32
 DEFAULT_LIST_MAX_LIMIT = 100
 FAN_OUT_MAX_USERS = 1000
+COLLAPSE_KEY_MAX_CHARS = 128
+# Printable ASCII without spaces: any id, path or name a client builds of a thread fits
+# ("thread:6756b2f1", "/posts/42#comments"), while whitespace, control characters and
+# non-ASCII are refused, so two keys that look the same are the same (no trailing
+# spaces, no Unicode look-alikes or normalisation forms) and a key shows safely in logs.
+# `$` is harmless: the stores take it as a value, never as an expression.
+COLLAPSE_KEY_PATTERN = "^[!-~]+$"
 # BSON integers are signed 64-bit; a larger JSON number would fail only at the driver.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{24}")
@@ -301,6 +308,24 @@ class CreateRequest(_Body):
     key: NotificationKey
     target_id: ObjectIdStr | None = None
     data: JsonObject = Field(default_factory=dict)
+    # Notifications of one thread as one row: see notifications.create_notification.
+    collapse_key: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=COLLAPSE_KEY_MAX_CHARS,
+                pattern=COLLAPSE_KEY_PATTERN,
+                description="An unread notification of this user with the same `key` and "
+                "`collapse_key` is updated instead of a new one made: it keeps its id, "
+                "moves to the top, its `count` goes up by one and its `data`, `target_id` "
+                "and `timestamp` are this create's. 1 to 128 printable ASCII characters, "
+                "no spaces. Ignored for a key that records nothing.",
+                examples=["thread:6756b2f1a4c3e0d9b8f75678"],
+            ),
+        ]
+        | None
+    ) = None
 
     @classmethod
     def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -594,15 +619,34 @@ class EmailState(TypedDict):
 
 
 class Notification(TypedDict):
-    """A notification exactly as stored in the user's document and listed."""
+    """A notification as stored in the user's document and listed (one stored before
+    collapse keys is listed with `count` 1 and `collapse_key` null: `listed`)."""
 
     id: str
-    timestamp: int
+    timestamp: int  # of its last create (collapsed ones are stamped again)
     is_new: bool
     user_id: str
     key: str
     target_id: str | None
     data: dict[str, Any]
+    count: int  # the creates it stands for: 1, plus one for each collapsed into it
+    collapse_key: str | None
+
+
+def listed(item: Any) -> Any:
+    """A stored notification as /list and /stream show it: one stored before collapse
+    keys (no `count`, no `collapse_key`) is copied with their defaults, 1 and null.
+
+    Filled here, in Python over the elements shown only, rather than by the database's
+    pipeline: a `$map` with `$mergeObjects` would cost the database CPU for every
+    element of every read, and this costs two membership tests per element shown (new
+    notifications store both fields: the item itself is returned). A copy, not a
+    change in place: a stream's state is shared by the streams of one user. Anything
+    but an object (the array is the application's too) is shown as it is.
+    """
+    if isinstance(item, dict) and ("count" not in item or "collapse_key" not in item):
+        return {**item, "count": item.get("count", 1), "collapse_key": item.get("collapse_key")}
+    return item
 
 
 class ListRequestEcho(TypedDict):
@@ -653,8 +697,10 @@ class DeleteResult(TypedDict):
 
 
 class CreateResult(TypedDict):
+    # With `collapse_key`: the id of the notification it collapsed into, when it did.
     notification_id: str | None
     email_id: str | None
+    collapsed: bool  # updated an unread notification instead of making one
     # The user's counts after it; null for a key that records nothing.
     elements: int | None
     new: int | None
@@ -665,6 +711,7 @@ class FanOutOutcome(TypedDict, total=False):
     status: str  # created | user_not_found | user_has_no_email | user_document_invalid
     notification_id: str | None
     email_id: str | None
+    collapsed: bool
 
 
 class FanOutResult(TypedDict):

@@ -1,12 +1,14 @@
 """Server-Sent Events of GET /stream: what one stream has told its client, and the
 events a newer state of the inbox makes.
 
-Event ids are notification ids: each event carries the id of the newest notification
-the client has been told of (24 zeros while the inbox is empty). EventSource sends it
-back as Last-Event-ID when it reconnects, and the notifications before it in the array
-are sent first. If that notification has gone meanwhile (deleted, capped, expired),
-those stamped since the second its id was made, less a margin, are sent: a few may come
-twice, and their ids tell them apart.
+Event ids are notification ids: each event carries the id of the first notification
+in the array the client has been told of (24 zeros while the inbox is empty), the
+newest one, or the one a create collapsed into (it moves to the front, keeping its
+id). EventSource sends it back as Last-Event-ID when it reconnects, and the
+notifications before it in the array are sent first. If that notification has gone
+meanwhile (deleted, capped, expired), those stamped since the second its id was made,
+less a margin, are sent: a few may come twice (more after a collapse, whose id is
+older than its stamp), and their ids tell them apart.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from typing import Any, TypeGuard
 
 from .errors import ValidationFailed
+from .schemas import listed
 from .storage.mongo_connector import Document
 
 ZERO_ID = "0" * 24
@@ -66,12 +69,15 @@ def _event(kind: str, event_id: str, data: Any) -> bytes:
 
 class Feed:
     """What one stream has told its client, and the events a newer state of the inbox
-    makes: a `notification` for each one it has not seen, oldest first, and `counts`
-    when they differ from the last sent (always after the first state)."""
+    makes: a `notification` for each one it has not seen, or has seen with another
+    `count` (a create collapsed into it: the client replaces the row of that id), oldest
+    first, and `counts` when they differ from the last sent (always after the first
+    state)."""
 
     def __init__(self, resume_from: str | None) -> None:
         self.resume_from = resume_from
-        self.known: set[Any] | None = None  # the ids in the inbox at the last state
+        # The ids in the inbox at the last state, and the count of each.
+        self.known: dict[Any, Any] | None = None
         self.cursor = ZERO_ID
         self.counts: dict[str, int] | None = None
         self.expires_at: float | None = None
@@ -82,18 +88,28 @@ class Feed:
         # a string id is one to compare.
         items = [item for item in state["items"] if isinstance(item, dict)]
         ids = [item.get("id") if isinstance(item.get("id"), str) else None for item in items]
-        if self.known is None:
+        tallies = [item.get("count") for item in items]
+        known = self.known
+        if known is None:
             new = self._missed(items, ids)
         else:
-            # Notifications only ever join the array at its front: one whose id was not
-            # in the last state is new (none comes back once gone).
-            new = [item for item, i in zip(items, ids, strict=True) if i not in self.known]
-        self.known = set(ids)
+            # Notifications only ever join the array at its front, new or collapsed
+            # into (counted once more): one whose id was not in the last state is new
+            # (none comes back once gone), one whose count moved was collapsed into.
+            new = [
+                item
+                for item, i, n in zip(items, ids, tallies, strict=True)
+                if i not in known or known[i] != n
+            ]
+        self.known = dict(zip(ids, tallies, strict=True))
         self.cursor = next((i for i in ids if _valid_id(i)), ZERO_ID)
         self.expires_at = state["expires_at"]
         # One without a proper id can't be resumed from, nor told apart: not sent.
+        # Only those sent get /list's defaults (schemas.listed).
         events = [
-            _event("notification", n["id"], n) for n in reversed(new) if _valid_id(n.get("id"))
+            _event("notification", n["id"], listed(n))
+            for n in reversed(new)
+            if _valid_id(n.get("id"))
         ]
         counts = {"elements": state["elements"], "new": state["new"]}
         if counts != self.counts:

@@ -23,6 +23,7 @@ from flask.typing import ResponseReturnValue
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+from notification_service import notifications
 from notification_service.config import Config
 from notification_service.idempotency import (
     LEASE_MARGIN_SECONDS,
@@ -32,6 +33,7 @@ from notification_service.idempotency import (
     request_ids,
     retry_after,
 )
+from notification_service.schemas import CreateRequest
 from notification_service.server import runtime_of
 from notification_service.storage.idempotency_store import IdempotencyStore
 from notification_service.storage.ids import IdBlock
@@ -319,6 +321,62 @@ def test_a_running_key_whose_lease_is_over_is_taken_over_and_run_once(
     assert record["body"] == response.get_json()
     assert post(client, "/create", body).headers["Idempotent-Replay"] == "true"
     assert len(notifications_of(db, user_id)) == 1
+
+
+def test_a_retried_collapsing_create_counts_once_and_answers_the_kept_id(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    body = {"user_id": user_id, "key": "new_post", "collapse_key": "t1"}
+    kept = post(client, "/create", body, key=None).get_json()["data"]["notification_id"]
+    first = post(client, "/create", body)
+    again = post(client, "/create", body)
+    assert again.headers["Idempotent-Replay"] == "true"
+    assert again.get_json() == first.get_json()
+    assert first.get_json()["data"]["notification_id"] == kept
+    assert first.get_json()["data"]["collapsed"] is True
+    assert [n["count"] for n in notifications_of(db, user_id)] == [2]
+
+
+def test_a_takeover_of_a_collapse_whose_answer_was_lost_counts_it_once(
+    client: FlaskClient, app: Flask, db: Any, config: Config, user_id: str
+) -> None:
+    body = {"user_id": user_id, "key": "new_login", "collapse_key": "t1"}
+    kept = post(client, "/create", body, key=None).get_json()["data"]["notification_id"]
+    # The first attempt wrote (records and email), then its answer was lost.
+    seed = arrange_running(db, config, f"create {KEY}", body, datetime.now(UTC))
+    svc = runtime_of(app).services
+    lost = notifications.create_notification(svc, CreateRequest(**body), IdBlock(seed))
+    response = post(client, "/create", body)
+    assert response.status_code == 201
+    assert "Idempotent-Replay" not in response.headers  # run again, as a repeat
+    assert response.get_json()["data"] == lost
+    assert (lost["notification_id"], lost["collapsed"]) == (kept, True)
+    assert [n["count"] for n in notifications_of(db, user_id)] == [2]
+    assert db.email_outbox.count_documents({}) == 2
+
+
+def test_a_collapsing_create_run_again_as_a_repeat_counts_once(
+    app: Flask, db: Any, make_user: Callable[..., str]
+) -> None:
+    svc = runtime_of(app).services
+    users = [make_user(), make_user()]
+    earlier = CreateRequest(user_id=users[0], key="new_post", collapse_key="t1")
+    kept = notifications.create_notification(svc, earlier, IdBlock())["notification_id"]
+    one, ids = CreateRequest(user_id=users[0], key="new_post", collapse_key="t1"), IdBlock()
+    answers = [notifications.create_notification(svc, one, ids, repeat=True) for _ in range(2)]
+    assert answers[0] == answers[1]
+    assert (answers[0]["notification_id"], answers[0]["collapsed"]) == (kept, True)
+    assert [n["count"] for n in notifications_of(db, users[0])] == [2]
+    # A fan-out: each user's outcome the same each time, each counted once.
+    many, ids = CreateRequest(user_ids=users, key="new_post", collapse_key="t1"), IdBlock()
+    outcomes = [notifications.fan_out(svc, many, ids, repeat=True) for _ in range(2)]
+    assert outcomes[0] == outcomes[1]
+    assert [(r["notification_id"] == kept, r["collapsed"]) for r in outcomes[0]["results"]] == [
+        (True, True),
+        (False, False),
+    ]
+    assert [n["count"] for n in notifications_of(db, users[0])] == [3]
+    assert [n["count"] for n in notifications_of(db, users[1])] == [1]
 
 
 def test_a_takeover_hands_the_handler_the_stored_seed(

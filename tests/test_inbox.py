@@ -141,6 +141,7 @@ def test_every_write_answers_the_fresh_counts(client: FlaskClient, user_id: str)
     assert response.get_json()["data"] | {"notification_id": None} == {
         "notification_id": None,
         "email_id": None,
+        "collapsed": False,
         "elements": 1,
         "new": 1,
     }
@@ -344,6 +345,46 @@ def test_fan_out_of_new_login_emails_those_with_an_address(
     assert record["notification_id"] == data["results"][0]["notification_id"]
     assert db.email_outbox.count_documents({}) == 1
     assert db.users.find_one({"_id": ObjectId(without)}).get("notifications") is None
+
+
+def test_fan_out_with_a_collapse_key_collapses_per_user(
+    client: FlaskClient, make_user: Callable[..., str]
+) -> None:
+    users = [make_user() for _ in range(3)]
+    kept = create(client, users[0], collapse_key="daily")
+    read = create(client, users[1], collapse_key="daily")
+    client.post(f"/read?user_id={users[1]}&notification_id={read}")
+    response = client.post(
+        "/create",
+        json={"user_ids": [*users, MISSING], "key": "new_post", "collapse_key": "daily"},
+    )
+    assert response.status_code == 201
+    results = response.get_json()["data"]["results"]
+    assert [(r["status"], r.get("collapsed")) for r in results] == [
+        ("created", True), ("created", False), ("created", False), ("user_not_found", None)
+    ]  # fmt: skip
+    assert results[0]["notification_id"] == kept
+    for user_id, result, shape in zip(users, results, [(1, 1), (2, 1), (1, 1)], strict=False):
+        assert listed(client, user_id)["list"][0]["id"] == result["notification_id"]
+        assert counts(client, user_id) == shape
+    assert listed(client, users[0])["list"][0]["count"] == 2
+
+
+def test_fan_out_of_new_login_with_a_collapse_key_reports_a_broken_document(
+    client: FlaskClient, db: Any, make_user: Callable[..., str]
+) -> None:
+    # A key that emails: records and emails in one transaction, which a user whose
+    # field is not an array must not take down for the others.
+    user, broken = make_user(), make_user(notifications="not an array")
+    body = {"user_ids": [user, broken], "key": "new_login", "collapse_key": "logins"}
+    first = client.post("/create", json=body).get_json()["data"]
+    assert [r["status"] for r in first["results"]] == ["created", "user_document_invalid"]
+    second = client.post("/create", json=body).get_json()["data"]
+    assert second["results"][0]["collapsed"] is True
+    assert second["results"][0]["notification_id"] == first["results"][0]["notification_id"]
+    assert db.email_outbox.count_documents({"user_id": user}) == 2
+    assert db.email_outbox.count_documents({"user_id": broken}) == 0
+    assert db.users.find_one({"_id": ObjectId(broken)})["notifications"] == "not an array"
 
 
 def test_fan_out_where_no_one_is_found_is_200(client: FlaskClient) -> None:

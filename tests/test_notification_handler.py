@@ -39,8 +39,13 @@ def test_create_new_message_stores_the_seed_shape(
     body = response.get_json()
     assert body["success"] is True
     assert body["data"]["email_id"] is None
+    assert body["data"]["collapsed"] is False
     [notification] = stored(db, user_id)
-    assert set(notification) == {"id", "timestamp", "is_new", "user_id", "key", "target_id", "data"}
+    assert set(notification) == {
+        "id", "timestamp", "is_new", "user_id", "key", "target_id", "data", "count",
+        "collapse_key",
+    }  # fmt: skip
+    assert (notification["count"], notification["collapse_key"]) == (1, None)
     assert notification["id"] == body["data"]["notification_id"]
     assert ObjectId.is_valid(notification["id"]) and len(notification["id"]) == 24
     assert before <= notification["timestamp"] <= int(time.time())
@@ -149,6 +154,120 @@ def test_concurrent_creates_below_cap_keep_every_notification(
         thread.join()
     got = {(n["data"]["t"], n["data"]["i"]) for n in stored(db, user_id)}
     assert got == {(t, i) for t in range(5) for i in range(10)}
+
+
+# --- collapse keys -----------------------------------------------------------------
+
+
+def test_a_create_with_a_collapse_key_collapses_into_the_unread_one_and_answers_its_id(
+    client: FlaskClient, user_id: str
+) -> None:
+    first = create(client, user_id=user_id, key="new_message", collapse_key="thread:1",
+                   data={"text": "hi"})  # fmt: skip
+    assert first.get_json()["data"]["collapsed"] is False
+    kept = first.get_json()["data"]["notification_id"]
+    create(client, user_id=user_id, key="new_message", data={"text": "other"})
+    again = create(client, user_id=user_id, key="new_message", collapse_key="thread:1",
+                   target_id=OTHER_ID, data={"text": "hello again"})  # fmt: skip
+    assert again.status_code == 201
+    assert again.get_json()["data"] == {
+        "notification_id": kept, "email_id": None, "collapsed": True, "elements": 2, "new": 2
+    }  # fmt: skip
+    top, other = client.get(f"/list?user_id={user_id}").get_json()["data"]["list"]
+    assert (top["id"], top["count"], top["collapse_key"]) == (kept, 2, "thread:1")
+    assert (top["data"], top["target_id"]) == ({"text": "hello again"}, OTHER_ID)
+    assert (other["count"], other["collapse_key"]) == (1, None)
+
+
+def test_a_list_shows_count_and_collapse_key_of_notifications_stored_before_them(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    old = {"id": str(ObjectId()), "timestamp": 1, "is_new": True, "user_id": user_id,
+           "key": "new_post", "target_id": None, "data": {}}  # fmt: skip
+    db.users.update_one({"_id": ObjectId(user_id)}, {"$set": {"notifications": [old]}})
+    [shown] = client.get(f"/list?user_id={user_id}").get_json()["data"]["list"]
+    assert shown == {**old, "count": 1, "collapse_key": None}
+
+
+@pytest.mark.parametrize(
+    "value", ["", "x" * 129, "two words", "tab\tkey", "caf\u00e9", "line\n", 7, ["a"]]
+)
+def test_a_bad_collapse_key_is_422_and_writes_nothing(
+    client: FlaskClient, db: Any, user_id: str, value: Any
+) -> None:
+    response = create(client, user_id=user_id, key="new_post", collapse_key=value)
+    assert response.status_code == 422
+    assert response.get_json()["error"]["details"][0]["field"] == "collapse_key"
+    assert stored(db, user_id) == []
+
+
+def test_a_collapse_key_of_128_printable_characters_is_taken(
+    client: FlaskClient, user_id: str
+) -> None:
+    for value in ("$where:{}" + "~" * 119, None):
+        assert (
+            create(client, user_id=user_id, key="new_post", collapse_key=value).status_code == 201
+        )
+
+
+def test_a_collapsing_new_login_still_queues_its_email(
+    client: FlaskClient, db: Any, user_id: str
+) -> None:
+    answers = [
+        create(
+            client, user_id=user_id, key="new_login", collapse_key="logins", data={"ip": ip}
+        ).get_json()["data"]
+        for ip in ("10.0.0.1", "10.0.0.2")
+    ]
+    assert [a["collapsed"] for a in answers] == [False, True]
+    assert answers[1]["notification_id"] == answers[0]["notification_id"]
+    [notification] = stored(db, user_id)
+    assert (notification["count"], notification["data"]) == (2, {"ip": "10.0.0.2"})
+    emails = [db.email_outbox.find_one({"_id": ObjectId(a["email_id"])}) for a in answers]
+    assert [e["status"] for e in emails] == ["queued", "queued"]
+    assert "10.0.0.2" in emails[1]["text"]
+
+
+@pytest.mark.parametrize("key", ["new_post", "new_login"])
+def test_a_collapsing_create_for_a_missing_user_or_a_field_not_an_array_fails_as_a_plain_one(
+    client: FlaskClient, db: Any, make_user: Callable[..., str], key: str
+) -> None:
+    missing = create(client, user_id=str(ObjectId()), key=key, collapse_key="t")
+    assert (missing.status_code, missing.get_json()["error"]["code"]) == (404, "user_not_found")
+    odd = make_user(notifications="not an array")
+    refused = create(client, user_id=odd, key=key, collapse_key="t")
+    assert (refused.status_code, refused.get_json()["error"]["code"]) == (
+        409, "user_document_invalid"
+    )  # fmt: skip
+    assert db.users.find_one({"_id": ObjectId(odd)})["notifications"] == "not an array"
+    assert db.email_outbox.count_documents({}) == 0
+
+
+def test_sixteen_threads_collapsing_into_one_user_end_with_one_notification_counting_each(
+    app: Flask, db: Any, user_id: str
+) -> None:
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        client = app.test_client()
+        for i in range(4):
+            response = create(client, user_id=user_id, key="new_post", collapse_key="busy",
+                              data={"t": t, "i": i})  # fmt: skip
+            assert response.status_code == 201
+            with lock:
+                answers.append(response.get_json()["data"])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [notification] = stored(db, user_id)
+    assert notification["count"] == len(answers) == 64
+    assert {a["notification_id"] for a in answers} == {notification["id"]}
+    assert sorted(a["collapsed"] for a in answers) == [False] + [True] * 63
+    assert {(a["elements"], a["new"]) for a in answers} == {(1, 1)}
 
 
 def test_unknown_user_is_404_and_creates_nothing(client: FlaskClient, db: Any) -> None:
@@ -403,6 +522,8 @@ def test_list_answers_the_seed_shape(client: FlaskClient, db: Any, user_id: str)
         "key",
         "target_id",
         "data",
+        "count",
+        "collapse_key",
     ]
 
 

@@ -265,6 +265,37 @@ def test_create_read_read_all_and_delete_each_reach_the_stream(
     assert counts(stream.next()) == (first, 1, 0)
 
 
+def test_a_collapse_sends_the_element_again_with_its_id_and_no_counts_unchanged(
+    deployment: Deployment, streams: Callable[..., Stream]
+) -> None:
+    server, user = deployment.a, deployment.user()
+    stream = streams(server, user)
+    stream.next()
+    body = {"user_id": user, "key": "new_post", "collapse_key": "thread-1", "data": {"n": 1}}
+    kept = server.call("POST", "/create", body)[1]["data"]["notification_id"]
+    created, _ = stream.events(2)
+    assert (created["id"], created["data"]["count"], created["data"]["collapse_key"]) == (
+        kept, 1, "thread-1"
+    )  # fmt: skip
+    other = server.create(user)
+    stream.events(2)
+    status, answer, _ = server.call("POST", "/create", {**body, "data": {"n": 2}})
+    assert (status, answer["data"]["collapsed"]) == (201, True)
+    again = stream.next()
+    assert (again["event"], again["id"]) == ("notification", kept)
+    assert (again["data"]["count"], again["data"]["data"]) == (2, {"n": 2})
+    _, listed, _ = server.call("GET", f"/list?user_id={user}")
+    assert again["data"] == listed["data"]["list"][0]  # the same JSON as /list's
+    # The counts did not change: no counts event, the next thing is a heartbeat.
+    assert stream.next(comments=True) == {"comment": "keep-alive"}
+    stream.close()
+    # A client that had seen only `other` gets the collapsed one again when it resumes.
+    resumed = streams(server, user, {"Last-Event-ID": other})
+    replayed = resumed.next()
+    assert (replayed["id"], replayed["data"]["count"]) == (kept, 2)
+    assert counts(resumed.next()) == (kept, 2, 2)
+
+
 def test_a_fan_out_reaches_the_stream_of_each_user(
     deployment: Deployment, streams: Callable[..., Stream]
 ) -> None:

@@ -16,7 +16,7 @@ LAYOUT = Layout("notifications", "notifications_meta", 100, None)
 OID = ObjectId()
 
 
-def notification(data: dict[str, Any]) -> Notification:
+def notification(data: dict[str, Any], collapse_key: str | None = None) -> Notification:
     return {
         "id": str(ObjectId()),
         "timestamp": 1,
@@ -25,6 +25,8 @@ def notification(data: dict[str, Any]) -> Notification:
         "key": "new_post",
         "target_id": None,
         "data": data,
+        "count": 1,
+        "collapse_key": collapse_key,
     }
 
 
@@ -110,6 +112,77 @@ def test_expired_ones_are_pulled_by_their_timestamp() -> None:
         "$pull": {"notifications": {"timestamp": {"$lte": 99}}},
         "$inc": {"notifications_meta.version": 1},
     }
+
+
+def test_a_retried_collapsing_create_also_skips_a_user_that_logged_it_collapsed() -> None:
+    assert updates.create_filter(
+        LAYOUT, OID, require_email=False, repeat_of="n1", collapsing=True
+    ) == {
+        "_id": OID,
+        "notifications.id": {"$ne": "n1"},
+        "notifications_meta.collapsed.by": {"$ne": "n1"},
+    }
+    # A first attempt has fresh ids: nothing to skip.
+    first = updates.create_filter(LAYOUT, OID, require_email=False, repeat_of=None, collapsing=True)
+    assert first == {"_id": OID}
+
+
+def test_a_collapse_is_written_where_the_row_is_and_a_push_where_it_is_not() -> None:
+    item = notification({}, collapse_key="$t")
+    row = {"collapse_key": "$t", "key": "new_post", "is_new": True, "timestamp": {"$gt": 9}}
+    assert updates.collapsible(LAYOUT, item, 9) == {"notifications": {"$elemMatch": row}}
+    assert updates.collapsible(LAYOUT, item, 9, absent=True) == {
+        "notifications": {"$not": {"$elemMatch": row}}
+    }
+
+
+def test_a_collapse_is_one_stage_that_changes_nothing_without_an_array() -> None:
+    item = notification({"a": "$email"}, collapse_key="$thread")
+    [stage] = updates.collapse(LAYOUT, item, cutoff=None)
+    when, changed, unchanged = stage["$replaceWith"]["$cond"]
+    assert when == updates.takes(LAYOUT)
+    assert unchanged == "$$ROOT"
+    tree = str_tree(changed)
+    # The notification and the keys it matches are values, never expressions.
+    assert [{"$literal": item}] in tree
+    assert {"$eq": ["$$n.collapse_key", {"$literal": "$thread"}]} in tree
+    assert {"$eq": ["$$n.key", {"$literal": "new_post"}]} in tree
+    assert {"$literal": {"data": {"a": "$email"}, "target_id": None, "timestamp": 1}} in tree
+    # Capped like a push; the log of collapses is a ring of its own size.
+    assert any(isinstance(d, dict) and d.get("$slice", [None, None])[1] == 100 for d in tree)
+    count = {"$ifNull": ["$notifications_meta.collapses", 0]}
+    assert {"$mod": [count, updates.COLLAPSE_LOG_SIZE]} in tree
+
+
+def test_a_collapse_matches_only_live_ones_with_a_ttl() -> None:
+    item = notification({}, collapse_key="t")
+    tree = str_tree(updates.collapse(LAYOUT, item, cutoff=77))
+    assert {"$gt": ["$$n.timestamp", {"$literal": 77}]} in tree
+    assert not any(
+        isinstance(d, dict) and "$gt" in d
+        for d in str_tree(updates.collapse(LAYOUT, item, cutoff=None))
+    )
+
+
+def test_the_state_read_asks_for_the_kept_id_only_when_told() -> None:
+    assert "kept" not in updates.state(LAYOUT, OID, None)[1]["$project"]
+    asked = updates.state(LAYOUT, OID, None, kept_by="n1")[1]["$project"]
+    assert {"$eq": ["$$e.by", {"$literal": "n1"}]} in str_tree(asked["kept"])
+
+
+def test_the_held_read_of_a_collapsing_create_also_reads_the_log_and_the_fields_type() -> None:
+    plain = updates.held_ids(LAYOUT, [OID])[1]["$project"]
+    assert set(plain) == {"ids"}
+    collapsing = updates.held_ids(LAYOUT, [OID], collapsing=True)[1]["$project"]
+    assert set(collapsing) == {"ids", "collapsed", "takes"}
+
+
+def test_a_rewrite_carries_the_collapse_log_over() -> None:
+    pipeline = updates.rewrite(LAYOUT, None, updates.delete_all(False), updates.size, "tok")
+    for stage in pipeline[:2]:
+        meta = stage["$set"]["notifications_meta"]
+        assert meta["collapsed"] == "$notifications_meta.collapsed"
+        assert meta["collapses"] == "$notifications_meta.collapses"
 
 
 def str_tree(value: Any) -> list[Any]:

@@ -485,6 +485,7 @@ def test_a_single_create_retried_after_an_erase_creates_nothing_again(
     assert data(again, 201) == {
         "notification_id": None,
         "email_id": None,
+        "collapsed": False,
         "elements": None,
         "new": None,
     }

@@ -24,7 +24,7 @@ from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from ..config import Config
 from ..errors import NotificationNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
-from ..schemas import Notification
+from ..schemas import Notification, listed
 from . import updates
 from .ids import new_id
 from .mongo_connector import DatabaseUnavailable, Document, guarded, only_duplicates
@@ -74,42 +74,154 @@ class InboxStore:
         session: Any = None,
     ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
         """Prepend one notification to each (user_id, notification)'s capped array, in
-        ONE bulk write; return the user ids that hold theirs afterwards, and those whose
-        document refused the write, with why (a field that is not an array, MongoDB's
-        16 MB, a validator of the application's).
+        ONE bulk write (two for collapse keys: `_collapse`); return the user ids that
+        hold theirs afterwards, and those whose document refused the write, with why (a
+        field that is not an array, MongoDB's 16 MB, a validator of the application's).
 
         Users that do not exist or have no email (with `require_email`) are left out;
         the others are written all the same. With `repeat` (a retried request, the same
         ids), a notification already there is not written again, and counts as held.
 
+        A notification with a `collapse_key` collapses into the user's unread one of the
+        same key and collapse key where there is one (`_collapse`), and then counts as
+        held too: which one it went into is read afterwards (`kept_ids`, or `counts`
+        with `kept_by`).
+
         :raise RefusedWrites: some documents refused, inside a transaction (`session`):
             the server has aborted it; run it again without them.
         """
-        if not entries:
-            return set(), {}
-        layout = self.layout
+        plain = [e for e in entries if e[1].get("collapse_key") is None]
+        collapsing = [e for e in entries if e[1].get("collapse_key") is not None]
+        done: set[str] = set()
+        refused: dict[str, UserDocumentInvalid] = {}
+        for part, write in ((plain, self._push), (collapsing, self._collapse)):
+            if part:
+                more, refusals = write(part, now, require_email, repeat, session)
+                done |= more
+                refused.update(refusals)
+        return done, refused
+
+    def _push(
+        self,
+        entries: list[tuple[str, Notification]],
+        now: datetime,
+        require_email: bool,
+        repeat: bool,
+        session: Any,
+    ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+        """`append` of notifications without a collapse key: one `$push` each."""
         writes = [
             (
-                updates.create_filter(
-                    layout,
-                    ObjectId(user_id),
-                    require_email=require_email,
-                    repeat_of=notification["id"] if repeat else None,
-                ),
-                updates.push(layout, notification),
+                self._create_filter(user_id, notification, require_email, repeat),
+                updates.push(self.layout, notification),
             )
             for user_id, notification in entries
         ]
-        refused: dict[str, UserDocumentInvalid] = {}
+        matched, _, refused = self._write_all(entries, writes, session)
+        if matched == len(entries) and not repeat:
+            return {user_id for user_id, _ in entries}, refused
+        # Which users hold their notification (a user gone, or a repeat).
+        done, _ = self._held(entries, session, collapsing=False)
+        return done, refused
+
+    def _collapse(
+        self,
+        entries: list[tuple[str, Notification]],
+        now: datetime,
+        require_email: bool,
+        repeat: bool,
+        session: Any,
+    ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
+        """`append` of notifications with a collapse key: into the user's unread one of
+        the same key and collapse key (`updates.collapse`, an update pipeline, where
+        `updates.collapsible` finds one), else a plain `$push` (where it finds none).
+
+        Two writes rather than the one pipeline that can do both: SecantusDB diffs an
+        array that a pipeline rewrote element by element (for its change events), and
+        prepending shifts every element, where a collapse into a row near the top
+        changes only the first few; a `$push` is not diffed. A user whose row came or
+        went between the two writes (neither matched) gets the pipeline alone, which is
+        right either way.
+        """
+        layout, cutoff = self.layout, self.layout.cutoff(now)
+        everyone = {user_id for user_id, _ in entries}
+
+        def writes(chosen: list[tuple[str, Notification]], step: str) -> list[tuple[Document, Any]]:
+            """ "into" an existing row, a "new" one, or "either" (no row condition)."""
+            found: list[tuple[Document, Any]] = []
+            for user_id, notification in chosen:
+                query = self._create_filter(
+                    user_id, notification, require_email, repeat or step == "either"
+                )
+                if step == "new":
+                    query.update(updates.collapsible(layout, notification, cutoff, absent=True))
+                    found.append((query, updates.push(layout, notification)))
+                    continue
+                if step == "into":
+                    query.update(updates.collapsible(layout, notification, cutoff))
+                found.append((query, updates.collapse(layout, notification, cutoff)))
+            return found
+
+        into, _, refused = self._write_all(entries, writes(entries, "into"), session)
+        if into == len(entries):
+            return everyone, refused
+        left = [e for e in entries if e[0] not in refused]
+        pushed, _, more = self._write_all(left, writes(left, "new"), session)
+        refused.update(more)
+        if into + pushed == len(entries):
+            return everyone, refused
+        # A repeat, a user gone or without an address, or a row made, read or deleted
+        # between the two writes: who holds theirs, and who can still take it.
+        done, takes = self._held(left, session, collapsing=True)
+        late = [e for e in left if takes.get(e[0]) and e[0] not in done and e[0] not in refused]
+        if late:
+            _, written, _ = self._write_all(late, writes(late, "either"), session)
+            if written == len(late):
+                done |= {user_id for user_id, _ in late}
+            else:
+                now_done, now_takes = self._held(late, session, collapsing=True)
+                done |= now_done
+                takes.update(now_takes)
+        for user_id, _ in left:
+            if user_id not in done and takes.get(user_id) is False:
+                refused.setdefault(user_id, self.not_an_array())
+        if refused and session is not None:
+            # As the server's own refusal would: the caller runs it again without them.
+            raise RefusedWrites(refused)
+        return done, refused
+
+    def _create_filter(
+        self, user_id: str, notification: Notification, require_email: bool, repeat: bool
+    ) -> Document:
+        return updates.create_filter(
+            self.layout,
+            ObjectId(user_id),
+            require_email=require_email,
+            repeat_of=notification["id"] if repeat else None,
+            collapsing=notification.get("collapse_key") is not None,
+        )
+
+    def _write_all(
+        self,
+        entries: list[tuple[str, Notification]],
+        writes: list[tuple[Document, Any]],
+        session: Any,
+    ) -> tuple[int, int, dict[str, UserDocumentInvalid]]:
+        """Run the writes (one per entry) as one command; return how many documents
+        they matched and modified (-1 for both when some were refused) and the users
+        whose document refused theirs.
+
+        :raise RefusedWrites: some documents refused, inside a transaction.
+        """
         try:
             if len(writes) == 1:
                 # The same command on the wire as a bulk write of one, for less of the
                 # client's CPU (a single create's path).
-                matched = self.users.update_one(*writes[0], session=session).matched_count
-            else:
-                requests = [UpdateOne(query, update) for query, update in writes]
-                result = self.users.bulk_write(requests, ordered=False, session=session)
-                matched = result.matched_count
+                one = self.users.update_one(*writes[0], session=session)
+                return one.matched_count, one.modified_count, {}
+            requests = [UpdateOne(query, update) for query, update in writes]
+            result = self.users.bulk_write(requests, ordered=False, session=session)
+            return result.matched_count, result.modified_count, {}
         except OperationFailure as exc:
             if isinstance(exc, BulkWriteError) and exc.details.get("writeConcernErrors"):
                 raise  # what was written is not known to be durable: no 2xx (guarded: 503)
@@ -124,14 +236,36 @@ class InboxStore:
             log.warning("create: %d writes refused", len(refused))
             if session is not None:
                 raise RefusedWrites(refused) from exc
-            matched = -1  # unordered: the others went through
-        if matched == len(entries) and not repeat:
-            return {user_id for user_id, _ in entries}, refused
-        # Which users hold their notification (a user gone, or a repeat).
+            return -1, -1, refused  # unordered: the others went through
+
+    def _held(
+        self, entries: list[tuple[str, Notification]], session: Any, *, collapsing: bool
+    ) -> tuple[set[str], dict[str, bool]]:
+        """The users that hold their notification (by its id; `collapsing`: or by the
+        collapse log), and whether the field of each user found can take one."""
         wanted = {user_id: notification["id"] for user_id, notification in entries}
-        held = self._in_batches(list(wanted), lambda oids: updates.held_ids(layout, oids), session)
-        done = {user_id for user_id, doc in held.items() if wanted[user_id] in doc["ids"]}
-        return done, refused
+        held = self._in_batches(
+            list(wanted),
+            lambda oids: updates.held_ids(self.layout, oids, collapsing=collapsing),
+            session,
+        )
+        done = {
+            user_id
+            for user_id, doc in held.items()
+            if wanted[user_id] in doc["ids"] or _logged(doc, wanted[user_id]) is not None
+        }
+        return done, {user_id: doc.get("takes", True) for user_id, doc in held.items()}
+
+    @guarded
+    def kept_ids(self, wanted: dict[str, str]) -> dict[str, str]:
+        """For each user_id: notification_id of `wanted` whose create collapsed, the id
+        of the notification it went into (one read per 50 users). A create that made
+        its own notification, or whose collapse has left the log, is not there."""
+        held = self._in_batches(
+            list(wanted), lambda oids: updates.held_ids(self.layout, oids, collapsing=True)
+        )
+        kept = {user_id: _logged(doc, wanted[user_id]) for user_id, doc in held.items()}
+        return {user_id: into for user_id, into in kept.items() if into is not None}
 
     @guarded
     def why_not_appended(
@@ -261,24 +395,36 @@ class InboxStore:
         holds: str | None = None,
         token: str | None = None,
         prune: bool = False,
+        kept_by: str | None = None,
     ) -> Document | None:
-        """{elements, new, version, holds, changed} of the user (`updates.state`); with
-        `prune` (after a write), expired notifications found are removed."""
-        for doc in self.users.aggregate(updates.state(self.layout, oid, cutoff, holds, token)):
+        """{elements, new, version, holds, changed, kept} of the user (`updates.state`);
+        with `prune` (after a write), expired notifications found are removed."""
+        pipeline = updates.state(self.layout, oid, cutoff, holds, token, kept_by)
+        for doc in self.users.aggregate(pipeline):
             if prune and doc.pop("expired", False) and cutoff is not None:
                 # Not counted nor listed already: the answer stays as read.
                 self.users.update_one({"_id": oid}, updates.prune(self.layout, cutoff))
-            return {"holds": False, "changed": None, **doc.pop("counts"), **doc}
+            return {"holds": False, "changed": None, "kept": None, **doc.pop("counts"), **doc}
         return None
 
     @guarded
-    def counts(self, user_id: str, now: datetime, *, after_write: bool = False) -> Document:
-        """{elements, new, version}: one small read. `after_write`: the caller has just
-        written, so notifications found expired are removed.
+    def counts(
+        self,
+        user_id: str,
+        now: datetime,
+        *,
+        after_write: bool = False,
+        kept_by: str | None = None,
+    ) -> Document:
+        """{elements, new, version, kept}: one small read. `after_write`: the caller has
+        just written, so notifications found expired are removed. `kept_by`: a create's
+        notification id; `kept` is the id of the one it collapsed into, else None.
 
         :raise UserNotFound:
         """
-        found = self._state(ObjectId(user_id), self.layout.cutoff(now), prune=after_write)
+        found = self._state(
+            ObjectId(user_id), self.layout.cutoff(now), prune=after_write, kept_by=kept_by
+        )
         if found is None:
             raise UserNotFound()
         return found
@@ -310,7 +456,7 @@ class InboxStore:
                 **counts,
                 "version": result["version"],
                 "matched": matched,
-                "list": found["list"],
+                "list": [listed(item) for item in found["list"]],
             }
         raise UserNotFound()
 
@@ -353,9 +499,14 @@ class InboxStore:
 
     @guarded
     def has_notification(self, user_id: str, notification_id: str) -> bool:
-        """Whether the user's array holds the notification (the sweep of pending emails)."""
-        query = {"_id": ObjectId(user_id), f"{self.field}.id": notification_id}
-        return self.users.find_one(query, projection={"_id": 1}) is not None
+        """Whether the user's array holds the notification, or the one it collapsed
+        into (the sweep of pending emails)."""
+        oid = ObjectId(user_id)
+        # Two reads rather than an `$or`, which SecantusDB serves with a collection scan.
+        for path in (f"{self.field}.id", f"{self.layout.meta}.collapsed.by"):
+            if self.users.find_one({"_id": oid, path: notification_id}, {"_id": 1}) is not None:
+                return True
+        return False
 
     @guarded
     def ensure_user(self, user_id: str, email: str) -> None:
@@ -390,9 +541,12 @@ class InboxStore:
         """What an export reads of the user's document: `email` and the array (every
         notification stored, as /list shows them), nothing else of the application's
         fields; None when the document is gone."""
-        return self.users.find_one(
+        document = self.users.find_one(
             {"_id": ObjectId(user_id)}, projection={"_id": 0, "email": 1, self.field: 1}
         )
+        if document is not None and isinstance(document.get(self.field), list):
+            document[self.field] = [listed(item) for item in document[self.field]]
+        return document
 
     @guarded
     def erase_notifications(self, user_id: str) -> int:
@@ -548,6 +702,15 @@ class UserChanges:
     def close(self) -> None:
         with contextlib.suppress(PyMongoError):
             self._stream.close()
+
+
+def _logged(doc: Document, notification_id: str) -> str | None:
+    """The id the collapse log of `doc` (`updates.held_ids`) gives `notification_id`."""
+    for entry in doc.get("collapsed", ()):
+        if isinstance(entry, dict) and entry.get("by") == notification_id:
+            into = entry.get("id")
+            return into if isinstance(into, str) else None
+    return None
 
 
 def has_email(user: Document) -> bool:

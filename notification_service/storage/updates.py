@@ -16,7 +16,12 @@ mongod serve well:
   mongod does in C++ over at most NOTIFICATIONS_LIMIT elements: stored counts doubled
   the database's work on every write and did not make reads faster on SecantusDB;
 - `"$F.id"` (a path through an array of documents) evaluates to nothing on SecantusDB,
-  so ids are taken with `$map`; `$slice` gets a positive count.
+  so ids are taken with `$map`; `$slice` gets a positive count;
+- a collapsing create (`collapse`) must find, move and change an element in one write,
+  which no update operator does: it is the one create that runs a pipeline. It is one
+  `$replaceWith` stage, so the element it finds is computed once, and the meta is
+  merged with `$mergeObjects` (an object literal given to `$set` is merged by mongod,
+  but replaces the embedded document on SecantusDB).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from ..schemas import Notification
 
 Document = dict[str, Any]
 LOG_SIZE = 8  # rewrites whose change a user's document remembers (see `rewrite`)
+# Collapses a user's document remembers (see `collapse`): more than the creates that
+# can collapse into one user between a write and its own read of the counts (the web
+# threads of a few processes), and a retry's worth of a busy thread. About 2 KB.
+COLLAPSE_LOG_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -119,11 +128,14 @@ def state(
     cutoff: int | None,
     holds: str | None = None,
     token: str | None = None,
+    kept_by: str | None = None,
 ) -> list[Document]:
     """The user's {counts: {elements, new}, version}; with `holds`, whether that
     notification is live in the array; with `token`, what the rewrite logged under it
-    changed (`changed`, null when it is no longer in the log); with a TTL, whether the
-    array holds notifications that have expired (`expired`: see `prune`)."""
+    changed (`changed`, null when it is no longer in the log); with `kept_by`, the id
+    of the notification that create collapsed into (`kept`, null when it made its own,
+    or when no longer in the log); with a TTL, whether the array holds notifications
+    that have expired (`expired`: see `prune`)."""
     shown: Document = {"_id": 0, "counts": _counts(layout, cutoff), "version": version(layout)}
     if cutoff is not None:
         shown["expired"] = {"$gt": [{"$size": items(layout)}, {"$size": live(layout, cutoff)}]}
@@ -139,6 +151,16 @@ def state(
         }
         changed = {"$map": {"input": mine, "as": "e", "in": "$$e.changed"}}
         shown["changed"] = {"$ifNull": [{"$arrayElemAt": [changed, 0]}, None]}
+    if kept_by is not None:
+        into = {
+            "$filter": {
+                "input": collapse_log(layout),
+                "as": "e",
+                "cond": {"$eq": ["$$e.by", {"$literal": kept_by}]},
+            }
+        }
+        kept = {"$map": {"input": into, "as": "e", "in": "$$e.id"}}
+        shown["kept"] = {"$ifNull": [{"$arrayElemAt": [kept, 0]}, None]}
     return [{"$match": {"_id": oid}}, {"$project": shown}]
 
 
@@ -225,23 +247,38 @@ def users(layout: Layout, oids: list[ObjectId]) -> list[Document]:
     ]
 
 
-def held_ids(layout: Layout, oids: list[ObjectId]) -> list[Document]:
-    return [{"$match": {"_id": {"$in": oids}}}, {"$project": {"ids": ids(items(layout))}}]
+def held_ids(layout: Layout, oids: list[ObjectId], *, collapsing: bool = False) -> list[Document]:
+    """Each user's notification ids; `collapsing`: also the collapse log (`collapsed`,
+    [{by, id}]) and whether the field can take a notification (`takes`)."""
+    shown: Document = {"ids": ids(items(layout))}
+    if collapsing:
+        shown["collapsed"] = collapse_log(layout)
+        shown["takes"] = takes(layout)
+    return [{"$match": {"_id": {"$in": oids}}}, {"$project": shown}]
 
 
 # -- writes --------------------------------------------------------------------------
 
 
 def create_filter(
-    layout: Layout, oid: ObjectId, *, require_email: bool, repeat_of: str | None
+    layout: Layout,
+    oid: ObjectId,
+    *,
+    require_email: bool,
+    repeat_of: str | None,
+    collapsing: bool = False,
 ) -> Document:
     """The user a create writes to: with `require_email`, only one with an address;
-    with `repeat_of`, only one that does not hold that notification yet (a retry)."""
+    with `repeat_of`, only one that does not hold that notification yet (a retry), nor,
+    for a `collapsing` create, has logged it as collapsed into another."""
     query: Document = {"_id": oid}
     if require_email:
         query["email"] = {"$type": "string", "$ne": ""}
     if repeat_of is not None:
         query[f"{layout.field}.id"] = {"$ne": repeat_of}
+        if collapsing:
+            # Plain conditions on two paths: no `$and` (see the module's docstring).
+            query[f"{layout.meta}.collapsed.by"] = {"$ne": repeat_of}
     return query
 
 
@@ -261,6 +298,158 @@ def push(layout: Layout, notification: Notification) -> Document:
         "$push": {layout.field: {"$each": [notification], "$position": 0, "$slice": layout.limit}},
         **bump(layout),
     }
+
+
+def collapse_log(layout: Layout) -> Document:
+    """The collapse log, [{by: a create's own notification id, id: the notification it
+    collapsed into}]: the last COLLAPSE_LOG_SIZE collapses, in a ring (see `collapse`)."""
+    logged = f"${layout.meta}.collapsed"
+    return {"$cond": [{"$isArray": logged}, logged, []]}
+
+
+def collapsible(
+    layout: Layout, notification: Notification, cutoff: int | None, *, absent: bool = False
+) -> Document:
+    """A filter for a user whose array holds the unread, live notification that
+    `notification` collapses into (`collapse`); with `absent`, one whose array holds
+    none (or is missing, or is not an array: the `$push` then refuses it)."""
+    found = holding(
+        layout,
+        cutoff,
+        collapse_key=notification["collapse_key"],
+        key=notification["key"],
+        is_new=True,
+    )
+    return {layout.field: {"$not": found[layout.field]}} if absent else found
+
+
+def collapse(layout: Layout, notification: Notification, cutoff: int | None) -> list[Document]:
+    """An update pipeline for a create with a `collapse_key`: the newest unread, live
+    notification of the same `key` and `collapse_key` keeps its id, moves to the top,
+    counts one more and takes this one's `data`, `target_id` and `timestamp`; without
+    one, `notification` is prepended. Capped at `limit` either way; the version moves.
+
+    A collapse is logged under the notification's own id (`by`), the last
+    COLLAPSE_LOG_SIZE (`collapses` counts them all): a retry's filter skips a write
+    already made (`create_filter`), and the counts read that follows tells which
+    notification it went into (`state`).
+
+    Written where `collapsible` finds the row, it collapses; without a filter, it
+    collapses or prepends, atomically, whichever the array calls for (the store's
+    fallback: a plain `$push` is cheaper when there is no row). A field that is neither
+    an array nor missing is left as it is, and so is the whole document (matched, not
+    modified): the caller reports the refusal, as the server's own refusal of a `$push`
+    is reported.
+    """
+    field, meta = layout.field, layout.meta
+    same = [
+        # The rarest match first: `$and` stops at the first false.
+        {"$eq": ["$$n.collapse_key", {"$literal": notification["collapse_key"]}]},
+        {"$eq": ["$$n.key", {"$literal": notification["key"]}]},
+        {"$eq": ["$$n.is_new", True]},
+    ]
+    if cutoff is not None:
+        same.append({"$gt": ["$$n.timestamp", {"$literal": cutoff}]})
+    # The first match only (`limit`): the others need not be evaluated, and a busy
+    # thread's row is near the top. Its position is then found by plain equality
+    # (`$indexOfArray`), and it is cut out with `$slice`: no expression per element.
+    first = {"$filter": {"input": "$$a", "as": "n", "cond": {"$and": same}, "limit": 1}}
+    found = {"$arrayElemAt": [first, 0]}
+    changes = {key: notification[key] for key in ("data", "target_id", "timestamp")}
+    merged = {
+        "$mergeObjects": [
+            "$$f",
+            {"$literal": changes},
+            {"count": {"$add": [{"$ifNull": ["$$f.count", 1]}, 1]}},
+        ]
+    }
+    moved = {
+        "$let": {
+            "vars": {"i": {"$indexOfArray": ["$$a", "$$f"]}},
+            "in": {
+                "$concatArrays": [
+                    [merged],
+                    # Before it (none at 0: the two-argument form takes a count of 0),
+                    # and after it (the three-argument form wants a positive count).
+                    {"$slice": ["$$a", "$$i"]},
+                    {"$slice": ["$$a", {"$add": ["$$i", 1]}, layout.limit]},
+                ]
+            },
+        }
+    }
+    array = {
+        "$cond": [
+            {"$eq": ["$$f", None]},
+            # As a literal: a string like "$email" in its data is stored as given.
+            {"$concatArrays": [[{"$literal": notification}], "$$a"]},
+            moved,
+        ]
+    }
+    # The log is a ring: collapse number c writes slot c mod COLLAPSE_LOG_SIZE, so a
+    # collapse changes one entry, where prepending would shift them all (SecantusDB
+    # diffs what a pipeline changed, element by element, for its change events).
+    count = {"$ifNull": [f"${meta}.collapses", 0]}
+    entry = {"by": {"$literal": notification["id"]}, "id": "$$f.id"}
+    ring = {
+        "$let": {
+            "vars": {"log": collapse_log(layout), "at": {"$mod": [count, COLLAPSE_LOG_SIZE]}},
+            "in": {
+                "$cond": [
+                    {"$lte": [{"$size": "$$log"}, "$$at"]},
+                    {"$concatArrays": ["$$log", [entry]]},
+                    {
+                        "$concatArrays": [
+                            {"$slice": ["$$log", "$$at"]},
+                            [entry],
+                            {"$slice": ["$$log", {"$add": ["$$at", 1]}, COLLAPSE_LOG_SIZE]},
+                        ]
+                    },
+                ]
+            },
+        }
+    }
+    moved_on = {"version": {"$add": [version(layout), 1]}}
+    logged = {
+        "$cond": [
+            {"$eq": ["$$f", None]},
+            moved_on,
+            {**moved_on, "collapsed": ring, "collapses": {"$add": [count, 1]}},
+        ]
+    }
+    changed = {
+        "$mergeObjects": [
+            "$$ROOT",
+            {
+                field: {"$slice": [array, layout.limit]},
+                # Merged, so the rewrite log (and anything else kept there) stays.
+                meta: {
+                    "$mergeObjects": [
+                        {"$cond": [{"$eq": [{"$type": f"${meta}"}, "object"]}, f"${meta}", {}]},
+                        logged,
+                    ]
+                },
+            },
+        ]
+    }
+    return [
+        {
+            "$replaceWith": {
+                "$cond": [
+                    takes(layout),
+                    {
+                        "$let": {
+                            "vars": {"a": items(layout)},
+                            "in": {
+                                # `$ifNull`: "none found" is null, not missing.
+                                "$let": {"vars": {"f": {"$ifNull": [found, None]}}, "in": changed}
+                            },
+                        }
+                    },
+                    "$$ROOT",
+                ]
+            }
+        }
+    ]
 
 
 def prune(layout: Layout, cutoff: int) -> Document:
@@ -315,6 +504,10 @@ def rewrite(
                     "version": {"$add": [version(layout), 1]},
                     "before": {"$let": {"vars": {"live": alive}, "in": measure("$$live")}},
                     "log": _log(layout),
+                    # Carried over: SecantusDB replaces the embedded document (below).
+                    # Missing stays missing (a field of a missing value is left out).
+                    "collapsed": f"{meta}.collapsed",
+                    "collapses": f"{meta}.collapses",
                 },
             }
         },
@@ -322,6 +515,8 @@ def rewrite(
             "$set": {
                 layout.meta: {
                     "version": f"{meta}.version",
+                    "collapsed": f"{meta}.collapsed",
+                    "collapses": f"{meta}.collapses",
                     "log": {
                         "$slice": [
                             {
