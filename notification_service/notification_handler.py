@@ -101,7 +101,12 @@ _CREATE_LINKS = {
             CreateResult | FanOutResult,
             links=_CREATE_LINKS,
         ),
-        200: Answer("A fan-out in which no user got the notification.", FanOutResult),
+        200: Answer(
+            "Nothing created: a fan-out in which no user got the notification, or one "
+            "user whose preferences turned off every channel of the key (null ids, "
+            "`skipped` lists them).",
+            CreateResult | FanOutResult,
+        ),
     },
     errors=(
         UserNotFound,
@@ -130,7 +135,10 @@ def create(request: CreateRequest) -> CreateResult | Reply:
     ids, repeat = request_ids()
     svc = services()
     if request.user_ids is None:
-        return notifications.create_notification(svc, request, ids, repeat=repeat)
+        created = notifications.create_notification(svc, request, ids, repeat=repeat)
+        if created["skipped"] and created["notification_id"] is created["email_id"] is None:
+            return Reply(created, 200)  # every channel turned off by the user: nothing made
+        return created
     # Never wait for a slot: a fan-out waiting here would hold a thread all the same.
     slots = _runtime().fan_outs
     if not slots.acquire(blocking=False):

@@ -12,8 +12,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .config import Config
+from .digests import open_digests
 from .email_templates import EmailContent, EmailTemplates
 from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
+from .keys import KeySpec
 from .outbox import Outbox
 from .schemas import (
     Counts,
@@ -41,6 +43,7 @@ from .storage.ids import IdBlock, new_id
 from .storage.inbox_store import InboxStore, RefusedWrites, has_email
 from .storage.mongo_connector import Document
 from .storage.preference_store import PreferenceStore
+from .unsubscribe import unsubscribe_url
 
 Clock = Callable[[], datetime]
 
@@ -76,8 +79,8 @@ class Services:
 def create_notification(
     svc: Services, request: CreateRequest, ids: IdBlock, *, repeat: bool = False
 ) -> CreateResult:
-    """Record and/or email a notification to one user as its key says: the fan-out of
-    one user, then the user's counts.
+    """Record and/or email a notification to one user as its key and the user's
+    preferences say: the fan-out of one user, then the user's counts.
 
     `ids` are the request's ids; `repeat` says an earlier attempt with the same ids may
     have written part of it (a retried Idempotency-Key): each write then completes what
@@ -87,32 +90,39 @@ def create_notification(
     key, if any, takes this one's place (InboxStore.append): the answer gives its id,
     with `collapsed` true, read with the counts (no extra command).
 
+    `skipped` lists the channels not used for the user (their preferences); when every
+    one is skipped nothing is written and the ids are null (the handler answers 200).
+
     :raise UserNotFound: unknown user outside test mode (EMAIL unset).
     :raise UserHasNoEmail: the key sends email and the user has no address; nothing written.
     :raise UserDocumentInvalid: the user's document cannot take a notification.
     """
-    assert request.user_id is not None  # the model requires user_id or user_ids
-    route = svc.config.keys.get(request.key)
-    written, refused = _create(svc, request, [request.user_id], ids, repeat)
-    if not written:
-        raise refused[request.user_id]
-    target = written[0]
-    own_id = target.notification["id"]
+    user_id = request.user_id
+    assert user_id is not None  # the model requires user_id or user_ids
+    spec = svc.config.keys.get(request.key)
+    made = _create(svc, request, [user_id], ids, repeat)
+    if user_id in made.refused:
+        raise made.refused[user_id]
+    target = made.written[0] if made.written else None
+    own_id = target.notification["id"] if target is not None and target.record else None
     counts = (
         svc.store.counts(
-            request.user_id,
+            user_id,
             svc.clock(),
-            after_write=True,
+            after_write=own_id is not None,
             kept_by=own_id if request.collapse_key is not None else None,
         )
-        if route.in_app
+        if spec.in_app
         else None
     )
-    kept = counts["kept"] if counts else None
+    kept = counts["kept"] if counts and own_id else None
+    if target is not None and kept is not None and target.digest:
+        made.join_digests(svc, spec, {user_id: kept})
     return {
-        "notification_id": (kept or own_id) if route.in_app else None,
-        "email_id": target.email_id if route.email != "never" else None,
+        "notification_id": (kept or own_id),
+        "email_id": target.email_id if target is not None and target.email else None,
         "collapsed": kept is not None,
+        "skipped": made.skipped.get(user_id, []),
         "elements": counts["elements"] if counts else None,
         "new": counts["new"] if counts else None,
     }
@@ -124,29 +134,33 @@ def fan_out(
     """The notification for each of `request.user_ids`: one bulk write for the records,
     one insert for the emails, whatever the number of users. A user that is missing,
     has no address (for a key that emails) or whose document cannot take notifications
-    gets that outcome; the others are written all the same."""
+    gets that outcome, one whose preferences turned off every channel `skipped`; the
+    others are written all the same."""
     assert request.user_ids is not None
-    route = svc.config.keys.get(request.key)
-    written, refused = _create(svc, request, request.user_ids, ids, repeat)
+    spec = svc.config.keys.get(request.key)
+    made = _create(svc, request, request.user_ids, ids, repeat)
     outcomes: dict[str, FanOutOutcome] = {
-        user_id: {"user_id": user_id, "status": error.code} for user_id, error in refused.items()
+        user_id: {"user_id": user_id, "status": error.code}
+        for user_id, error in made.refused.items()
     }
     # Which users' creates collapsed, and into what: one more read per 50 users (the
     # write's answer does not say), only with a collapse key.
-    kept = (
-        svc.store.kept_ids({t.user_id: t.notification["id"] for t in written})
-        if route.in_app and request.collapse_key is not None and written
-        else {}
-    )
-    for target in written:
+    recorded = {t.user_id: t.notification["id"] for t in made.written if t.record}
+    kept = svc.store.kept_ids(recorded) if request.collapse_key is not None and recorded else {}
+    made.join_digests(svc, spec, {u: k for u, k in kept.items() if made.targets[u].digest})
+    for user_id, channels in made.skipped.items():
+        if user_id not in made.done:
+            outcomes[user_id] = {"user_id": user_id, "status": "skipped", "skipped": channels}
+    for target in made.written:
         outcomes[target.user_id] = {
             "user_id": target.user_id,
             "status": "created",
             "notification_id": kept.get(target.user_id, target.notification["id"])
-            if route.in_app
+            if target.record
             else None,
-            "email_id": target.email_id if route.email != "never" else None,
+            "email_id": target.email_id if target.email else None,
             "collapsed": target.user_id in kept,
+            "skipped": made.skipped.get(target.user_id, []),
         }
     results = [outcomes[user_id] for user_id in request.user_ids]
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
@@ -155,73 +169,161 @@ def fan_out(
     return {"results": results, "totals": totals}
 
 
-FAN_OUT_STATUSES = ("created", "user_not_found", "user_has_no_email", "user_document_invalid")
+FAN_OUT_STATUSES = (
+    "created",
+    "skipped",
+    "user_not_found",
+    "user_has_no_email",
+    "user_document_invalid",
+)
 Refusal = UserNotFound | UserHasNoEmail | UserDocumentInvalid
 
 
 @dataclass(frozen=True)
 class _Target:
-    """One user's part of a create: the notification, and its email when the key sends one."""
+    """One user's part of a create: what goes to them, by channel."""
 
     user_id: str
     notification: Notification
-    email: Document | None
+    email: Document | None  # the email queued with it (an `always` key)
     email_id: str
+    record: bool  # stored in the user's array
+    digest: bool  # put in the user's digest of the key (an `if_unread` key)
+
+
+@dataclass
+class _Made:
+    """What `_create` did: the users written (in order), why each refused one was not,
+    and the channels skipped for each user whose preferences turned some off."""
+
+    targets: dict[str, _Target]
+    done: set[str]
+    refused: dict[str, Refusal]
+    skipped: dict[str, list[str]]
+    now: datetime
+
+    @property
+    def written(self) -> list[_Target]:
+        return [t for t in self.targets.values() if t.user_id in self.done]
+
+    def join_digests(self, svc: Services, spec: KeySpec, kept: dict[str, str]) -> None:
+        """Put the notifications these creates collapsed into in the users' digests: the
+        create's own id, put there before its write, was never stored."""
+        if kept:
+            open_digests(svc.outbox, spec, list(kept.items()), self.now)
 
 
 def _create(
     svc: Services, request: CreateRequest, user_ids: list[str], ids: IdBlock, repeat: bool
-) -> tuple[list[_Target], dict[str, Refusal]]:
-    """The one path of every create: record and/or email for each of `user_ids` as the
-    key says, an email only where its record is written. Returns the users written (in
-    order) and, for each of the others, why not.
+) -> _Made:
+    """The one path of every create: record, email or digest for each of `user_ids` as
+    the key and the user's preferences say, an email only where its record is written.
 
     The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
     """
-    route = svc.config.keys.get(request.key)
+    spec = svc.config.keys.get(request.key)
     now = svc.clock()
     if svc.config.email is not None:
         # Test mode of the original assignment: the users are made first, so that
         # storing the notifications stays one update each.
         svc.store.ensure_users(user_ids, svc.config.email)
-    # The users are read only when an email needs them (its address, the templates'
-    # fields): a key that only records writes at once, and learns who is missing from
-    # the write itself.
-    users = svc.store.find_users(user_ids) if route.email != "never" else None
-    refused: dict[str, Refusal] = {}
-    targets: list[_Target] = []
+    # A key that emails reads its users first: the address, the templates' fields, and
+    # the preferences that decide what goes before anything is written (a digest is
+    # opened before its notification is stored). A key that only records writes at
+    # once: the user's preference is a condition of that write (`where`), and a write
+    # that matched nothing is explained afterwards.
+    users = svc.store.find_users(user_ids) if spec.emails else None
+    where = (
+        svc.preferences.in_app_allowed(spec.name) if spec.in_app and not spec.mandatory else None
+    )
+    made = _Made({}, set(), {}, {}, now)
     for i, user_id in enumerate(user_ids):
         notification = _notification(request, user_id, ids.id(2 * i), now)
-        email = None
-        if users is not None:
-            user = users.get(user_id)
-            problem = _problem(svc, user, route.in_app)
-            if problem is not None:
-                refused[user_id] = problem
-                continue
-            assert user is not None
-            email = _notification_email(svc, notification, user)
-        targets.append(_Target(user_id, notification, email, ids.id(2 * i + 1)))
-    done, rejected = _write(svc, targets, route.in_app, route.email != "never", now, repeat)
-    refused.update(rejected)
-    for target in targets:
-        if target.user_id not in done and target.user_id not in refused:
-            refused[target.user_id] = _why_not(
-                svc, target.user_id, route.email != "never", len(user_ids)
+        if users is None:
+            made.targets[user_id] = _Target(
+                user_id, notification, None, ids.id(2 * i + 1), True, False
             )
-    written = [t for t in targets if t.user_id in done]
+            continue
+        user = users.get(user_id)
+        if user is None:
+            made.refused[user_id] = UserNotFound()
+            continue
+        planned = _plan(svc, spec, notification, user, ids.id(2 * i + 1), made)
+        if planned is not None:
+            made.targets[user_id] = planned
+    targets = list(made.targets.values())
+    digests = [(t.user_id, t.notification["id"]) for t in targets if t.digest]
+    if digests:
+        open_digests(svc.outbox, spec, digests, now)  # before the push: see digests.py
+    for (record, email), group in _groups(targets).items():
+        done, rejected = _write(svc, group, record, email, now, repeat, where)
+        made.done |= done
+        made.refused.update(rejected)
+    unexplained = [u for u in made.targets if u not in made.done and u not in made.refused]
+    if unexplained and where is not None:
+        # The write's preference condition may be why: read those users again.
+        again = svc.store.find_users(unexplained)
+        for user_id in unexplained:
+            user = again.get(user_id)
+            if user is not None and "in_app" in svc.preferences.opted_out(user, spec.name):
+                made.skipped[user_id] = list(spec.channels)
+    for user_id in unexplained:
+        if user_id not in made.skipped:
+            made.refused[user_id] = _why_not(svc, user_id, spec.email == "always", len(user_ids))
     # Once done, so a retry of an attempt cut short counts it once (a crash between
     # here and the idempotency record may count it twice).
-    svc.events.notifications_created(request.key, len(written))
-    return written, refused
+    svc.events.notifications_created(request.key, len(made.done))
+    return made
 
 
-def _problem(svc: Services, user: Document | None, record: bool) -> Refusal | None:
-    if user is None:
-        return UserNotFound()
+def _plan(
+    svc: Services,
+    spec: KeySpec,
+    notification: Notification,
+    user: Document,
+    email_id: str,
+    made: _Made,
+) -> _Target | None:
+    """One read user's part: the channels their preferences leave, and what each needs
+    of their document. None when nothing goes to them (`made` says why)."""
+    user_id = notification["user_id"]
+    off = svc.preferences.skipped(user, spec)
+    record = spec.in_app and "in_app" not in off
+    email = spec.emails and "email" not in off
+    if spec.email == "if_unread" and not (record and has_email(user)):
+        # Nothing of theirs can be unread, or no address to send a digest to.
+        email = False
+    skipped = [
+        c for c, used in (("in_app", record), ("email", email)) if c in spec.channels and not used
+    ]
+    if skipped:
+        made.skipped[user_id] = skipped
+    if not (record or email):
+        return None
+    problem = _problem(svc, user, record, email and spec.email == "always")
+    if problem is not None:
+        made.refused[user_id] = problem
+        return None
+    queued = None
+    if email and spec.email == "always":
+        queued = _notification_email(svc, spec, notification, user)
+    return _Target(
+        user_id, notification, queued, email_id, record, email and spec.email == "if_unread"
+    )
+
+
+def _groups(targets: list[_Target]) -> dict[tuple[bool, bool], list[_Target]]:
+    """The targets by what is written for them (record, queued email): one `_write` each."""
+    groups: dict[tuple[bool, bool], list[_Target]] = {}
+    for target in targets:
+        groups.setdefault((target.record, target.email is not None), []).append(target)
+    return groups
+
+
+def _problem(svc: Services, user: Document, record: bool, needs_address: bool) -> Refusal | None:
     if record and not user["holds_array"]:
         return svc.store.not_an_array()
-    if not has_email(user):  # only asked of users read for an email
+    if needs_address and not has_email(user):
         return UserHasNoEmail()
     return None
 
@@ -242,6 +344,7 @@ def _write(
     email: bool,
     now: datetime,
     repeat: bool,
+    where: Document | None = None,
 ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
     """Write the records and emails of `targets` so that no email is queued without its
     record; return the users that got theirs, and those whose document refused the
@@ -273,7 +376,7 @@ def _write(
         queue(everyone)
         return everyone, {}
     if not email:
-        return svc.store.append(entries, now, require_email=False, repeat=repeat)
+        return svc.store.append(entries, now, require_email=False, repeat=repeat, where=where)
     email_ids = [t.email_id for t in targets]
     if svc.store.supports_transactions():
         refused: dict[str, UserDocumentInvalid] = {}
@@ -291,7 +394,9 @@ def _write(
                     stored = svc.outbox.existing(email_ids, session=session)
                     if stored:
                         return {t.user_id for t in targets if t.email_id in stored}
-                done, _ = svc.store.append(kept, now, require_email=True, session=session)
+                done, _ = svc.store.append(
+                    kept, now, require_email=True, session=session, where=where
+                )
                 queue(done, session=session)
                 return done
 
@@ -302,7 +407,7 @@ def _write(
                 refused.update(exc.refused)
         raise UserDocumentInvalid("Users' documents kept refusing the notification.")
     queue(everyone, pending=True)
-    done, refused = svc.store.append(entries, now, require_email=True, repeat=repeat)
+    done, refused = svc.store.append(entries, now, require_email=True, repeat=repeat, where=where)
     released = [by_user[u].email_id for u in done]
     if svc.outbox.activate(released, now) < len(released):
         # A sweep dropped some pending emails while this request (a late retry) was
@@ -518,14 +623,18 @@ def message_id(config: Config) -> str:
     return f"<{new_id()}.notification-service@{domain}>"
 
 
-def _notification_email(svc: Services, notification: Notification, user: Document) -> Document:
-    """The outbox record of a notification's email, rendered for `user`.
+def _notification_email(
+    svc: Services, spec: KeySpec, notification: Notification, user: Document
+) -> Document:
+    """The outbox record of a notification's email, rendered for `user`, with the
+    one-click unsubscribe link of a key that is not mandatory.
 
     :raise UserHasNoEmail:
     """
     address = _address(user)
-    content = svc.templates.render(notification["key"], [notification], user)
-    return _email_record(
+    link = unsubscribe_url(svc.config, notification["user_id"], spec.name)
+    content = svc.templates.render(spec.name, [notification], user, unsubscribe_url=link)
+    record = _email_record(
         svc,
         "notification",
         address,
@@ -534,6 +643,8 @@ def _notification_email(svc: Services, notification: Notification, user: Documen
         notification_id=notification["id"],
         key=notification["key"],
     )
+    record["unsubscribe_url"] = link
+    return record
 
 
 def _email_record(

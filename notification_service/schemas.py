@@ -701,6 +701,9 @@ class CreateResult(TypedDict):
     notification_id: str | None
     email_id: str | None
     collapsed: bool  # updated an unread notification instead of making one
+    # The key's channels not used for this user: turned off in their preferences (and
+    # `email` of an if_unread key for a user with no address). All of them: 200, null ids.
+    skipped: list[str]
     # The user's counts after it; null for a key that records nothing.
     elements: int | None
     new: int | None
@@ -708,10 +711,13 @@ class CreateResult(TypedDict):
 
 class FanOutOutcome(TypedDict, total=False):
     user_id: str
-    status: str  # created | user_not_found | user_has_no_email | user_document_invalid
+    # created | skipped (every channel turned off) | user_not_found | user_has_no_email |
+    # user_document_invalid
+    status: str
     notification_id: str | None
     email_id: str | None
     collapsed: bool
+    skipped: list[str]  # as CreateResult's
 
 
 class FanOutResult(TypedDict):

@@ -72,6 +72,7 @@ class InboxStore:
         require_email: bool,
         repeat: bool = False,
         session: Any = None,
+        where: Document | None = None,
     ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
         """Prepend one notification to each (user_id, notification)'s capped array, in
         ONE bulk write (two for collapse keys: `_collapse`); return the user ids that
@@ -87,6 +88,10 @@ class InboxStore:
         held too: which one it went into is read afterwards (`kept_ids`, or `counts`
         with `kept_by`).
 
+        `where`: more conditions every user's document must meet (a preference), plain
+        field conditions as the module's writes take them; a user that does not is left
+        out like a missing one.
+
         :raise RefusedWrites: some documents refused, inside a transaction (`session`):
             the server has aborted it; run it again without them.
         """
@@ -96,7 +101,7 @@ class InboxStore:
         refused: dict[str, UserDocumentInvalid] = {}
         for part, write in ((plain, self._push), (collapsing, self._collapse)):
             if part:
-                more, refusals = write(part, now, require_email, repeat, session)
+                more, refusals = write(part, now, require_email, repeat, session, where)
                 done |= more
                 refused.update(refusals)
         return done, refused
@@ -108,11 +113,12 @@ class InboxStore:
         require_email: bool,
         repeat: bool,
         session: Any,
+        where: Document | None,
     ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
         """`append` of notifications without a collapse key: one `$push` each."""
         writes = [
             (
-                self._create_filter(user_id, notification, require_email, repeat),
+                self._create_filter(user_id, notification, require_email, repeat, where),
                 updates.push(self.layout, notification),
             )
             for user_id, notification in entries
@@ -131,6 +137,7 @@ class InboxStore:
         require_email: bool,
         repeat: bool,
         session: Any,
+        where: Document | None,
     ) -> tuple[set[str], dict[str, UserDocumentInvalid]]:
         """`append` of notifications with a collapse key: into the user's unread one of
         the same key and collapse key (`updates.collapse`, an update pipeline, where
@@ -151,7 +158,7 @@ class InboxStore:
             found: list[tuple[Document, Any]] = []
             for user_id, notification in chosen:
                 query = self._create_filter(
-                    user_id, notification, require_email, repeat or step == "either"
+                    user_id, notification, require_email, repeat or step == "either", where
                 )
                 if step == "new":
                     query.update(updates.collapsible(layout, notification, cutoff, absent=True))
@@ -191,15 +198,23 @@ class InboxStore:
         return done, refused
 
     def _create_filter(
-        self, user_id: str, notification: Notification, require_email: bool, repeat: bool
+        self,
+        user_id: str,
+        notification: Notification,
+        require_email: bool,
+        repeat: bool,
+        where: Document | None,
     ) -> Document:
-        return updates.create_filter(
+        query = updates.create_filter(
             self.layout,
             ObjectId(user_id),
             require_email=require_email,
             repeat_of=notification["id"] if repeat else None,
             collapsing=notification.get("collapse_key") is not None,
         )
+        if where:
+            query.update(where)
+        return query
 
     def _write_all(
         self,
