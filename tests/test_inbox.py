@@ -142,6 +142,7 @@ def test_every_write_answers_the_fresh_counts(client: FlaskClient, user_id: str)
         "notification_id": None,
         "email_id": None,
         "collapsed": False,
+        "skipped": [],
         "elements": 1,
         "new": 1,
     }
@@ -320,7 +321,8 @@ def test_fan_out_records_for_each_user_and_reports_the_others(
     assert response.status_code == 201
     data = response.get_json()["data"]
     assert data["totals"] == {
-        "created": 3, "user_not_found": 1, "user_has_no_email": 0, "user_document_invalid": 1
+        "created": 3, "skipped": 0, "user_not_found": 1, "user_has_no_email": 0,
+        "user_document_invalid": 1,
     }  # fmt: skip
     assert [r["status"] for r in data["results"]] == [
         "created", "created", "created", "user_not_found", "user_document_invalid"
