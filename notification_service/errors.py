@@ -30,6 +30,8 @@ class ApiError(Exception):
         self.code = code or self.default_code
         self.details = details or []
         self.headers = headers or {}
+        # More fields of the error object beside code, message and details.
+        self.extra: dict[str, Any] = {}
         super().__init__(self.message)
 
 
@@ -171,6 +173,21 @@ class Unavailable(ApiError):
 
     def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(self.retry_after_seconds)})
+
+
+class FanOutCutShort(Unavailable):
+    """The database stopped answering part way through a fan-out: `written` lists the
+    users whose notifications (and emails) were written, in the request's order. A
+    retry with the same Idempotency-Key writes the others and doubles none."""
+
+    default_message = (
+        "The database stopped answering part way: `written` lists the users done; "
+        "retry with the same Idempotency-Key to complete the others."
+    )
+
+    def __init__(self, written: list[str]) -> None:
+        super().__init__()
+        self.extra = {"written": written}
 
 
 class TooManyFanOuts(Unavailable):

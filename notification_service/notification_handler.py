@@ -28,6 +28,7 @@ from .api import TOKEN_EXPIRES_AT, Answer, Api, Link, Reply
 from .context import hold_stream
 from .errors import (
     EmailNotFound,
+    FanOutCutShort,
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     NotFound,
@@ -115,6 +116,7 @@ _CREATE_LINKS = {
         IdempotencyKeyReused,
         IdempotencyKeyInUse,
         TooManyFanOuts,
+        FanOutCutShort,
     ),
     idempotency_scope="create",
     body_example={

@@ -14,7 +14,13 @@ from typing import Any, Protocol
 from .config import Config
 from .digests import open_digests
 from .email_templates import EmailContent, EmailTemplates
-from .errors import EmailNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
+from .errors import (
+    EmailNotFound,
+    FanOutCutShort,
+    UserDocumentInvalid,
+    UserHasNoEmail,
+    UserNotFound,
+)
 from .keys import KeySpec
 from .outbox import Outbox
 from .schemas import (
@@ -41,7 +47,7 @@ from .schemas import (
 from .storage.idempotency_store import IdempotencyStore
 from .storage.ids import IdBlock, new_id
 from .storage.inbox_store import InboxStore, RefusedWrites, has_email
-from .storage.mongo_connector import Document
+from .storage.mongo_connector import DatabaseUnavailable, Document
 from .storage.preference_store import PreferenceStore
 from .unsubscribe import unsubscribe_url
 
@@ -100,11 +106,12 @@ def create_notification(
     user_id = request.user_id
     assert user_id is not None  # the model requires user_id or user_ids
     spec = svc.config.keys.get(request.key)
-    made = _create(svc, request, [user_id], ids, repeat)
+    made = _Made(svc.clock())
+    _create(svc, request, [user_id], ids, repeat, made)
     if user_id in made.refused:
         raise made.refused[user_id]
-    target = made.written[0] if made.written else None
-    own_id = target.notification["id"] if target is not None and target.record else None
+    mine = made.written.get(user_id)
+    own_id = mine.notification_id if mine is not None else None
     counts = (
         svc.store.counts(
             user_id,
@@ -116,11 +123,11 @@ def create_notification(
         else None
     )
     kept = counts["kept"] if counts and own_id else None
-    if target is not None and kept is not None and target.digest:
+    if mine is not None and kept is not None and mine.digest:
         made.join_digests(svc, spec, {user_id: kept})
     return {
         "notification_id": (kept or own_id),
-        "email_id": target.email_id if target is not None and target.email else None,
+        "email_id": mine.email_id if mine is not None else None,
         "collapsed": kept is not None,
         "skipped": made.skipped.get(user_id, []),
         "elements": counts["elements"] if counts else None,
@@ -131,36 +138,42 @@ def create_notification(
 def fan_out(
     svc: Services, request: CreateRequest, ids: IdBlock, *, repeat: bool = False
 ) -> FanOutResult:
-    """The notification for each of `request.user_ids`: one bulk write for the records,
-    one insert for the emails, whatever the number of users. A user that is missing,
-    has no address (for a key that emails) or whose document cannot take notifications
-    gets that outcome, one whose preferences turned off every channel `skipped`; the
-    others are written all the same."""
+    """The notification for each of `request.user_ids`, built and written FAN_OUT_CHUNK
+    users at a time (a bulk write for the records, one insert for the emails, each). A
+    user that is missing, has no address (for a key that emails) or whose document
+    cannot take notifications gets that outcome, one whose preferences turned off
+    every channel `skipped`; the others are written all the same.
+
+    :raise FanOutCutShort: the database stopped answering part way: says which users'
+        writes were done (a retry with the same Idempotency-Key completes the others).
+    """
     assert request.user_ids is not None
     spec = svc.config.keys.get(request.key)
-    made = _create(svc, request, request.user_ids, ids, repeat)
+    made = _Made(svc.clock())
+    try:
+        _create(svc, request, request.user_ids, ids, repeat, made)
+    except DatabaseUnavailable as exc:
+        raise FanOutCutShort([u for u in request.user_ids if u in made.written]) from exc
     outcomes: dict[str, FanOutOutcome] = {
         user_id: {"user_id": user_id, "status": error.code}
         for user_id, error in made.refused.items()
     }
     # Which users' creates collapsed, and into what: one more read per 50 users (the
     # write's answer does not say), only with a collapse key.
-    recorded = {t.user_id: t.notification["id"] for t in made.written if t.record}
+    recorded = {u: w.notification_id for u, w in made.written.items() if w.notification_id}
     kept = svc.store.kept_ids(recorded) if request.collapse_key is not None and recorded else {}
-    made.join_digests(svc, spec, {u: k for u, k in kept.items() if made.targets[u].digest})
+    made.join_digests(svc, spec, {u: k for u, k in kept.items() if made.written[u].digest})
     for user_id, channels in made.skipped.items():
-        if user_id not in made.done:
+        if user_id not in made.written:
             outcomes[user_id] = {"user_id": user_id, "status": "skipped", "skipped": channels}
-    for target in made.written:
-        outcomes[target.user_id] = {
-            "user_id": target.user_id,
+    for user_id, written in made.written.items():
+        outcomes[user_id] = {
+            "user_id": user_id,
             "status": "created",
-            "notification_id": kept.get(target.user_id, target.notification["id"])
-            if target.record
-            else None,
-            "email_id": target.email_id if target.email else None,
-            "collapsed": target.user_id in kept,
-            "skipped": made.skipped.get(target.user_id, []),
+            "notification_id": kept.get(user_id, written.notification_id),
+            "email_id": written.email_id,
+            "collapsed": user_id in kept,
+            "skipped": made.skipped.get(user_id, []),
         }
     results = [outcomes[user_id] for user_id in request.user_ids]
     totals = dict.fromkeys(FAN_OUT_STATUSES, 0)
@@ -176,12 +189,16 @@ FAN_OUT_STATUSES = (
     "user_has_no_email",
     "user_document_invalid",
 )
+# Users a fan-out builds and writes at a time: its memory holds one chunk's documents
+# and rendered emails (not 1,000 users'), and a cut-short fan-out knows which chunks
+# were written. One bulk write per chunk instead of one in all.
+FAN_OUT_CHUNK = 250
 Refusal = UserNotFound | UserHasNoEmail | UserDocumentInvalid
 
 
 @dataclass(frozen=True)
 class _Target:
-    """One user's part of a create: what goes to them, by channel."""
+    """One user's part of a create, while its chunk is written: what goes to them."""
 
     user_id: str
     notification: Notification
@@ -191,20 +208,25 @@ class _Target:
     digest: bool  # put in the user's digest of the key (an `if_unread` key)
 
 
+@dataclass(frozen=True)
+class _Written:
+    """What stays of a user's written part once its chunk is done: the ids it answers."""
+
+    notification_id: str | None  # stored in the array
+    email_id: str | None  # queued at once
+    digest: bool
+
+
 @dataclass
 class _Made:
-    """What `_create` did: the users written (in order), why each refused one was not,
-    and the channels skipped for each user whose preferences turned some off."""
+    """What `_create` did, filled chunk by chunk: the users written, why each refused
+    one was not, and the channels skipped for each user whose preferences turned some
+    off."""
 
-    targets: dict[str, _Target]
-    done: set[str]
-    refused: dict[str, Refusal]
-    skipped: dict[str, list[str]]
     now: datetime
-
-    @property
-    def written(self) -> list[_Target]:
-        return [t for t in self.targets.values() if t.user_id in self.done]
+    written: dict[str, _Written] = field(default_factory=dict)
+    refused: dict[str, Refusal] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def join_digests(self, svc: Services, spec: KeySpec, kept: dict[str, str]) -> None:
         """Put the notifications these creates collapsed into in the users' digests: the
@@ -214,52 +236,83 @@ class _Made:
 
 
 def _create(
-    svc: Services, request: CreateRequest, user_ids: list[str], ids: IdBlock, repeat: bool
-) -> _Made:
+    svc: Services,
+    request: CreateRequest,
+    user_ids: list[str],
+    ids: IdBlock,
+    repeat: bool,
+    made: _Made,
+) -> None:
     """The one path of every create: record, email or digest for each of `user_ids` as
-    the key and the user's preferences say, an email only where its record is written.
+    the key and the user's preferences say, an email only where its record is written;
+    FAN_OUT_CHUNK users at a time, into `made`.
 
     The i-th user's notification and email ids are the block's ids 2i and 2i + 1.
     """
     spec = svc.config.keys.get(request.key)
-    now = svc.clock()
     if svc.config.email is not None:
         # Test mode of the original assignment: the users are made first, so that
         # storing the notifications stays one update each.
         svc.store.ensure_users(user_ids, svc.config.email)
+    before = len(made.written)
+    for start in range(0, len(user_ids), FAN_OUT_CHUNK):
+        chunk = range(start, min(start + FAN_OUT_CHUNK, len(user_ids)))
+        _create_chunk(svc, request, spec, [(i, user_ids[i]) for i in chunk], ids, repeat, made)
+    # Once done, so a retry of an attempt cut short counts it once (a crash between
+    # here and the idempotency record may count it twice).
+    svc.events.notifications_created(request.key, len(made.written) - before)
+
+
+def _create_chunk(
+    svc: Services,
+    request: CreateRequest,
+    spec: KeySpec,
+    users: list[tuple[int, str]],
+    ids: IdBlock,
+    repeat: bool,
+    made: _Made,
+) -> None:
+    now = made.now
+    user_ids = [user_id for _, user_id in users]
     # A key that emails reads its users first: the address, the templates' fields, and
     # the preferences that decide what goes before anything is written (a digest is
     # opened before its notification is stored). A key that only records writes at
     # once: the user's preference is a condition of that write (`where`), and a write
     # that matched nothing is explained afterwards.
-    users = svc.store.find_users(user_ids) if spec.emails else None
+    read = svc.store.find_users(user_ids) if spec.emails else None
     where = (
         svc.preferences.in_app_allowed(spec.name) if spec.in_app and not spec.mandatory else None
     )
-    made = _Made({}, set(), {}, {}, now)
-    for i, user_id in enumerate(user_ids):
+    targets: list[_Target] = []
+    for i, user_id in users:
         notification = _notification(request, user_id, ids.id(2 * i), now)
-        if users is None:
-            made.targets[user_id] = _Target(
-                user_id, notification, None, ids.id(2 * i + 1), True, False
-            )
+        if read is None:
+            targets.append(_Target(user_id, notification, None, ids.id(2 * i + 1), True, False))
             continue
-        user = users.get(user_id)
+        user = read.get(user_id)
         if user is None:
             made.refused[user_id] = UserNotFound()
             continue
         planned = _plan(svc, spec, notification, user, ids.id(2 * i + 1), made)
         if planned is not None:
-            made.targets[user_id] = planned
-    targets = list(made.targets.values())
+            targets.append(planned)
     digests = [(t.user_id, t.notification["id"]) for t in targets if t.digest]
     if digests:
         open_digests(svc.outbox, spec, digests, now)  # before the push: see digests.py
+    done: set[str] = set()
     for (record, email), group in _groups(targets).items():
-        done, rejected = _write(svc, group, record, email, now, repeat, where)
-        made.done |= done
+        written, rejected = _write(svc, group, record, email, now, repeat, where)
+        done |= written
         made.refused.update(rejected)
-    unexplained = [u for u in made.targets if u not in made.done and u not in made.refused]
+    for target in targets:
+        if target.user_id in done:
+            made.written[target.user_id] = _Written(
+                target.notification["id"] if target.record else None,
+                target.email_id if target.email is not None else None,
+                target.digest,
+            )
+    unexplained = [t.user_id for t in targets if t.user_id not in done]
+    unexplained = [u for u in unexplained if u not in made.refused]
     if unexplained and where is not None:
         # The write's preference condition may be why: read those users again.
         again = svc.store.find_users(unexplained)
@@ -269,11 +322,9 @@ def _create(
                 made.skipped[user_id] = list(spec.channels)
     for user_id in unexplained:
         if user_id not in made.skipped:
-            made.refused[user_id] = _why_not(svc, user_id, spec.email == "always", len(user_ids))
-    # Once done, so a retry of an attempt cut short counts it once (a crash between
-    # here and the idempotency record may count it twice).
-    svc.events.notifications_created(request.key, len(made.done))
-    return made
+            made.refused[user_id] = _why_not(
+                svc, user_id, spec.email == "always", single=request.user_id is not None
+            )
 
 
 def _plan(
@@ -328,11 +379,11 @@ def _problem(svc: Services, user: Document, record: bool, needs_address: bool) -
     return None
 
 
-def _why_not(svc: Services, user_id: str, require_email: bool, users: int) -> Refusal:
+def _why_not(svc: Services, user_id: str, require_email: bool, *, single: bool) -> Refusal:
     """Why a user's write matched nothing: gone, or changed, since it was read (or, for
     a key that only records, never there). One user's create asks the database, to
     answer the exact error; a fan-out says `user_not_found`, as it was."""
-    if users == 1:
+    if single:
         return svc.store.why_not_appended(user_id, require_email=require_email)
     return UserNotFound()
 

@@ -323,7 +323,7 @@ def _error(
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> tuple[Response, int]:
-        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers, **exc.extra)
 
     @app.errorhandler(DatabaseUnavailable)
     def database_unavailable(exc: DatabaseUnavailable) -> tuple[Response, int]:

@@ -25,6 +25,7 @@ from pymongo import MongoClient
 from notification_service.config import Config
 from notification_service.dispatcher import DispatchContext, Dispatcher, RateLimiter
 from notification_service.email_sender import SmtpSender, SmtpSettings
+from notification_service.notifications import FAN_OUT_CHUNK
 from notification_service.server import runtime_of
 
 
@@ -319,6 +320,39 @@ def test_a_cut_fan_out_is_all_or_nothing_then_completed_by_its_retry(
         assert state(db, user_id)[0] == [result["notification_id"]]
     assert sorted(r["status"] for r in db.email_outbox.find()) == ["queued"] * 4
     assert sweep_later(app) == (0, 0)
+
+
+def test_a_fan_out_cut_between_chunks_says_which_users_were_written(
+    app: Flask, server: MongoServer, database: tuple[str, Any], mode: str
+) -> None:
+    _, db = database
+    users = make_users(db, FAN_OUT_CHUNK + 10)  # two chunks
+    client = app.test_client()
+    body = {"user_ids": users, "key": "new_login"}
+    # The key's claim and the first chunk's emails pass; the second chunk's are cut.
+    write = ("insert", 2)
+    interrupt(
+        server, db, write,
+        lambda: check_cut(client.post("/create", json=body, headers={"Idempotency-Key": "c-1"}),
+                          users[:FAN_OUT_CHUNK]),
+    )  # fmt: skip
+    assert sum(1 for u in users if state(db, u)[0]) == FAN_OUT_CHUNK
+    retry = client.post("/create", json=body, headers={"Idempotency-Key": "c-1"})
+    assert retry.status_code == 201, retry.get_json()
+    assert retry.get_json()["data"]["totals"]["created"] == len(users)
+    # Each user holds one notification and has one email: none doubled by the retry.
+    assert all(len(state(db, u)[0]) == 1 for u in users)
+    assert db.email_outbox.count_documents({}) == len(users)
+    assert sweep_later(app) == (0, 0)
+
+
+def check_cut(response: Any, written: list[str]) -> Any:
+    """The 503 of a cut fan-out names exactly the users it wrote, in order."""
+    assert response.status_code == 503, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "database_unavailable"
+    assert error["written"] == written
+    return response
 
 
 def test_a_document_that_refuses_the_write_fails_only_its_user(
