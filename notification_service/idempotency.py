@@ -47,6 +47,7 @@ from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from . import outcomes
 from .config import Config
 from .errors import (
     ApiError,
@@ -172,7 +173,7 @@ def idempotent(scope: str) -> Callable[[Callable[P, ResponseReturnValue]], Calla
                 f"{scope} {key}", fingerprint(body), now, lease_seconds(svc.config, body)
             )
             if claim.outcome == "replay":
-                response = jsonify(claim.body)
+                response = jsonify(outcomes.unpack(claim.body, body, IdBlock(claim.seed)))
                 response.status_code = claim.status
                 response.headers[REPLAY_HEADER] = "true"
                 return response
@@ -221,7 +222,9 @@ def _run(claim: KeyClaim, view: Callable[[], Response], request_body: Any = None
         try:
             body = response.get_json()
             refs = refs_of(request_body, body)
-            with_own_deadline(budget, lambda: store.complete(claim, status, body, refs))
+            # A fan-out's answer is kept as a few characters a user (outcomes.py).
+            stored = outcomes.pack(body, request_body, IdBlock(claim.seed))
+            with_own_deadline(budget, lambda: store.complete(claim, status, stored, refs))
         except DatabaseUnavailable:
             # The answer stands: its writes are done. The key stays running until its
             # lease ends; a retry then takes it over with the same seed, and the

@@ -466,6 +466,7 @@ def test_a_fan_out_retried_after_an_erase_replays_without_the_user_and_creates_n
     assert [r["user_id"] for r in final["results"]] == [ids[2]]
     assert final["totals"] == {
         "created": 1,
+        "skipped": 0,
         "user_not_found": 0,
         "user_has_no_email": 0,
         "user_document_invalid": 0,
@@ -486,6 +487,7 @@ def test_a_single_create_retried_after_an_erase_creates_nothing_again(
         "notification_id": None,
         "email_id": None,
         "collapsed": False,
+        "skipped": [],
         "elements": None,
         "new": None,
     }

@@ -122,7 +122,10 @@ class IdempotencyStore:
             if record["fingerprint"] != fingerprint:
                 return KeyClaim("reused", key)
             if record["state"] == "done":
-                return KeyClaim("replay", key, status=record["status"], body=record["body"])
+                # With its seed: a packed answer's ids derive from it (outcomes.py).
+                return KeyClaim(
+                    "replay", key, record["seed"], status=record["status"], body=record["body"]
+                )
             held_until: datetime = record["lease_until"]
             if held_until > now:
                 return KeyClaim("in_use", key, lease_until=held_until)
@@ -208,7 +211,8 @@ class IdempotencyStore:
 #   create, one user:   {"success": true, "data": {"notification_id", "email_id",
 #                        "elements", "new"}}         (schemas.CreateResult)
 #   create, a fan-out:  {"success": true, "data": {"results": [{"user_id", "status",
-#                        ...}], "totals": {"<status>": n}}}   (schemas.FanOutResult)
+#                        ...}], "totals": {"<status>": n}}}   (schemas.FanOutResult),
+#                       or packed: {"codes": [one a user], "kept", "totals"} (outcomes.py)
 #   email:              {"success": true, "data": {"email_id"}}   (schemas.EmailQueued)
 #
 # and that `refs` names whom each is about. A change to what is stored of a fan-out
@@ -241,6 +245,8 @@ def _without_user(record: Document, ref: str, user_id: str) -> UpdateOne | None:
     if not isinstance(data, dict):
         return None
     query: Document = {"_id": record["_id"], "refs": ref}
+    if isinstance(data.get("codes"), list) and isinstance(data.get("totals"), dict):
+        return _without_packed_user(record, data, ref)
     if isinstance(data.get("results"), list) and isinstance(data.get("totals"), dict):
         mine = [r for r in data["results"] if isinstance(r, dict) and r.get("user_id") == user_id]
         update: Document = {"$pull": {"refs": ref, "body.data.results": {"user_id": user_id}}}
@@ -256,6 +262,39 @@ def _without_user(record: Document, ref: str, user_id: str) -> UpdateOne | None:
         return None
     cleared = dict.fromkeys(f"body.data.{name}" for name in data if name in _CREATE_FIELDS)
     return UpdateOne(query, {"$pull": {"refs": ref}, "$set": cleared})
+
+
+def _without_packed_user(record: Document, data: Document, ref: str) -> UpdateOne | None:
+    """`_without_user` of a packed fan-out answer (outcomes.py): `refs` lists the users in
+    the request's order, as `codes` does; the user's code becomes the erased mark and
+    their ref a dash (positions stay, so another user's erasure, at the same time,
+    changes only its own), and their status leaves `totals`."""
+    refs, codes = record.get("refs", []), data["codes"]
+    if ref not in refs or len(refs) != len(codes):
+        return None
+    i = refs.index(ref)
+    status = _PACKED_STATUS.get(str(codes[i])[:1])
+    if status is None:
+        return None
+    update: Document = {
+        "$set": {f"refs.{i}": "-", f"body.data.codes.{i}": "x"},
+        "$inc": {f"body.data.totals.{status}": -1},
+    }
+    if str(i) in data.get("kept", {}):
+        update["$unset"] = {f"body.data.kept.{i}": ""}
+    return UpdateOne(
+        {"_id": record["_id"], f"refs.{i}": ref, f"body.data.codes.{i}": codes[i]}, update
+    )
+
+
+# A packed code's first letter, and the status it stands for (outcomes.STATUS).
+_PACKED_STATUS = {
+    "c": "created",
+    "s": "skipped",
+    "n": "user_not_found",
+    "e": "user_has_no_email",
+    "d": "user_document_invalid",
+}
 
 
 # The fields of a single create's or an email's answer that an erasure clears: ids
