@@ -100,7 +100,8 @@ KEYS = KeyTable([*(s for s in DEFAULT_KEYS if s.name != DIGESTED.name), DIGESTED
 def notification(user_id: str, key: str, now: datetime) -> Notification:
     nid = new_id()
     return {"id": nid, "timestamp": int(now.timestamp()), "is_new": True, "user_id": user_id,
-            "key": key, "target_id": None, "data": {"n": nid}}  # fmt: skip
+            "key": key, "target_id": None, "data": {"n": nid}, "count": 1,
+            "collapse_key": None}  # fmt: skip
 
 
 def per_op(label: str, n: int, seconds: float, commands: int) -> None:

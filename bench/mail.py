@@ -62,7 +62,8 @@ def records(count: int, config: Config) -> list[dict[str, Any]]:
         user = {"_id": f"{i:024x}", "email": f"user{i}@example.com", "name": f"User {i}"}
         data = {"ip": f"203.0.113.{i % 250}", "device": "Firefox 131 on Ubuntu 24.04"}
         note = Notification(id=new_id(), timestamp=now, is_new=True, user_id=user["_id"],
-                            key="new_login", target_id=f"t{i}", data=data)  # fmt: skip
+                            key="new_login", target_id=f"t{i}", data=data, count=1,
+                            collapse_key=None)  # fmt: skip
         out.append({"kind": "notification", "to": user["email"], "message_id": message_id(config),
                     "user_id": user["_id"], "notification_id": note["id"], "key": note["key"],
                     **dataclasses.asdict(templates.render(note["key"], [note], user))})  # fmt: skip

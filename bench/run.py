@@ -300,7 +300,8 @@ def fan_out(bench: Bench) -> list[Figure]:
                                                   repeat_of=None),
                             updates.push(layout, {"id": new_id(), "timestamp": now, "is_new": True,
                                                   "user_id": u, "key": "new_message",
-                                                  "target_id": None, "data": {}}))
+                                                  "target_id": None, "data": {}, "count": 1,
+                                                  "collapse_key": None}))
                   for u in json.loads(body)["user_ids"]]  # fmt: skip
         with MongoClient[dict[str, Any]](bench.stack.db_uri, w="majority", journal=True) as c:
             c.admin.command("ping")
