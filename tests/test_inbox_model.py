@@ -236,6 +236,7 @@ class InboxMachine(RuleBasedStateMachine):
         data = self.expect(response, 201)["data"]
         assert data["totals"] == {
             "created": len(chosen),
+            "skipped": 0,
             "user_not_found": 0,
             "user_has_no_email": 0,
             "user_document_invalid": 0,
