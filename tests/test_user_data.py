@@ -291,6 +291,9 @@ def test_erase_leaves_the_address_nowhere_and_keeps_preferences_and_the_applicat
     assert found_in(db, alice) == []
     # The application's document and its fields stay; the opt-out too.
     doc = db[mail_config.users_collection].find_one({"_id": ObjectId(alice)})
+    # What stays of the meta is its version, moved on (a polling stream sees the change).
+    meta = doc.pop("notifications_meta")
+    assert list(meta) == ["version"] and meta["version"] > 0
     assert doc == {
         "_id": ObjectId(alice),
         "email": ADDRESS,  # the application's field: its own to erase

@@ -565,8 +565,8 @@ class InboxStore:
 
     @guarded
     def erase_notifications(self, user_id: str) -> int:
-        """Remove the array and its meta ({version, log}) from the user's document, with
-        one `$unset`; return how many notifications the array held just before. The
+        """Remove the array and its meta's logs from the user's document (the version
+        moves on); return how many notifications the array held just before. The
         document and its other fields (the application's, and the preferences) stay.
         A missing document, or one already erased, changes nothing and answers 0."""
         oid = ObjectId(user_id)
@@ -575,7 +575,24 @@ class InboxStore:
             iter(self.users.aggregate([{"$match": {"_id": oid}}, {"$project": {"n": size}}])),
             {"n": 0},
         )["n"]
-        self.users.update_one({"_id": oid}, {"$unset": {self.field: "", self.layout.meta: ""}})
+        meta = self.layout.meta
+        # The meta's logs go with the array; its version moves on (it does not restart
+        # at 0), so a stream polling versions sees the change however many writes it
+        # missed, and an ETag made before never matches again.
+        self.users.update_one(
+            {"_id": oid, meta: {"$exists": True}},
+            {
+                "$unset": {
+                    self.field: "",
+                    f"{meta}.log": "",
+                    f"{meta}.collapsed": "",
+                    f"{meta}.collapses": "",
+                },
+                "$inc": {f"{meta}.version": 1},
+            },
+        )
+        # A document with the array but no meta (written before the meta existed).
+        self.users.update_one({"_id": oid, meta: {"$exists": False}}, {"$unset": {self.field: ""}})
         return int(held)
 
     # -- the live stream (stream_watcher.py) ----------------------------------------------------
