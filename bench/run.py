@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,7 @@ from service import ENDPOINTS, HERE, Recorder, Server, Stack, Users, seed
 
 from notification_service.config import Config
 from notification_service.embedded import free_port
+from notification_service.notifications import FAN_OUT_CHUNK
 from notification_service.storage import updates
 from notification_service.storage.ids import new_id
 from notification_service.storage.updates import Layout
@@ -58,7 +60,8 @@ WHY = {
 }
 # What a section's table shows of the runs behind a figure (default: rates and CPU).
 SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
-        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU"), "7": ("req/s", "CPU"), "8": ("RSS",),
+        "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU", "RSS"), "7": ("req/s", "CPU"),
+        "8": ("RSS",),
         "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU"),
         "12": ("CPU", "operations", "finds", "/ 1")}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
@@ -318,8 +321,53 @@ def fan_out(bench: Bench) -> list[Figure]:
     raw = ratio("5. Fan-out", f"notifications/s: user_ids of {FAN:,} / raw pymongo bulk_write "
                 "of the same updates", "≥ 0.8", 0.8)  # fmt: skip
     single = bench.side("single", bench.svc, "POST /create", users)
-    return play([(fig, [("user_ids", user_ids), single]),
+    figs = play([(fig, [("user_ids", user_ids), single]),
                  (raw, [("user_ids", user_ids), ("raw bulk_write", raw_bulk)])])  # fmt: skip
+    return [*figs, fan_out_memory(bench, users)]
+
+
+def fan_out_memory(bench: Bench, users: Users, runs: int = 3) -> Figure:
+    """The server processes' RSS around `runs` fan-outs of FAN users of `new_login` (each
+    user's email rendered and queued: the heaviest fan-out), sampled every 10 ms: the peak
+    growth of the process that grew most, and what stayed after. The emails are then
+    left to the dispatcher, whose sending is waited for (the next section is undisturbed)."""
+    body = json.dumps({"user_ids": [users.pick(n)[0] for n in range(FAN)], "key": "new_login"})
+    post = urllib.request.Request(f"{bench.svc.url}/create", body.encode(),
+                                  {"Content-Type": "application/json"})  # fmt: skip
+    pid, before = bench.svc.pid, rss_mb(bench.svc.pid)
+    peaks, done = list(before), threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            for i, mb in enumerate(rss_mb(pid)[: len(peaks)]):
+                peaks[i] = max(peaks[i], mb)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(runs):
+            with urllib.request.urlopen(post, timeout=600) as response:
+                json.load(response)
+    finally:
+        done.set()
+        sampler.join()
+    after = rss_mb(pid)
+    grew = [p - b for p, b in zip(peaks, before, strict=False)]
+    stayed = [a - b for a, b in zip(after, before, strict=False)]
+    name = f"server RSS during {runs} fan-outs of {FAN:,} users (new_login), peak growth"
+    fig = Figure("5. Fan-out", name, "MB", rounds=[max(grew)],
+                 detail={"RSS before MB": [max(before)], "RSS stayed MB": [max(stayed)]},
+                 note=f"built and written {FAN_OUT_CHUNK} users at a time")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _queued(bench.svc.url):
+        time.sleep(0.5)
+    return fig
+
+
+def _queued(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/ready", timeout=10) as response:
+        outbox = json.load(response)["data"]["outbox"]
+    return int(outbox["queued"]) + int(outbox["sending"])
 
 
 def durability(bench: Bench) -> list[Figure]:
