@@ -35,12 +35,11 @@ $(DEV_STAMP): $(DEPS)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(SERVE_STAMP) $(DEV_STAMP)
 
-## Serve on $$PORT (default 5000); embedded database and mail sink when DB_URI / SMTP_HOST are unset.
-# Unless the environment or ./.env sets them, it sets UNSUBSCRIBE_SECRET (made once and
-# kept in var/, so that unsubscribe links already mailed keep working after a restart)
-# and PUBLIC_URL (this machine's loopback, on PORT).
-run: $(SERVE_STAMP)
-	@set -e; \
+# make run's (and make check-config's) defaults, unless the environment or ./.env sets
+# them: UNSUBSCRIBE_SECRET (made once and kept in var/, so that unsubscribe links
+# already mailed keep working after a restart) and PUBLIC_URL (this machine's loopback,
+# on PORT). One shell line: each variable is exported to the command that follows.
+RUN_DEFAULTS = \
 	if [ -z "$$UNSUBSCRIBE_SECRET" ] && ! grep -qs '^UNSUBSCRIBE_SECRET=.' .env; then \
 	  if [ ! -s $(RUN_SECRET) ]; then \
 	    mkdir -p $(dir $(RUN_SECRET)); \
@@ -51,8 +50,11 @@ run: $(SERVE_STAMP)
 	if [ -z "$$PUBLIC_URL" ] && ! grep -qs '^PUBLIC_URL=.' .env; then \
 	  port=$${PORT:-$$(sed -n 's/^PORT=//p' .env 2>/dev/null | tail -n 1)}; \
 	  PUBLIC_URL=http://127.0.0.1:$${port:-5000}; export PUBLIC_URL; \
-	fi; \
-	exec $(BIN)/python -m notification_service serve
+	fi
+
+## Serve on $$PORT (default 5000); embedded database and mail sink when DB_URI / SMTP_HOST are unset.
+run: $(SERVE_STAMP)
+	@set -e; $(RUN_DEFAULTS); exec $(BIN)/python -m notification_service serve
 
 ## The whole suite against real SecantusDB and SMTP servers the fixtures start, and the
 ## pages in Debian's headless Chromium. In TEST_WORKERS processes (pytest-xdist), each
@@ -102,7 +104,7 @@ bench: $(DEV_STAMP)
 	QUICK=$(QUICK) $(BIN)/python bench/run.py
 
 check-config: $(SERVE_STAMP)
-	$(BIN)/python -m notification_service check-config
+	@set -e; $(RUN_DEFAULTS); exec $(BIN)/python -m notification_service check-config
 
 ## Regenerate $(LOCK) from requirements.txt, with hashes, in a throwaway venv.
 lock:
