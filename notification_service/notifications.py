@@ -357,7 +357,7 @@ def _plan(
         return None
     queued = None
     if email and spec.email == "always":
-        queued = _notification_email(svc, spec, notification, user)
+        queued = _notification_email(svc, spec, notification, user, stored=record)
     return _Target(
         user_id, notification, queued, email_id, record, email and spec.email == "if_unread"
     )
@@ -675,10 +675,11 @@ def message_id(config: Config) -> str:
 
 
 def _notification_email(
-    svc: Services, spec: KeySpec, notification: Notification, user: Document
+    svc: Services, spec: KeySpec, notification: Notification, user: Document, *, stored: bool
 ) -> Document:
     """The outbox record of a notification's email, rendered for `user`, with the
-    one-click unsubscribe link of a key that is not mandatory.
+    one-click unsubscribe link of a key that is not mandatory; it names the notification
+    only when that is `stored` in the user's array (an email-only key's is not).
 
     :raise UserHasNoEmail:
     """
@@ -691,7 +692,7 @@ def _notification_email(
         address,
         content,
         user_id=notification["user_id"],
-        notification_id=notification["id"],
+        notification_id=notification["id"] if stored else None,
         key=notification["key"],
     )
     record["unsubscribe_url"] = link

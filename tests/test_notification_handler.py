@@ -76,6 +76,9 @@ def test_create_registration_queues_email_and_stores_no_record(
     assert email["status"] == "queued"
     assert email["to"] == "user@example.com"
     assert "registration" in email["subject"] and "registration" in email["text"]
+    # No notification was stored: the email names none (GET /email/<id>, an export).
+    assert email["notification_id"] is None
+    assert client.get(f"/email/{data['email_id']}").get_json()["data"]["notification_id"] is None
 
 
 def test_create_new_login_records_and_queues_email(
