@@ -44,6 +44,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
 from .digests import Digests
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
+from .logs import without_addresses
 from .outbox import LastError, Outbox
 from .storage.mongo_connector import DatabaseUnavailable
 
@@ -704,7 +705,10 @@ class Dispatcher:
         attempts = int(record["attempts"])
         if exc.permanent or attempts >= cfg.dispatch_max_attempts or self._too_old(record, now):
             log.warning(
-                "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
+                "email %s failed for good after %d attempts: %s",
+                record["_id"],
+                attempts,
+                without_addresses(str(exc)),
             )
             ctx.events.send_finished("failed", seconds)
             self._fail(record, error, now)
@@ -714,7 +718,11 @@ class Dispatcher:
             attempts, cfg.dispatch_backoff_base_seconds, cfg.dispatch_backoff_max_seconds, self.rng
         )
         log.info(
-            "email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay
+            "email %s: attempt %d failed (%s), retry in %.1fs",
+            record["_id"],
+            attempts,
+            without_addresses(str(exc)),
+            delay,
         )
         ctx.events.send_finished("retry", seconds)
         at = now + timedelta(seconds=delay)

@@ -40,6 +40,8 @@ _JSON = json.JSONEncoder(ensure_ascii=True, default=str)
 # An unsubscribe link's token is its credential (unsubscribe.py): it stays out of the log.
 _UNSUBSCRIBE_RE = re.compile(r"(/unsubscribe/).*", re.IGNORECASE | re.DOTALL)
 _REDACTED = r"\1<redacted>"
+# An email address inside a text that quotes one (an SMTP reply: "550 <bob@x>: ...").
+_ADDRESS_RE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
 # Control characters (C0, DEL, C1) and the Unicode line separators.
 _UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -184,6 +186,13 @@ def log_access(fields: dict[str, Any]) -> None:
         # The request id given, so that RequestIdFilter need not look for the request.
         extra = {ACCESS_FIELDS: fields, "request_id": fields.get("request_id")}
         access_log.info("request", extra=extra)
+
+
+def without_addresses(text: str) -> str:
+    """`text` with every email address in it replaced by `<address>`: for a log line
+    that quotes an SMTP server's reply, which names the recipient it refused. A log is
+    kept apart from the user's data, and no erasure reaches it."""
+    return _ADDRESS_RE.sub("<address>", text)
 
 
 def _iso_utc(created: float) -> str:
