@@ -663,7 +663,8 @@ class Outbox:
         self, user_id: str, addresses: list[str], projection: Document | None = None
     ) -> list[Document]:
         """The records of a user: those of `user_id`, and those sent to one of
-        `addresses` with no user (POST /email's `to`), newest first.
+        `addresses` with no user (POST /email's `to`; its domain in any case), newest
+        first.
 
         A record of ANOTHER user sent to the same address is not theirs: an address two
         users share is each one's, and one's erasure must not touch the other's data.
@@ -672,8 +673,8 @@ class Outbox:
         projection = self._with_user(projection)
         found = {doc["_id"]: doc for doc in self.records.find({"user_id": user_id}, projection)}
         for address in addresses:
-            for doc in self.records.find({"to": address}, projection):
-                if doc.get("user_id") is None:
+            for doc in self.records.find(_to_mailbox(address), _with_to(projection)):
+                if doc.get("user_id") is None and _same_mailbox(doc.get("to"), address):
                     found.setdefault(doc["_id"], doc)
         return sorted(found.values(), key=lambda doc: (doc["created_at"], doc["_id"]), reverse=True)
 
@@ -887,6 +888,29 @@ def _join(
         },
         "$addToSet": {"notification_ids": notification_id},
     }
+
+
+def _to_mailbox(address: str) -> Document:
+    """The filter of the records sent to `address`'s mailbox, whatever the case of its
+    domain (which has none, RFC 5321 2.4; its local part may): every `to` that starts
+    with the local part and "@", a range of the `address` index ("@" + 1 is "A"), which
+    `_same_mailbox` then narrows to the domain."""
+    local, at, _ = address.rpartition("@")
+    if not at:
+        return {"to": address}
+    return {"to": {"$gte": f"{local}@", "$lt": f"{local}A"}}
+
+
+def _same_mailbox(to: Any, address: str) -> bool:
+    if not isinstance(to, str):
+        return False
+    local, _, domain = to.rpartition("@")
+    wanted_local, _, wanted_domain = address.rpartition("@")
+    return local == wanted_local and domain.lower() == wanted_domain.lower()
+
+
+def _with_to(projection: Document | None) -> Document | None:
+    return None if projection is None else {**projection, "to": 1}
 
 
 def _object_ids(email_ids: list[str]) -> list[ObjectId]:
