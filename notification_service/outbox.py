@@ -882,6 +882,9 @@ def _join(
             "attempts": 0,
             "created_at": now,
             "next_attempt_at": now + timedelta(seconds=delay_seconds),
+            # Where its give-up age starts (dispatcher._too_old): a batch waits its
+            # delay before its first attempt, an email queued at once none.
+            "due_at": now + timedelta(seconds=delay_seconds),
             "last_error": None,
             "sent_at": None,
             "claimed_by": None,

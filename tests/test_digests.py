@@ -407,3 +407,25 @@ def test_an_in_server_dispatcher_sends_a_digest_soon_after_its_due_time(
     svc.store.append([(user_id, note)], now, require_email=False)
     assert len(smtp_server.wait_for_messages(1, timeout=10)) == 1
     assert 0.9 <= time.monotonic() - opened_at < 4  # at its due time, not the poll's end
+
+
+def test_a_digest_due_as_late_as_the_give_up_age_allows_still_goes_out_and_is_retried(
+    setup: Setup, smtp_server: SmtpServer, user_id: str, db: Any
+) -> None:
+    # email_after_seconds may be as long as DISPATCH_MAX_AGE_SECONDS (keys.py). The
+    # give-up age of a digest counts from its due time, as an email's counts from when
+    # it was queued: counted from when the batch opened, it was spent before the first
+    # attempt, and the digest failed unsent ("gave up after 0 attempts").
+    config = replace(setup.context.config, dispatch_max_age_seconds=DELAY)
+    setup.context = replace(setup.context, config=config)
+    create_unread(setup, user_id)
+    [digest] = digests_of(db)
+    setup.clock.advance(DELAY + 5)  # a dispatcher a few seconds late
+    smtp_server.fail_remaining = 1  # and a transient refusal: retried, not given up
+    dispatcher = setup.dispatcher()
+    drain(dispatcher)
+    setup.clock.advance(1)
+    drain(dispatcher)
+    shown = state(setup, digest["_id"])
+    assert shown["status"] == "sent", shown["last_error"]
+    assert len(smtp_server.messages) == 1
