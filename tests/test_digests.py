@@ -451,3 +451,23 @@ def test_a_busy_batch_keeps_a_bounded_list_of_its_newest_ids(
     assert drain(setup.dispatcher()) == 1
     [received] = smtp_server.wait_for_messages(1)
     assert all(n in received.message.get_body(("plain",)).get_content() for n in last)
+
+
+def test_a_queued_email_of_a_user_gone_at_send_time_is_cancelled_as_user_not_found(
+    setup: Setup, smtp_server: SmtpServer, make_user: Callable[..., str], db: Any
+) -> None:
+    # The send-time preference check finds no document: the user did not unsubscribe
+    # (an operator reading "unsubscribed" looks for an opt-out that is not there); the
+    # reason is the digest's for the same case.
+    gone = make_user()
+    email_id = setup.svc.outbox.enqueue(
+        {"kind": "notification", "to": "user@example.com", "subject": "s", "text": "t",
+         "html": None, "message_id": f"<{new_id()}@test>", "user_id": gone,
+         "notification_id": new_id(), "key": "news"},
+        setup.clock.now(),
+    )  # fmt: skip
+    db.users.delete_one({"_id": ObjectId(gone)})
+    drain(setup.dispatcher())
+    shown = state(setup, email_id)
+    assert (shown["status"], shown["cancel_reason"]) == ("cancelled", "user_not_found")
+    assert smtp_server.messages == []
