@@ -20,6 +20,7 @@ from dotenv import dotenv_values
 from .keys import DEFAULT_KEYS, KeysFileError, KeyTable
 from .schemas import is_email_address
 from .tokens import SECRET_MIN_BYTES
+from .unsubscribe import TOKEN_MAX_CHARS
 
 T = TypeVar("T")
 
@@ -668,10 +669,23 @@ def _unsubscribe_secret(r: _Reader) -> Secret | None:
     return secret
 
 
+# Each link goes into an email's `List-Unsubscribe: <link>` as it is, on one line of at
+# most 998 characters (RFC 5322), so it holds no quote or angle bracket (email_sender's
+# _check_unsubscribe_url refuses them at send time: every email would fail for good).
+_LINK_PATH = "/unsubscribe/"
+PUBLIC_URL_MAX_CHARS = 998 - len("List-Unsubscribe: <>") - len(_LINK_PATH) - TOKEN_MAX_CHARS
+
+
 def _check_public_url(raw: str) -> str:
     """An http(s) URL the unsubscribe links start with, without its trailing slash."""
     if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in raw) or not raw.isascii():
         raise ValueError("must be an ASCII URL without spaces or control characters")
+    if any(c in raw for c in '"<>'):
+        raise ValueError("must hold no quote or angle bracket: it goes into an email header")
+    if len(raw.rstrip("/")) > PUBLIC_URL_MAX_CHARS:
+        raise ValueError(
+            f"must be at most {PUBLIC_URL_MAX_CHARS} characters: each link is one header line"
+        )
     if "?" in raw or "#" in raw:
         # Links are built as PUBLIC_URL + "/unsubscribe/<token>": a query or a fragment
         # would swallow that path.

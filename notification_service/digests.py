@@ -133,7 +133,7 @@ class Digests:
         due = [r for r in records if r.get("kind") == DIGEST and "to" not in r]
         rendered = self._render(due, now, cancels)
         settled = {r["_id"] for r in due}
-        self._check_preferences([r for r in records if r["_id"] not in settled], cancels)
+        self._check_preferences([r for r in records if r["_id"] not in settled], now, cancels)
         kept = self.outbox.write_digests(
             [(r["_id"], r["claimed_by"], fields) for r, fields in rendered.values()]
         )
@@ -212,17 +212,27 @@ class Digests:
         }
 
     def _check_preferences(
-        self, records: list[Document], cancels: dict[tuple[str, CancelReason], list[Any]]
+        self,
+        records: list[Document],
+        now: datetime,
+        cancels: dict[tuple[str, CancelReason], list[Any]],
     ) -> None:
-        """Cancel the records of users who turned their key's email off: one read per
-        key of the claim."""
+        """Cancel the records of users who turned their key's email off (one read per
+        key of the claim), or whose document is gone (`user_not_found`, as a digest's:
+        one more read, only when some were refused)."""
         by_key: dict[str, list[Document]] = defaultdict(list)
         for record in records:
             key, user_id = record.get("key"), record.get("user_id")
             if isinstance(user_id, str) and isinstance(key, str) and not self._mandatory(key):
                 by_key[key].append(record)
+        refused: list[Document] = []
         for key, chosen in by_key.items():
             allowed = self.preferences.email_allowed(sorted({r["user_id"] for r in chosen}), key)
-            for record in chosen:
-                if record["user_id"] not in allowed:
-                    cancels[record["claimed_by"], "unsubscribed"].append(record["_id"])
+            refused += [record for record in chosen if record["user_id"] not in allowed]
+        if not refused:
+            return
+        found = self.users.unread({r["user_id"]: [] for r in refused}, now)
+        for record in refused:
+            gone = record["user_id"] not in found
+            reason: CancelReason = "user_not_found" if gone else "unsubscribed"
+            cancels[record["claimed_by"], reason].append(record["_id"])

@@ -44,6 +44,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import Config
 from .digests import Digests
 from .email_sender import OutgoingEmail, SendError, SmtpSender, SmtpSettings, build_message
+from .logs import without_addresses
 from .outbox import LastError, Outbox
 from .storage.mongo_connector import DatabaseUnavailable
 
@@ -691,8 +692,10 @@ class Dispatcher:
 
     def _too_old(self, record: dict[str, Any], now: datetime) -> bool:
         # Counted from the last resend when there was one: a resent email gets its whole
-        # give-up age again, as it gets its attempts (Outbox.requeue).
-        age: timedelta = now - (record.get("requeued_at") or record["created_at"])
+        # give-up age again, as it gets its attempts (Outbox.requeue); else from when it
+        # was first due: a digest's batch waits email_after_seconds before that.
+        start = record.get("requeued_at") or record.get("due_at") or record["created_at"]
+        age: timedelta = now - start
         return age > timedelta(seconds=self.context.config.dispatch_max_age_seconds)
 
     def _failed(self, record: dict[str, Any], exc: SendError, seconds: float) -> Outcome:
@@ -704,7 +707,10 @@ class Dispatcher:
         attempts = int(record["attempts"])
         if exc.permanent or attempts >= cfg.dispatch_max_attempts or self._too_old(record, now):
             log.warning(
-                "email %s failed for good after %d attempts: %s", record["_id"], attempts, exc
+                "email %s failed for good after %d attempts: %s",
+                record["_id"],
+                attempts,
+                without_addresses(str(exc)),
             )
             ctx.events.send_finished("failed", seconds)
             self._fail(record, error, now)
@@ -714,7 +720,11 @@ class Dispatcher:
             attempts, cfg.dispatch_backoff_base_seconds, cfg.dispatch_backoff_max_seconds, self.rng
         )
         log.info(
-            "email %s: attempt %d failed (%s), retry in %.1fs", record["_id"], attempts, exc, delay
+            "email %s: attempt %d failed (%s), retry in %.1fs",
+            record["_id"],
+            attempts,
+            without_addresses(str(exc)),
+            delay,
         )
         ctx.events.send_finished("retry", seconds)
         at = now + timedelta(seconds=delay)

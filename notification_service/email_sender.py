@@ -338,8 +338,9 @@ def _word(chunk: str, encoding: str) -> str:
 
 
 # An http(s) URL as unsubscribe.py makes it: printable ASCII without blanks, quotes or
-# angle brackets (which would end the header's <...>), short enough for one line.
-_UNSUBSCRIBE_URL_RE = re.compile(r"https?://[!#-;=?-~]+")
+# angle brackets (which would end the header's <...>), short enough for one line. The
+# scheme in any case, as config.py takes PUBLIC_URL's (RFC 3986: it is case-insensitive).
+_UNSUBSCRIBE_URL_RE = re.compile(r"(?i:https?)://[!#-;=?-~]+")
 _UNSUBSCRIBE_URL_MAX = 998 - len("List-Unsubscribe: <>")  # RFC 5322's line limit
 
 

@@ -7,7 +7,9 @@ handler it installed itself, so calling it again (tests build many apps) leaves 
 A JSON line is `{"ts", "level", "logger", "msg"}`, then `exc` (the traceback) when
 there is one and `request_id` when logged inside a request. The access line of each
 request (logger `notification_service.access`, msg `request`) adds `method`, `route`,
-`path` (never the query string), `status` and `duration_ms`; no body, no header.
+`path` (never the query string, and never the credential of an unsubscribe link: what
+follows `/unsubscribe/` reads `<redacted>`), `status` and `duration_ms`; no body, no
+header.
 Every value is JSON-escaped (`ensure_ascii`): a hostile path cannot break the line,
 forge another, or put a control character on an operator's terminal.
 
@@ -35,6 +37,11 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 # One encoder for every line (json.dumps with options would make one per call).
 _JSON = json.JSONEncoder(ensure_ascii=True, default=str)
 
+# An unsubscribe link's token is its credential (unsubscribe.py): it stays out of the log.
+_UNSUBSCRIBE_RE = re.compile(r"(/unsubscribe/).*", re.IGNORECASE | re.DOTALL)
+_REDACTED = r"\1<redacted>"
+# An email address inside a text that quotes one (an SMTP reply: "550 <bob@x>: ...").
+_ADDRESS_RE = re.compile(r"[^\s<>()\[\],;:\"']+@[^\s<>()\[\],;:\"']+")
 # Control characters (C0, DEL, C1) and the Unicode line separators.
 _UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -173,9 +180,19 @@ def granian_log_config(log_format: str) -> dict[str, Any]:
 def log_access(fields: dict[str, Any]) -> None:
     """The access line of one request: `fields` as described in this module's docstring."""
     if access_log.isEnabledFor(logging.INFO):
+        path = fields.get("path")
+        if isinstance(path, str) and "/unsubscribe/" in path.lower():
+            fields = {**fields, "path": _UNSUBSCRIBE_RE.sub(_REDACTED, path, count=1)}
         # The request id given, so that RequestIdFilter need not look for the request.
         extra = {ACCESS_FIELDS: fields, "request_id": fields.get("request_id")}
         access_log.info("request", extra=extra)
+
+
+def without_addresses(text: str) -> str:
+    """`text` with every email address in it replaced by `<address>`: for a log line
+    that quotes an SMTP server's reply, which names the recipient it refused. A log is
+    kept apart from the user's data, and no erasure reaches it."""
+    return _ADDRESS_RE.sub("<address>", text)
 
 
 def _iso_utc(created: float) -> str:

@@ -608,7 +608,7 @@ def email_view(record: Document) -> EmailState:
         "kind": record.get("kind", "notification"),
         "user_id": record.get("user_id"),
         "notification_id": record.get("notification_id"),
-        "notification_ids": record.get("notification_ids"),
+        "notification_ids": _distinct(record.get("notification_ids")),
         "key": record.get("key"),
         "message_id": record.get("message_id"),
         "attempts": record["attempts"],
@@ -630,6 +630,11 @@ def email_view(record: Document) -> EmailState:
             for earlier in record.get("history", [])
         ],
     }
+
+
+def _distinct(ids: list[str] | None) -> list[str] | None:
+    """A digest's ids once each, in the order they first joined (Outbox keeps a repeat)."""
+    return None if ids is None else list(dict.fromkeys(ids))
 
 
 def _iso(value: datetime | None) -> str | None:

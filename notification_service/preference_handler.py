@@ -143,7 +143,16 @@ def declare(api: Api) -> None:
 
 def _page(state: str, key: str) -> Response:
     html = _template().render(state=state, key=key, title=_TITLES[state])
-    response = Response(html, mimetype="text/html")
+    return protect_link(Response(html, mimetype="text/html"))
+
+
+# Where a link's URL starts (the app's own paths, after any proxy prefix).
+LINK_PREFIX = "/unsubscribe/"
+
+
+def protect_link(response: Response) -> Response:
+    """The headers of every answer at a link's URL, its page's and any error's (the
+    server's after-request hook adds them to those it did not make here)."""
     response.headers["Content-Security-Policy"] = _PAGE_POLICY
     # Beside CSP's frame-ancestors, for browsers that read only the older header: no
     # other site may frame the button and trick a click.

@@ -33,6 +33,7 @@ from .errors import (
     Unavailable,
     error_body,
 )
+from .preference_handler import LINK_PREFIX, protect_link
 from .runtime import Runtime, build_runtime
 from .storage.mongo_connector import DatabaseUnavailable, deadline
 from .web import STRICT_PARSING
@@ -133,12 +134,16 @@ def _answered(response: Response) -> Response:
     response.headers["X-Request-ID"] = ctx.get("request_id", "")
     # Every answer: no browser may guess another type than the one declared.
     response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.path.startswith(LINK_PREFIX):
+        protect_link(response)  # its errors too: the URL is the credential
     return response
 
 
 def _noted(response: Response) -> Response:
     g.access_status = response.status_code
     response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.path.startswith(LINK_PREFIX):
+        protect_link(response)
     return response
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -13,6 +14,8 @@ import pytest
 
 from notification_service.__main__ import main
 from notification_service.config import Config, ConfigError, Secret, join_password, split_password
+from notification_service.email_sender import OutgoingEmail, build_message
+from notification_service.unsubscribe import unsubscribe_url
 
 
 def test_defaults_need_no_variable() -> None:
@@ -638,3 +641,41 @@ def test_a_config_built_by_hand_holds_the_unsubscribe_secret_as_a_secret() -> No
     config = Config(unsubscribe_secret=UNSUBSCRIBE_SECRET)  # type: ignore[arg-type]
     assert isinstance(config.unsubscribe_secret, Secret)
     assert UNSUBSCRIBE_SECRET not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        'https://notify.example.com/"quoted"',
+        "https://notify.example.com/a>b",
+        "https://notify.example.com/<a>",
+        "https://notify.example.com/" + "a" * 900,
+    ],
+)
+def test_a_public_url_no_list_unsubscribe_header_can_carry_is_refused_at_start(
+    bad: str, tmp_path: Path
+) -> None:
+    # Accepted, it would make every email of a key the user can turn off fail for good
+    # at send time ("cannot build message"), hours after the start.
+    path = keys_file(tmp_path, OPTIONAL_EMAIL_KEY)
+    env = {"KEYS_FILE": path, "UNSUBSCRIBE_SECRET": UNSUBSCRIBE_SECRET}
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({**env, "PUBLIC_URL": bad})
+    assert [p.split(":", 1)[0] for p in raised.value.problems] == ["PUBLIC_URL"]
+
+
+def test_every_public_url_accepted_builds_an_email_up_to_the_longest(tmp_path: Path) -> None:
+    longest_key = "k" * 64  # the longest token: a 64-character key name
+    path = keys_file(tmp_path, f'[keys.{longest_key}]\nin_app = false\nemail = "always"\n')
+    env = {"KEYS_FILE": path, "UNSUBSCRIBE_SECRET": UNSUBSCRIBE_SECRET}
+    accepted = []
+    for base in ("https://notify.example.com/", "HTTPS://notify.example.com/"):
+        for size in (0, 500, 800, 820, 830, 840, 860, 900):
+            with contextlib.suppress(ConfigError):
+                accepted.append(Config.from_env({**env, "PUBLIC_URL": base + "a" * size}))
+    assert 6 <= len(accepted) < 16
+    for config in accepted:
+        url = unsubscribe_url(config, "f" * 24, longest_key)
+        assert url is not None
+        email = OutgoingEmail("u@example.com", "s", "t", None, "<a@example.com>", url)
+        build_message(email, from_email="from@example.com", from_name=None)

@@ -164,3 +164,30 @@ def test_a_collapsed_if_unread_create_puts_the_kept_notification_in_the_next_dig
     setup.clock.advance(DELAY + 1)
     assert drain(setup.dispatcher()) == 1
     assert len(smtp_server.messages) == 2  # the thread's new message was emailed too
+
+
+# A `<field>_prefs` another writer left in a shape other than {key: {channel: bool}}, in
+# which the database's condition `prefs.new_post.in_app != false` (it looks into arrays)
+# finds an in-app opt-out all the same.
+ODD_OPT_OUTS = [
+    [{"new_post": {"in_app": False}}],
+    {"new_post": [{"in_app": False}]},
+    {"new_post": {"in_app": [False, True]}},
+]
+
+
+def test_a_create_and_the_preferences_agree_on_an_opt_out_stored_in_another_shape(
+    setup: Setup, make_user: Any
+) -> None:
+    # The write's condition and the read of the preferences must say the same: else a
+    # create answers 409 (one user) or user_not_found (a fan-out) for an existing user
+    # whose preferences, as GET shows them, leave the key on.
+    client = setup.app.test_client()
+    for prefs in ODD_OPT_OUTS:
+        user = make_user(notifications_prefs=prefs)
+        shown = client.get(f"/preferences?user_id={user}").get_json()["data"]
+        assert shown["keys"]["new_post"]["in_app"] is False, prefs
+        assert create(setup, 200, user_id=user, key="new_post")["skipped"] == ["in_app"], prefs
+        fanned = create(setup, 201, user_ids=[user, make_user()], key="new_post")["results"]
+        assert fanned[0] == {"user_id": user, "status": "skipped", "skipped": ["in_app"]}, prefs
+        assert listed(setup, user) == []

@@ -550,3 +550,33 @@ def test_the_dead_letter_queries_read_an_index_not_the_collection(
     for query in queries:
         plan = records.find(query).sort(order).limit(10).explain()["queryPlanner"]
         assert "COLLSCAN" not in _stages(plan["winningPlan"]), plan
+
+
+def test_an_smtp_reply_that_quotes_the_address_is_logged_without_it(
+    mail: Mail, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Servers name the recipient they refuse ("550 5.1.1 <bob@...>: Recipient address
+    # rejected"). The record keeps the reply (last_error: an operator's dead letter,
+    # erased with the user's data); the log, which no erasure reaches, must not.
+    address = "Bob.Quoted+tag@mail.example.com"
+
+    def refuse(stage: str) -> str | None:
+        if stage != "RCPT":
+            return None
+        return f"{mail.server.permanent_code or 451} 5.1.1 <{address}>: Recipient address rejected"
+
+    mail.server._scripted_reply = refuse  # type: ignore[method-assign]
+    caplog.set_level("INFO")
+    retried = mail.queue(to=address)
+    mail.drain(limit=1)  # 451: retried later
+    mail.server.permanent_code = 550
+    mail.clock.advance(3600)
+    mail.drain()
+    assert address in mail.state(retried)["last_error"]["message"]
+    assert mail.state(retried)["status"] == "failed"
+    # The service's own lines (the test's SMTP server, aiosmtpd, logs what it receives).
+    ours = [r for r in caplog.records if r.name.startswith("notification_service")]
+    lines = [record.getMessage() for record in ours]
+    assert any("retry in" in line for line in lines)
+    assert any("failed for good" in line for line in lines)
+    assert not [line for line in lines if address.lower() in line.lower()]

@@ -21,8 +21,9 @@ from flask import Flask
 
 from notification_service import logs
 from notification_service.__main__ import log_config_for, main
-from notification_service.config import Config
+from notification_service.config import Config, Secret
 from notification_service.context import ENVIRON_KEY, RequestContext
+from notification_service.unsubscribe import make_token
 
 KEY = "k3y-0f-at-least-16-chars"
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -283,3 +284,33 @@ def test_make_run_defaults_to_text_and_the_variable_wins(
 ) -> None:
     config = Config.from_env({**env, "DEV_MAIL_SINK": "true"})
     assert log_config_for(config, command).log_format == expected
+
+
+def test_an_unsubscribe_links_token_is_not_in_the_access_line(
+    make_app: Callable[..., Flask],
+    make_config: Callable[..., Config],
+    capture: Callable[[str], Captured],
+    user_id: str,
+) -> None:
+    # The token is the link's credential (anyone who reads it can turn the user's email
+    # off and on again): the line names the route, never the token itself.
+    secret = "unsubscribe-secret-of-at-least-32-bytes!"
+    config = make_config(unsubscribe_secret=Secret(secret), public_url="https://n.example.com")
+    client = make_app(config).test_client()
+    token = make_token(secret.encode(), user_id, "new_post")
+    out = capture("json")
+    responses = [
+        client.get(f"/unsubscribe/{token}"),
+        client.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"}),
+        client.get(f"/unsubscribe/{token}/more"),  # no route: still the token
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 404]
+    lines = out.access()
+    assert [(d["route"], d["status"]) for d in lines] == [
+        ("/unsubscribe/<token>", 200),
+        ("/unsubscribe/<token>", 200),
+        (None, 404),
+    ]
+    signature = token.rsplit(".", 1)[1]
+    assert signature not in out.text
+    assert [d["path"] for d in lines] == ["/unsubscribe/<redacted>"] * 3

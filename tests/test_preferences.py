@@ -315,6 +315,33 @@ def test_the_pages_carry_the_headers_of_the_services_other_pages(
         assert "Set-Cookie" not in page.headers
 
 
+def test_every_answer_at_a_links_url_is_no_store_and_unframed_errors_too(
+    guarded: FlaskClient, user_id: str
+) -> None:
+    # The URL is the credential, whatever the answer: a 405 is cacheable by default (RFC
+    # 9111), and a cache keeps it under that URL; an error page shown in a browser is
+    # framed or sends a Referer as any other would.
+    good = link(user_id, "weekly")
+    answers = {
+        "page": guarded.get(good),
+        "head": guarded.head(good),
+        "one-click": guarded.post(good, data=ONE_CLICK),
+        "options": guarded.options(good),
+        "wrong method": guarded.put(good),
+        "no action": guarded.post(good, data={}),
+        "mandatory": guarded.post(link(user_id, "security"), data=ONE_CLICK),
+        "tampered": guarded.post(good[:-2] + "AA", data=ONE_CLICK),
+    }
+    assert [r.status_code for r in answers.values()] == [200, 200, 200, 204, 405, 422, 422, 403]
+    for name, response in answers.items():
+        headers = response.headers
+        assert headers.get("Cache-Control") == "no-store", name
+        assert headers.get("Referrer-Policy") == "no-referrer", name
+        assert headers.get("X-Frame-Options") == "DENY", name
+        assert "frame-ancestors 'none'" in headers.get("Content-Security-Policy", ""), name
+        assert headers.get("X-Content-Type-Options") == "nosniff", name
+
+
 def test_a_one_click_post_turns_the_email_off_and_is_idempotent(
     guarded: FlaskClient, user_id: str, db: Any, prefs_config: Config
 ) -> None:

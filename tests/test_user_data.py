@@ -571,3 +571,21 @@ def test_a_stored_answer_names_the_users_of_its_request_or_else_its_email() -> N
     assert refs_of({"to": ADDRESS, "subject": "s"}, email) == ["email:" + "c" * 24]
     assert refs_of({"user_id": user}, email) == [f"user:{user.lower()}"]
     assert refs_of("not an object", email) == []
+
+
+def test_an_email_sent_to_the_address_with_its_domain_in_another_case_is_hers(
+    web: FlaskClient, users: tuple[str, str], db: Any
+) -> None:
+    # A domain has no case (RFC 5321 2.4): "alice@EXAMPLE.com" is her mailbox. Its local
+    # part may have one, so "ALICE@example.com" stays someone else's, as does the twin's.
+    alice, _ = users
+    local, _, domain = ADDRESS.partition("@")
+    for to in (f"{local}@{domain.upper()}", f"{local}@{domain.title()}", ADDRESS):
+        body = {"to": to, "subject": "Hi", "text": "By address."}
+        assert post(web, "/email", body).status_code == 202
+    other = {"to": f"{local.upper()}@{domain}", "subject": "Hi", "text": "Not hers."}
+    assert post(web, "/email", other).status_code == 202
+    assert len(export(web, alice)["emails"]) == 3
+    assert erase(web, alice)["emails_cancelled"] == 3
+    left = [record["to"] for record in db.email_outbox.find({"to": {"$exists": True}})]
+    assert left == [f"{local.upper()}@{domain}"]

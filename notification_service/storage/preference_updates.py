@@ -34,18 +34,51 @@ def path(layout: Layout, key: str, channel: str) -> str:
 
 
 def stored(layout: Layout, user: Mapping[str, Any]) -> dict[str, dict[str, bool]]:
-    """What the user has set, from their document: only booleans under known channels
-    (anything else in the field, written by someone else, reads as not set)."""
+    """What the user has set, from their document: a channel is off where the database
+    finds `false` at its path (`in_app_allowed`, the condition of a create's write, is
+    that search: it looks into arrays on the way and at the end, so an opt-out another
+    writer left as `[{"<key>": {"in_app": false}}]` or `{"in_app": [false]}` is one for
+    both), on where it holds `true`; anything else reads as not set."""
     raw = user.get(prefs_field(layout))
-    if not isinstance(raw, Mapping):
-        return {}
     found: dict[str, dict[str, bool]] = {}
-    for key, channels in raw.items():
-        if isinstance(channels, Mapping):
-            chosen = {c: channels[c] for c in CHANNELS if isinstance(channels.get(c), bool)}
-            if chosen:
-                found[key] = chosen
+    for key in _names(raw):
+        chosen: dict[str, bool] = {}
+        for channel in CHANNELS:
+            if _holds_false(raw, (key, channel)):
+                chosen[channel] = False
+            elif _at(raw, key, channel) is True:
+                chosen[channel] = True
+        if chosen:
+            found[key] = chosen
     return found
+
+
+def _names(raw: Any) -> list[str]:
+    """The keys named in the field, in their order: its own, or its documents' when it
+    is an array of them."""
+    names: dict[str, None] = {}
+    for part in raw if isinstance(raw, list) else [raw]:
+        if isinstance(part, Mapping):
+            names.update(dict.fromkeys(k for k in part if isinstance(k, str)))
+    return list(names)
+
+
+def _at(raw: Any, key: str, channel: str) -> Any:
+    channels = raw.get(key) if isinstance(raw, Mapping) else None
+    return channels.get(channel) if isinstance(channels, Mapping) else None
+
+
+def _holds_false(value: Any, path: tuple[str, ...]) -> bool:
+    """Whether the query `{<path>: false}` matches `value`: a document is followed by
+    name, an array's documents each followed (one level, as the database does), and at
+    the end `false` itself or an array that holds it (never 0 or "false")."""
+    if not path:
+        return value is False or (isinstance(value, list) and any(v is False for v in value))
+    if isinstance(value, Mapping):
+        return path[0] in value and _holds_false(value[path[0]], path[1:])
+    if isinstance(value, list):
+        return any(isinstance(v, Mapping) and _holds_false(v, path) for v in value)
+    return False
 
 
 def opted_out(layout: Layout, user: Mapping[str, Any], key: str) -> set[str]:
