@@ -41,6 +41,7 @@ from notification_service.keys import DEFAULT_KEYS, KeySpec, KeyTable
 from notification_service.outbox import Outbox
 from notification_service.runtime import build_runtime
 from notification_service.schemas import Notification
+from notification_service.storage.digest_outbox import DigestOutbox
 from notification_service.storage.digest_store import DigestStore
 from notification_service.storage.ids import new_id
 
@@ -224,7 +225,7 @@ def main(n: int) -> None:
 
             setattr(owner, name, timed_call)
 
-        for owner, name in [(DigestStore, "unread"), (Outbox, "write_digests"),
+        for owner, name in [(DigestStore, "unread"), (DigestOutbox, "write_digests"),
                             (Digests, "prepare"), (Outbox, "claim_batch"),
                             (Outbox, "mark_sent"), (SmtpSender, "send")]:  # fmt: skip
             clocked(owner, name)

@@ -4,7 +4,8 @@ An email is failed when its SMTP server refused it for good, or when it ran out 
 DISPATCH_MAX_ATTEMPTS or DISPATCH_MAX_AGE_SECONDS (dispatcher.py). It stays in the
 outbox, visible here, until it is resent or its failed record is removed after
 OUTBOX_RETENTION_DAYS. A resend makes it queued again, with its attempts and its
-give-up age restarted and its earlier life kept in `history` (Outbox.requeue).
+give-up age restarted and its earlier life kept in `history`
+(storage/dead_letter_store.py, DeadLetterStore.requeue).
 
 Plain functions over the `Services` bundle, like notifications.py.
 """
@@ -19,7 +20,7 @@ from .schemas import DeadLetterPage, DeadLetterQuery, EmailState, ResendAllReque
 def list_failed(svc: Services, query: DeadLetterQuery) -> DeadLetterPage:
     """One page of the failed emails (of `query.key`), newest failure first, and how many
     are failed in all."""
-    records, matched = svc.outbox.failed_page(query.skip, query.limit, key=query.key)
+    records, matched = svc.outbox.dead_letters.failed_page(query.skip, query.limit, key=query.key)
     return {"list": [email_view(record) for record in records], "matched": matched}
 
 
@@ -30,7 +31,7 @@ def resend(svc: Services, email_id: str) -> EmailState:
     :raise EmailNotFailed: it is not failed (queued, sent, or resent by another request
         first: of concurrent resends, exactly one succeeds).
     """
-    if not svc.outbox.requeue(email_id, svc.clock()):
+    if not svc.outbox.dead_letters.requeue(email_id, svc.clock()):
         # Which answer: read only on this, the rare path.
         if svc.outbox.get(email_id) is None:
             raise EmailNotFound()
@@ -45,7 +46,7 @@ def resend(svc: Services, email_id: str) -> EmailState:
 def resend_all(svc: Services, request: ResendAllRequest) -> ResendResult:
     """Put every failed email (of `request.key`, failed before `request.failed_before`)
     back in the queue; answer how many."""
-    requeued = svc.outbox.requeue_failed(
+    requeued = svc.outbox.dead_letters.requeue_failed(
         svc.clock(), key=request.key, failed_before=request.failed_before
     )
     return {"requeued": requeued}

@@ -31,8 +31,9 @@ from typing import Any, Protocol
 from .config import Config
 from .email_templates import EmailContent
 from .keys import KeySpec, KeyTable
-from .outbox import DIGEST, CancelReason, Outbox
+from .outbox import CancelReason, Outbox
 from .schemas import Notification
+from .storage.digest_outbox import DIGEST
 from .storage.digest_store import UNREAD, DigestStore
 from .storage.inbox_store import has_email
 from .storage.mongo_connector import Document
@@ -71,12 +72,12 @@ def open_digest(
 ) -> str | None:
     """Put a notification of an `if_unread` key in the user's digest, opening one due
     `spec.email_after_seconds` from `now` if none is open; return the digest's id when
-    this opened it, None when it joined one (Outbox.schedule_digest).
+    this opened it, None when it joined one (DigestOutbox.schedule_digest).
 
     Call it BEFORE pushing the notification: a crash between leaves an id the due-time
     step never finds (nothing sent for it), never a notification without its email.
     """
-    return outbox.schedule_digest(
+    return outbox.digests.schedule_digest(
         user_id, spec.name, notification_id, now, spec.email_after_seconds
     )
 
@@ -86,7 +87,7 @@ def open_digests(
 ) -> dict[str, str]:
     """`open_digest` for a fan-out's (user_id, notification_id) pairs, one bulk write;
     returns the digests it opened, by user id. Before the fan-out's push, likewise."""
-    return outbox.schedule_digests(entries, spec.name, now, spec.email_after_seconds)
+    return outbox.digests.schedule_digests(entries, spec.name, now, spec.email_after_seconds)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Digests:
         rendered = self._render(due, now, cancels)
         settled = {r["_id"] for r in due}
         self._check_preferences([r for r in records if r["_id"] not in settled], now, cancels)
-        kept = self.outbox.write_digests(
+        kept = self.outbox.digests.write_digests(
             [(r["_id"], r["claimed_by"], fields) for r, fields in rendered.values()]
         )
         for (token, reason), ids in cancels.items():

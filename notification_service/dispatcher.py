@@ -692,8 +692,8 @@ class Dispatcher:
 
     def _too_old(self, record: dict[str, Any], now: datetime) -> bool:
         # Counted from the last resend when there was one: a resent email gets its whole
-        # give-up age again, as it gets its attempts (Outbox.requeue); else from when it
-        # was first due: a digest's batch waits email_after_seconds before that.
+        # give-up age again, as it gets its attempts (DeadLetterStore.requeue); else from
+        # when it was first due: a digest's batch waits email_after_seconds before that.
         start = record.get("requeued_at") or record.get("due_at") or record["created_at"]
         age: timedelta = now - start
         return age > timedelta(seconds=self.context.config.dispatch_max_age_seconds)

@@ -197,7 +197,7 @@ class DeploymentCollector(Collector):
         try:
             # The dead letters' count under the same deadline: one more count, on its index.
             state, failed = with_own_deadline(
-                bound, lambda: (readiness(self.svc), self.svc.outbox.count_failed())
+                bound, lambda: (readiness(self.svc), self.svc.outbox.dead_letters.count_failed())
             )
         except DatabaseUnavailable:
             pass  # logged where it was raised

@@ -6,7 +6,8 @@ A record's life (`Status`, the one list of statuses):
     scheduled ----.                  (a digest, due at `next_attempt_at`)
     queued -------+-> sending -> sent | queued (retry) | failed | cancelled
                                      (claimed, with a lease)
-    failed -> queued                 (a resend: `requeue`, its earlier life in `history`)
+    failed -> queued                 (a resend: `dead_letters.requeue`, its earlier life
+                                     in `history`)
 
 While a record is sending, `claimed_by` names the claim (a token per batch) and
 `next_attempt_at` is the end of its lease, so one index, (status, next_attempt_at),
@@ -14,9 +15,15 @@ finds both what is due and what a dead dispatcher left.
 
 A digest ("email if unread", digests.py) is a record of `kind: "digest"` opened as
 `scheduled`, without content, by the first notification of its (user, key), which
-later ones join (`schedule_digest`) until its due time; the claim then closes it (a
-later notification opens another), and the dispatcher either writes its content
-(`write_digest`) and sends it like any email, or `cancel`s it with a `cancel_reason`.
+later ones join (`digests.schedule_digest`) until its due time; the claim then closes
+it (a later notification opens another), and the dispatcher either writes its content
+(`digests.write_digests`) and sends it like any email, or `cancel`s it with a
+`cancel_reason`.
+
+This module is the queue itself; the concerns beside it, over the same collection, are
+attributes of `Outbox`, each its own class: `digests` (storage/digest_outbox.py),
+`dead_letters` (storage/dead_letter_store.py) and `user_emails`
+(storage/user_email_store.py). Their indexes are created here, with the queue's.
 
 Without transactions (a standalone server) a `new_login` writes its email first as
 `pending`, which nothing claims or counts, and makes it `queued` (`activate`) once the
@@ -44,12 +51,15 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict
 
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne, WriteConcern
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
+from .storage.dead_letter_store import DeadLetterStore
+from .storage.digest_outbox import DigestOutbox
 from .storage.mongo_connector import Document, guarded, only_duplicates
+from .storage.user_email_store import UserEmailStore
 
 Status = Literal["pending", "scheduled", "queued", "sending", "sent", "failed", "cancelled"]
 # Why a record was cancelled instead of sent (issue 18 adds "erased").
@@ -64,10 +74,6 @@ RETENTION_INDEXES: tuple[tuple[str, str, Status], ...] = (
     ("failed_retention", "failed_at", "failed"),
     ("cancelled_retention", "cancelled_at", "cancelled"),
 )
-DIGEST = "digest"  # the `kind` of a digest record
-# How many earlier lives (attempts, last_error, failed_at) a resent email keeps in its
-# `history`: enough to see a pattern, bounded so that a record resent in a loop stays small.
-HISTORY_MAX = 10
 _INDEX_NOT_FOUND = 27
 _INDEX_CONFLICTS = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
 # The _id of the one document of `<outbox>_rate`.
@@ -98,6 +104,11 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._rng = random.Random()
         self._lock = threading.Lock()
+        # The concerns beside the queue, each over the same collection: reached through
+        # the outbox so that whoever holds one (Services, DispatchContext) holds them all.
+        self.digests = DigestOutbox(self.records, self._wake)
+        self.dead_letters = DeadLetterStore(self.records, self._wake)
+        self.user_emails = UserEmailStore(self.records)
 
     @guarded
     def ensure_indexes(self) -> None:
@@ -115,9 +126,9 @@ class Outbox:
             unique=True,
             partialFilterExpression={"status": "scheduled"},
         )
-        # A user's records, for an export or an erasure (`of_user`): by id, and the
-        # ones addressed without a user, by address. A rare read, but without these it
-        # would scan every record kept for OUTBOX_RETENTION_DAYS.
+        # A user's records, for an export or an erasure (`user_emails.of_user`): by id,
+        # and the ones addressed without a user, by address. A rare read, but without
+        # these it would scan every record kept for OUTBOX_RETENTION_DAYS.
         self.records.create_index([("user_id", ASCENDING)], name="user")
         self.records.create_index([("to", ASCENDING)], name="address")
         # The dead letters (GET /email?status=failed, newest first; bulk resends of
@@ -293,108 +304,6 @@ class Outbox:
             {"_id": {"$in": _object_ids(email_ids)}, "status": "pending"}
         )
         return result.deleted_count
-
-    @guarded
-    def schedule_digest(
-        self, user_id: str, key: str, notification_id: str, now: datetime, delay_seconds: float
-    ) -> str | None:
-        """Add a notification to the user's open digest of `key`, opening one due
-        `delay_seconds` from `now` if none is open; return the digest's id when this
-        opened it, None when it joined one.
-
-        One upsert on the `digest_open` index: the first notification opens the batch,
-        later ones join it (their wait is shorter than their delay) until a dispatcher
-        claims it. Called before the notification is pushed, so no transaction is
-        needed: an id whose push never happened is simply not found at due time.
-
-        A joined batch's id is not in an update's answer: reading it would cost every
-        create one more command (1.2 ms on SecantusDB), and findAndModify a collection
-        scan there (220 ms at 20,000 records), for an id the create's answer does not
-        show (its email_id is null). `open_digest_id` reads it when wanted.
-        """
-        query = _open_digest(user_id, key)
-        update = _join(notification_id, ObjectId(), user_id, key, now, delay_seconds)
-        try:
-            result = self.records.update_one(query, update, upsert=True)
-        except DuplicateKeyError:
-            # Another create opened it between our look and our insert (mongod; SecantusDB
-            # serialises the two): it is there now, so this joins it.
-            result = self.records.update_one(query, update, upsert=True)
-        if result.upserted_id is None:
-            return None
-        # A new due time: idle dispatchers of this process look again at when to wake
-        # (next_due), rather than at the end of a long poll. A join changes no due time.
-        self._wake()
-        return str(result.upserted_id)
-
-    @guarded
-    def open_digest_id(self, user_id: str, key: str) -> str | None:
-        """The id of the user's open (scheduled) digest of `key`, if one is open."""
-        found = self.records.find_one(_open_digest(user_id, key), {"_id": 1})
-        return None if found is None else str(found["_id"])
-
-    @guarded
-    def schedule_digests(
-        self, entries: list[tuple[str, str]], key: str, now: datetime, delay_seconds: float
-    ) -> dict[str, str]:
-        """`schedule_digest` for each (user_id, notification_id) of a fan-out, in one
-        bulk write; return the digests it opened, by user id (those joined are not
-        named: their ids would cost a read per user)."""
-        if not entries:
-            return {}
-        requests = [
-            UpdateOne(
-                _open_digest(user_id, key),
-                _join(notification_id, ObjectId(), user_id, key, now, delay_seconds),
-                upsert=True,
-            )
-            for user_id, notification_id in entries
-        ]
-        opened: dict[str, str] = {}
-        try:
-            result = self.records.bulk_write(requests, ordered=False)
-            upserted = dict(result.upserted_ids or {})
-        except BulkWriteError as exc:
-            if not only_duplicates(exc):
-                raise
-            # Opens that lost a race to another create: they join its batch now.
-            lost = sorted(error["index"] for error in exc.details["writeErrors"])
-            upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
-            retried = self.records.bulk_write([requests[i] for i in lost], ordered=False)
-            again = retried.upserted_ids or {}
-            upserted.update({i: again[n] for n, i in enumerate(lost) if n in again})
-        for index, digest_id in upserted.items():
-            opened[entries[index][0]] = str(digest_id)
-        if opened:
-            self._wake()  # as schedule_digest
-        return opened
-
-    @guarded
-    def write_digests(self, contents: list[tuple[Any, str, Document]]) -> set[Any]:
-        """Store the rendered content of claimed digests, each (id, the claim's token,
-        fields) in one bulk write; return the ids whose claim still held (the others
-        belong to whoever took them over, and are not to be sent by this claim)."""
-        if not contents:
-            return set()
-        result = self.records.bulk_write(
-            [
-                UpdateOne(
-                    {"_id": digest_id, "status": "sending", "claimed_by": token}, {"$set": fields}
-                )
-                for digest_id, token, fields in contents
-            ],
-            ordered=False,
-        )
-        ids = [digest_id for digest_id, _, _ in contents]
-        if result.matched_count == len(contents):
-            return set(ids)
-        # Which were written: a bulk write counts, it does not name.
-        held = self.records.find(
-            {"_id": {"$in": ids}, "claimed_by": {"$in": list({t for _, t, _ in contents})}},
-            projection={"_id": 1, "claimed_by": 1},
-        )
-        tokens = {digest_id: token for digest_id, token, _ in contents}
-        return {doc["_id"] for doc in held if tokens[doc["_id"]] == doc["claimed_by"]}
 
     @guarded
     def cancel(self, email_ids: list[Any], token: str, reason: CancelReason, now: datetime) -> int:
@@ -593,7 +502,8 @@ class Outbox:
         outcome then finds the record sent and changes nothing.
         """
         result = self.records.update_many(
-            # Nor over a record an erasure cancelled while it was in flight (`erase`):
+            # Nor over a record an erasure cancelled while it was in flight
+            # (`user_emails.erase`):
             # it ends cancelled, without its address, whatever became of the send.
             {"_id": {"$in": email_ids}, "status": {"$nin": ["sent", "cancelled"]}},
             {"$set": {"status": "sent", "sent_at": now, "claimed_by": None}},
@@ -655,276 +565,6 @@ class Outbox:
         """How many emails wait (queued), are being sent, and digests wait for their
         due time (scheduled), counted on the index."""
         return {status: self.records.count_documents({"status": status}) for status in CLAIMABLE}
-
-    # -- a user's data (user_data.py) -----------------------------------------------------
-
-    @guarded
-    def of_user(
-        self, user_id: str, addresses: list[str], projection: Document | None = None
-    ) -> list[Document]:
-        """The records of a user: those of `user_id`, and those sent to one of
-        `addresses` with no user (POST /email's `to`; its domain in any case), newest
-        first.
-
-        A record of ANOTHER user sent to the same address is not theirs: an address two
-        users share is each one's, and one's erasure must not touch the other's data.
-        One indexed query per field (SecantusDB scans the collection for an `$or`).
-        """
-        projection = self._with_user(projection)
-        found = {doc["_id"]: doc for doc in self.records.find({"user_id": user_id}, projection)}
-        for address in addresses:
-            for doc in self.records.find(_to_mailbox(address), _with_to(projection)):
-                if doc.get("user_id") is None and _same_mailbox(doc.get("to"), address):
-                    found.setdefault(doc["_id"], doc)
-        return sorted(found.values(), key=lambda doc: (doc["created_at"], doc["_id"]), reverse=True)
-
-    @staticmethod
-    def _with_user(projection: Document | None) -> Document | None:
-        if projection is None:
-            return None
-        return {**projection, "user_id": 1, "created_at": 1}
-
-    @guarded
-    def erase(self, email_ids: list[Any], now: datetime) -> ErasedEmails:
-        """Erase these records (a user's, from `of_user`); say how many of each kind.
-
-        Not sent yet (pending, scheduled, queued), or in flight (sending: claimed by a
-        dispatcher): cancelled with `cancel_reason: "erased"` and stripped to a tombstone
-        of their state and times (`_TOMBSTONE`): nothing of the person, their address
-        or the content stays, and GET /email/<id> tells whoever queued one why it never
-        went, until OUTBOX_RETENTION_DAYS removes it as any cancelled record. An email
-        in flight has lost its claim: no retry or failure of that dispatcher is
-        recorded on it (they need the claim), nor a send (`mark_sent` spares cancelled
-        records), so it ends cancelled without its address even if the SMTP server
-        accepted it meanwhile (`in_flight` counts those: they may have gone out).
-
-        Finished (sent, failed, cancelled before): deleted. Nothing waits on them; an
-        anonymised copy would keep whatever fields later versions add (an error that
-        quotes the address, say).
-
-        Unsent first, then finished: a record that was sending at the first step is
-        cancelled before its send can be recorded, and one that finished meanwhile is
-        deleted at the second. Repeated while the unsent step still changes something
-        (a claim given back to queued between the two commands).
-        """
-        if not email_ids:
-            return {"cancelled": 0, "in_flight": 0, "deleted": 0}
-        cancelled = in_flight = 0
-        ids = {"_id": {"$in": email_ids}}
-        tombstone: list[Document] = [
-            {"$project": dict.fromkeys(_TOMBSTONE, 1)},
-            {
-                "$set": {
-                    "status": "cancelled",
-                    "cancel_reason": "erased",
-                    "cancelled_at": now,
-                    "claimed_by": None,
-                }
-            },
-        ]
-        for _ in range(5):
-            waiting = self.records.update_many(
-                {**ids, "status": {"$in": ["pending", "scheduled", "queued"]}}, tombstone
-            ).modified_count
-            sending = self.records.update_many({**ids, "status": "sending"}, tombstone)
-            cancelled += waiting + sending.modified_count
-            in_flight += sending.modified_count
-            if not (waiting or sending.modified_count):
-                break
-        deleted = self.records.delete_many(
-            {
-                **ids,
-                "status": {"$in": ["sent", "failed", "cancelled"]},
-                # This erasure's own tombstones (and an earlier one's) stay.
-                "cancel_reason": {"$ne": "erased"},
-            }
-        ).deleted_count
-        return {"cancelled": cancelled, "in_flight": in_flight, "deleted": deleted}
-
-    # -- dead letters: failed emails, listed and sent again ----------------------------
-
-    @guarded
-    def failed_page(
-        self, skip: int, limit: int, *, key: str | None = None
-    ) -> tuple[list[Document], int]:
-        """One page of the failed emails, newest failure first (ties by id), and how many
-        are failed in all (of `key` when given)."""
-        query = _failed(key=key)
-        matched = self.records.count_documents(query)
-        if not limit or skip >= matched:
-            return [], matched
-        cursor = (
-            self.records.find(query)
-            .sort([("failed_at", DESCENDING), ("_id", DESCENDING)])
-            .skip(skip)
-            .limit(limit)
-        )
-        return list(cursor), matched
-
-    @guarded
-    def count_failed(self) -> int:
-        """How many emails are failed (the dead letters), counted on the index."""
-        return self.records.count_documents({"status": "failed"})
-
-    @guarded
-    def requeue(self, email_id: str, now: datetime) -> bool:
-        """Send a failed email again: queued and due now, its attempts and give-up age
-        restarted, its earlier life kept in `history`; False when it was not failed.
-
-        One update, conditional on the status: of concurrent resends exactly one
-        finds it failed, and the email is queued (so sent) once.
-        """
-        result = self.records.update_one(
-            {"_id": ObjectId(email_id), "status": "failed"}, _requeue(now)
-        )
-        if result.modified_count:
-            self._wake()
-        return result.modified_count == 1
-
-    @guarded
-    def requeue_failed(
-        self, now: datetime, *, key: str | None = None, failed_before: datetime | None = None
-    ) -> int:
-        """`requeue` every failed email (of `key`, failed before `failed_before`, when
-        given) in one update_many; return how many.
-
-        The same update pipeline as one resend, applied to each matching record on its
-        own, atomically, with the filter checked again as it is written: a record a
-        concurrent resend took first is no longer failed, and is left alone. A second
-        call finds only what failed again since.
-        """
-        result = self.records.update_many(
-            _failed(key=key, failed_before=failed_before), _requeue(now)
-        )
-        if result.modified_count:
-            self._wake()
-        return result.modified_count
-
-
-class ErasedEmails(TypedDict):
-    cancelled: int  # not sent yet or in flight: now tombstones
-    in_flight: int  # of those, claimed by a dispatcher: they may have gone out
-    deleted: int  # sent, failed or cancelled before
-
-
-# What a tombstone keeps of an erased record: its state and times, and the key (a name
-# of the service's table). No user id, address, subject, content, Message-ID, error or
-# unsubscribe link.
-_TOMBSTONE = ("_id", "kind", "key", "attempts", "created_at", "next_attempt_at")
-
-
-def _failed(*, key: str | None = None, failed_before: datetime | None = None) -> Document:
-    """The filter of the dead letters: the `dead_letters` index's status, then its date."""
-    query: Document = {"status": "failed"}
-    if key is not None:
-        query["key"] = key
-    if failed_before is not None:
-        query["failed_at"] = {"$lt": failed_before}
-    return query
-
-
-def _requeue(now: datetime) -> list[Document]:
-    """The update of a resend: an update pipeline, because the record's own attempts,
-    last error and failure time go into its `history` in the same write (an operator
-    update cannot read the fields it moves). SecantusDB runs it (tested); the history's
-    cap keeps the array, evaluated element by element there, short.
-
-    `requeued_at` is what the dispatcher counts the give-up age (DISPATCH_MAX_AGE_SECONDS)
-    from; `failed_at` is cleared, so the record is no longer under the failed retention
-    index's clock until it fails again.
-    """
-    earlier = {"attempts": "$attempts", "last_error": "$last_error", "failed_at": "$failed_at"}
-    history = {"$concatArrays": [{"$ifNull": ["$history", []]}, [earlier]]}
-    return [
-        {
-            "$set": {
-                "history": {"$slice": [history, -HISTORY_MAX]},
-                "status": "queued",
-                "attempts": 0,
-                "requeued_at": now,
-                "next_attempt_at": now,
-                "last_error": None,
-                "failed_at": None,
-                "claimed_by": None,
-            }
-        }
-    ]
-
-
-def _open_digest(user_id: str, key: str) -> Document:
-    """The open digest of (user, key): the `digest_open` index's fields and partial
-    filter, and nothing else: SecantusDB answers a filter with one more field (even
-    `kind`) with a collection scan (6-9 ms against 0.8 ms at 300 digests). Only
-    digests are ever scheduled, so the status says it is one."""
-    return {"user_id": user_id, "key": key, "status": "scheduled"}
-
-
-# The ids a digest keeps, the newest: twice the most a user's array holds
-# (NOTIFICATIONS_LIMIT is at most 500), so that ids repeated or of notifications since
-# deleted leave room for every one that can still be listed.
-DIGEST_IDS_MAX = 1000
-
-
-def _join(
-    notification_id: str,
-    digest_id: ObjectId,
-    user_id: str,
-    key: str,
-    now: datetime,
-    delay_seconds: float,
-) -> Document:
-    """Add the notification to the open digest, opening it (as `digest_id`) if none is.
-
-    No content yet (`to`, `subject`, ...): it is rendered at due time from what is
-    still unread then, by digests.py.
-    """
-    return {
-        "$setOnInsert": {
-            "_id": digest_id,
-            "kind": DIGEST,
-            "user_id": user_id,
-            "key": key,
-            "status": "scheduled",
-            "attempts": 0,
-            "created_at": now,
-            "next_attempt_at": now + timedelta(seconds=delay_seconds),
-            # Where its give-up age starts (dispatcher._too_old): a batch waits its
-            # delay before its first attempt, an email queued at once none.
-            "due_at": now + timedelta(seconds=delay_seconds),
-            "last_error": None,
-            "sent_at": None,
-            "claimed_by": None,
-        },
-        # Appended, the newest DIGEST_IDS_MAX kept: a busy key's batch stays bounded, and
-        # so does each join's cost ($addToSet compares every element: 35 ms a create at
-        # 5,000 ids on SecantusDB, against 1 ms for this at any length). A repeated id (a
-        # retried create, a thread collapsed into again) comes again at the end; the
-        # due-time step reads the list as a set.
-        "$push": {"notification_ids": {"$each": [notification_id], "$slice": -DIGEST_IDS_MAX}},
-    }
-
-
-def _to_mailbox(address: str) -> Document:
-    """The filter of the records sent to `address`'s mailbox, whatever the case of its
-    domain (which has none, RFC 5321 2.4; its local part may): every `to` that starts
-    with the local part and "@", a range of the `address` index ("@" + 1 is "A"), which
-    `_same_mailbox` then narrows to the domain."""
-    local, at, _ = address.rpartition("@")
-    if not at:
-        return {"to": address}
-    return {"to": {"$gte": f"{local}@", "$lt": f"{local}A"}}
-
-
-def _same_mailbox(to: Any, address: str) -> bool:
-    if not isinstance(to, str):
-        return False
-    local, _, domain = to.rpartition("@")
-    wanted_local, _, wanted_domain = address.rpartition("@")
-    return local == wanted_local and domain.lower() == wanted_domain.lower()
-
-
-def _with_to(projection: Document | None) -> Document | None:
-    return None if projection is None else {**projection, "to": 1}
 
 
 def _object_ids(email_ids: list[str]) -> list[ObjectId]:

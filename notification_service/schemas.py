@@ -613,7 +613,7 @@ class EmailState(TypedDict):
     cancel_reason: str | None  # outbox.CancelReason, e.g. nothing_unread, unsubscribed
     last_error: dict[str, Any] | None
     # Set by a resend (POST /email/<id>/resend): when, and the lives before it (at most
-    # outbox.HISTORY_MAX, oldest first; empty for an email never resent).
+    # dead_letter_store.HISTORY_MAX, oldest first; empty for an email never resent).
     requeued_at: str | None
     history: list[EarlierLife]
 

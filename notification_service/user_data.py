@@ -19,7 +19,7 @@ again, and every count is then 0.
 
 The address is the document's `email`; `?email=` adds one (the application may have
 deleted its document before asking). A record of another user sent to the same address
-is that user's, and is never touched (Outbox.of_user).
+is that user's, and is never touched (UserEmailStore.of_user).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def export(svc: Services, user_id: str, email: str | None = None) -> UserExport:
     notifications = []
     if document is not None and isinstance(document.get(svc.store.field), list):
         notifications = document[svc.store.field]
-    records = svc.outbox.of_user(user_id, addresses, _EMAIL_FIELDS)
+    records = svc.outbox.user_emails.of_user(user_id, addresses, _EMAIL_FIELDS)
     return {
         "user_id": user_id,
         "user_document": document is not None,
@@ -75,9 +75,9 @@ def erase(svc: Services, user_id: str, email: str | None = None) -> ErasureRepor
     """
     document = svc.store.held_for(user_id)
     addresses = _addresses(document, email)
-    records = svc.outbox.of_user(user_id, addresses, {"_id": 1})
+    records = svc.outbox.user_emails.of_user(user_id, addresses, {"_id": 1})
     ids = [record["_id"] for record in records]
-    emails = svc.outbox.erase(ids, svc.clock())
+    emails = svc.outbox.user_emails.erase(ids, svc.clock())
     answers = svc.idempotency.erase_outcomes(user_id, [str(i) for i in ids])
     notifications = svc.store.erase_notifications(user_id)
     return {

@@ -23,8 +23,8 @@ from smtp_fixtures import SmtpServer
 from notification_service.config import Config, Secret
 from notification_service.dispatcher import DispatchContext, Dispatcher, RateLimiter
 from notification_service.email_sender import SmtpSender, SmtpSettings
-from notification_service.outbox import HISTORY_MAX
 from notification_service.runtime import build_runtime
+from notification_service.storage.dead_letter_store import HISTORY_MAX
 
 FAST_RETRY = {"dispatch_backoff_base_seconds": 0.01, "dispatch_backoff_max_seconds": 0.05}
 KEY = "k" * 32

@@ -401,14 +401,14 @@ def test_records_past_retention_are_removed_and_unfinished_ones_never(
 def test_a_digest_opens_once_due_after_its_delay_and_later_notifications_join_it(
     outbox: Outbox,
 ) -> None:
-    first = outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    first = outbox.digests.schedule_digest("u1", "new_message", "n1", T0, 600)
     assert first is not None  # opened
     later = T0 + timedelta(seconds=5)
-    assert outbox.schedule_digest("u1", "new_message", "n2", later, 600) is None  # joined
-    assert outbox.schedule_digest("u1", "new_message", "n2", later, 600) is None
-    assert outbox.open_digest_id("u1", "new_message") == first
-    other_key = outbox.schedule_digest("u1", "new_post", "n3", T0, 60)
-    other_user = outbox.schedule_digest("u2", "new_message", "n4", T0, 600)
+    assert outbox.digests.schedule_digest("u1", "new_message", "n2", later, 600) is None  # joined
+    assert outbox.digests.schedule_digest("u1", "new_message", "n2", later, 600) is None
+    assert outbox.digests.open_digest_id("u1", "new_message") == first
+    other_key = outbox.digests.schedule_digest("u1", "new_post", "n3", T0, 60)
+    other_user = outbox.digests.schedule_digest("u2", "new_message", "n4", T0, 600)
     assert len({first, other_key, other_user} - {None}) == 3
     digest = outbox.get(first)
     assert digest is not None
@@ -426,16 +426,16 @@ def test_a_digest_opens_once_due_after_its_delay_and_later_notifications_join_it
 def test_a_digest_is_claimed_only_when_due_and_the_claim_closes_its_batch(
     outbox: Outbox,
 ) -> None:
-    first = outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    first = outbox.digests.schedule_digest("u1", "new_message", "n1", T0, 600)
     assert outbox.claim_batch("a", T0 + timedelta(seconds=599), 60, 10) == []
     assert outbox.oldest_due(T0 + timedelta(seconds=599)) is None
     assert outbox.oldest_due(T0 + timedelta(seconds=700)) == T0 + timedelta(seconds=600)
     [claimed] = outbox.claim_batch("a", T0 + timedelta(seconds=600), 60, 10)
     assert (str(claimed["_id"]), claimed["status"], claimed["attempts"]) == (first, "sending", 1)
-    assert outbox.open_digest_id("u1", "new_message") is None
+    assert outbox.digests.open_digest_id("u1", "new_message") is None
     # The batch is closed: the next notification opens another, due after its own delay.
     later = T0 + timedelta(seconds=601)
-    second = outbox.schedule_digest("u1", "new_message", "n2", later, 600)
+    second = outbox.digests.schedule_digest("u1", "new_message", "n2", later, 600)
     assert second is not None and second != first
     assert outbox.get(second)["notification_ids"] == ["n2"]  # type: ignore[index]
     assert outbox.get(first)["notification_ids"] == ["n1"]  # type: ignore[index]
@@ -454,7 +454,7 @@ def test_racing_opens_of_one_digest_make_one_scheduled_record(outbox: Outbox) ->
             ids: list[str | None] = ids,
         ) -> None:
             barrier.wait()
-            ids.append(outbox.schedule_digest(user, "new_message", f"n{n}", T0, 600))
+            ids.append(outbox.digests.schedule_digest(user, "new_message", f"n{n}", T0, 600))
 
         threads = [threading.Thread(target=open_it, args=(n,)) for n in range(6)]
         for thread in threads:
@@ -470,7 +470,7 @@ def test_racing_opens_of_one_digest_make_one_scheduled_record(outbox: Outbox) ->
 def test_a_second_open_digest_of_a_user_and_key_is_refused_by_the_index(
     outbox: Outbox,
 ) -> None:
-    outbox.schedule_digest("u1", "new_message", "n1", T0, 600)
+    outbox.digests.schedule_digest("u1", "new_message", "n1", T0, 600)
     with pytest.raises(DuplicateKeyError):
         outbox.records.insert_one(
             {"kind": "digest", "user_id": "u1", "key": "new_message", "status": "scheduled"}
@@ -478,8 +478,8 @@ def test_a_second_open_digest_of_a_user_and_key_is_refused_by_the_index(
 
 
 def test_schedule_digests_opens_and_joins_a_fan_out_in_one_bulk_write(outbox: Outbox) -> None:
-    existing = outbox.schedule_digest("u1", "new_message", "n0", T0, 600)
-    opened = outbox.schedule_digests(
+    existing = outbox.digests.schedule_digest("u1", "new_message", "n0", T0, 600)
+    opened = outbox.digests.schedule_digests(
         [("u1", "n1"), ("u2", "n2"), ("u3", "n3")], "new_message", T0 + timedelta(seconds=1), 600
     )
     assert set(opened) == {"u2", "u3"}
@@ -491,14 +491,14 @@ def test_schedule_digests_opens_and_joins_a_fan_out_in_one_bulk_write(outbox: Ou
 
 
 def test_cancel_and_write_digests_hold_only_under_the_claim(outbox: Outbox) -> None:
-    a = outbox.schedule_digest("u1", "new_message", "n1", T0, 10)
-    b = outbox.schedule_digest("u2", "new_message", "n2", T0, 10)
+    a = outbox.digests.schedule_digest("u1", "new_message", "n1", T0, 10)
+    b = outbox.digests.schedule_digest("u2", "new_message", "n2", T0, 10)
     claimed = outbox.claim_batch("mine", T0 + timedelta(seconds=10), 60, 10)
     assert len(claimed) == 2
     oa, ob = ObjectId(a), ObjectId(b)
     outbox.records.update_one({"_id": ob}, {"$set": {"claimed_by": "theirs"}})  # taken over
     fields = {"to": "u@example.com", "subject": "s", "text": "t", "html": None}
-    assert outbox.write_digests([(oa, "mine", fields), (ob, "mine", fields)]) == {oa}
+    assert outbox.digests.write_digests([(oa, "mine", fields), (ob, "mine", fields)]) == {oa}
     assert outbox.get(b)["claimed_by"] == "theirs"  # type: ignore[index]
     assert "to" not in outbox.get(b)  # type: ignore[operator]
     now = T0 + timedelta(seconds=11)

@@ -176,8 +176,8 @@ class IdempotencyStore:
         `results` and its count in `totals`. Every record stays, so a retry with its key
         replays (now without the user) and creates nothing again, for anyone.
 
-        `email_ids`: the user's emails (Outbox.of_user), which find the answers of emails
-        sent to their address without a user. Each update is conditional on the record
+        `email_ids`: the user's emails (UserEmailStore.of_user), which find the answers of
+        emails sent to their address without a user. Each update is conditional on the record
         still naming the user, and removes that name: two erasures of one user change a
         record once, and of two users of one fan-out, each only its own entry. Running
         records (a request still in progress) are left: their answer is not written yet.
