@@ -1,4 +1,4 @@
-"""A rough price of "email if unread" (issue 17 item 4): not part of `make bench`.
+"""The price of "email if unread" (issue 17 item 4): `make bench`'s section 13, or alone.
 
 Against an embedded SecantusDB (as `make run` starts it) and an in-process aiosmtpd
 that only counts, on one dispatcher thread:
@@ -105,13 +105,23 @@ def notification(user_id: str, key: str, now: datetime) -> Notification:
             "collapse_key": None}  # fmt: skip
 
 
+# What `main` measured: (label, ms an operation, database commands an operation); read
+# by bench/run.py's section 13.
+MEASURED: list[tuple[str, float, float]] = []
+_LISTENER: list[Commands] = []  # registered once per process: pymongo keeps every one
+
+
 def per_op(label: str, n: int, seconds: float, commands: int) -> None:
+    MEASURED.append((label, seconds / n * 1000, commands / n))
     print(f"{label:58s} {seconds / n * 1000:7.2f} ms  {commands / n:5.2f} commands")
 
 
 def main(n: int) -> None:
-    listener = Commands()
-    monitoring.register(listener)
+    if not _LISTENER:
+        _LISTENER.append(Commands())
+        monitoring.register(_LISTENER[0])
+    listener = _LISTENER[0]
+    patched: list[tuple[Any, str, Any]] = []
     child, uri = start_database(None, Path(tempfile.mkdtemp()))
     handler = Counting()
     smtp = Controller(handler, hostname="127.0.0.1", port=free_port())
@@ -215,6 +225,7 @@ def main(n: int) -> None:
 
         def clocked(owner: Any, name: str) -> None:
             original = getattr(owner, name)
+            patched.append((owner, name, original))
 
             def timed_call(*args: Any, **kwargs: Any) -> Any:
                 started = time.perf_counter()
@@ -235,6 +246,8 @@ def main(n: int) -> None:
         clock.offset += timedelta(seconds=DIGESTED.email_after_seconds + 1)
         drain(f"due time, digest of 3 unread (x{n})", n)
     finally:
+        for owner, name, original in reversed(patched):  # as they were, for the next run
+            setattr(owner, name, original)
         smtp.stop()
         child.stop()
 

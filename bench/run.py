@@ -63,7 +63,7 @@ SHOW = {"0": ("req/s", "server CPU", "db CPU"), "2": ("req/s", "p50", "p99"),
         "4": ("req/s", "db CPU"), "5": ("req/s", "db CPU", "RSS"), "7": ("req/s", "CPU"),
         "8": ("RSS",),
         "9": ("req/s", "server CPU"), "11": ("req/s", "server CPU", "db CPU"),
-        "12": ("CPU", "operations", "finds", "/ 1")}  # fmt: skip
+        "12": ("CPU", "operations", "finds", "/ 1"), "13": ("commands",)}  # fmt: skip
 START, CONSOLE = time.monotonic(), os.fdopen(os.dup(1), "w", buffering=1)
 LOG = Path(tempfile.gettempdir()) / "notification-service-bench.log"
 RETIRED = (
@@ -590,6 +590,26 @@ def features(bench: Bench) -> list[Figure]:
     return figs
 
 
+def digest_price(bench: Bench) -> list[Figure]:
+    """Section 13 (digest_price.py): what email-if-unread costs a create when nothing is
+    due, and a due email, beside a plain one: each round an embedded SecantusDB and an
+    aiosmtpd that counts, in this process; wall time an operation."""
+    import digest_price as dp
+
+    s13 = "13. Email if unread: per create, and per email at due time"
+    figs: dict[str, Figure] = {}
+    for rnd in range(ROUNDS):
+        dp.MEASURED.clear()
+        dp.main(100 if QUICK else 300)
+        for label, ms, commands in dp.MEASURED:
+            fig = figs.setdefault(label, Figure(s13, label, "ms/op"))
+            fig.rounds.append(ms)
+            fig.detail.setdefault("commands/op", []).append(commands)
+        shown = ", ".join(f"{f.rounds[-1]:.2f}" for f in figs.values())
+        progress(f"{rnd + 1}/{ROUNDS} §13 ms/op: {shown}")
+    return list(figs.values())
+
+
 def profiles(bench: Bench, figures: list[Figure]) -> dict[str, list[str]]:
     missed = {f.name.split(":")[0].split(",")[0] for f in figures
               if number(f.section) in ("0", "2") and f.verdict == "missed"}  # fmt: skip
@@ -739,6 +759,7 @@ def main() -> int:
             bench = Bench(stack)
             sections: list[Callable[[Bench], list[Figure]]] = [anchor, cost, growth, fan_out]
             sections += [email, durability, prices, peers, memory, features, scale]
+            sections += [digest_price]  # last: it patches classes in this process while it runs
             for section in sections:
                 try:
                     figures += section(bench)
