@@ -18,10 +18,10 @@ from pymongo.database import Database
 
 from ..config import Config
 from . import updates
+from .ids import id_batches, matching
 from .mongo_connector import Document, guarded
 from .updates import Layout
 
-_ID_BATCH = 50  # ids per `$in`: SecantusDB's cost grows faster than the list (inbox_store)
 UNREAD = "digest_unread"  # the field the read adds to each user document
 
 
@@ -48,17 +48,13 @@ class DigestStore:
                 continue  # no user of this API: found nowhere
         wanted = sorted({n for ids in batches.values() for n in ids})
         found: dict[str, Document] = {}
-        for start in range(0, len(oids), _ID_BATCH):
-            chunk = oids[start : start + _ID_BATCH]
+        for chunk in id_batches(oids):
             for doc in self.users.aggregate(self._pipeline(chunk, wanted, now)):
                 found[str(doc["_id"])] = doc
         return found
 
     def _pipeline(self, oids: list[ObjectId], wanted: list[str], now: datetime) -> list[Any]:
         layout = self.layout
-        # One id is matched as such: SecantusDB serves `_id: x` from the index faster
-        # than `_id: {$in: [x]}` (updates.users).
-        match = oids[0] if len(oids) == 1 else {"$in": oids}
         unread = {
             "$filter": {
                 "input": updates.live(layout, layout.cutoff(now)),
@@ -72,7 +68,7 @@ class DigestStore:
             }
         }
         return [
-            {"$match": {"_id": match}},
+            {"$match": {"_id": matching(oids)}},
             {"$set": {UNREAD: unread}},
             {"$project": {layout.field: 0, layout.meta: 0}},
         ]

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from bson import ObjectId
+
+# Users asked per `_id: {$in: [...]}`: SecantusDB's cost for one grows faster than the
+# list (one list of 1,000: 2.3 s; 20 lists of 50: 0.5 s). On mongod one list would do;
+# 20 round trips for 1,000 users cost little there.
+ID_BATCH = 50
 
 
 def new_id() -> str:
@@ -35,3 +42,21 @@ class IdBlock:
         if not 0 <= n < 2**24:
             raise ValueError(f"id {n} is outside the block")
         return (self._prefix + n.to_bytes(3, "big")).hex()
+
+
+def id_batches(ids: Iterable[str | ObjectId]) -> Iterator[list[ObjectId]]:
+    """`ids` as ObjectIds, ID_BATCH at a time: what one read of users asks for."""
+    batch: list[ObjectId] = []
+    for one in ids:
+        batch.append(ObjectId(one))
+        if len(batch) == ID_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def matching(oids: list[ObjectId]) -> Any:
+    """The `_id` condition of a batch: one id is matched as such, since SecantusDB
+    serves `_id: x` from the index faster than `_id: {$in: [x]}`."""
+    return oids[0] if len(oids) == 1 else {"$in": oids}

@@ -26,20 +26,21 @@ from ..config import Config
 from ..errors import NotificationNotFound, UserDocumentInvalid, UserHasNoEmail, UserNotFound
 from ..schemas import Notification, listed
 from . import updates
-from .ids import new_id
-from .mongo_connector import DatabaseUnavailable, Document, guarded, only_duplicates
+from .ids import id_batches, new_id
+from .mongo_connector import (
+    BAD_VALUE,
+    DOCUMENT_REFUSALS,
+    TOO_LARGE,
+    DatabaseUnavailable,
+    Document,
+    guarded,
+    only_duplicates,
+)
 from .updates import Layout
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-
-_BAD_VALUE = 2  # e.g. "$push: the field must be an array"
-_PATH_NOT_VIABLE = 28  # e.g. `$inc` through a field that is not a document
-_TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
-_INVALID = 121  # DocumentValidationFailure: the application's validator said no
-_REFUSALS = frozenset({_BAD_VALUE, _PATH_NOT_VIABLE, _INVALID, *_TOO_LARGE})
-_ID_BATCH = 50  # ids per `$in` (see InboxStore._in_batches)
 
 
 class RefusedWrites(Exception):
@@ -245,7 +246,7 @@ class InboxStore:
                 if isinstance(exc, BulkWriteError)
                 else [{"index": 0, "code": exc.code}]
             )
-            if not errors or any(error.get("code") not in _REFUSALS for error in errors):
+            if not errors or any(error.get("code") not in DOCUMENT_REFUSALS for error in errors):
                 raise  # not the document's refusal: a bug, or the database's own trouble
             refused = {entries[e["index"]][0]: self._refusal(e["code"]) for e in errors}
             log.warning("create: %d writes refused", len(refused))
@@ -499,15 +500,10 @@ class InboxStore:
         pipeline: Callable[[list[ObjectId]], list[Document]],
         session: Any = None,
     ) -> dict[str, Document]:
-        """The users among `user_ids` that exist, as `pipeline(their ids)` shapes them.
-
-        Asked `_ID_BATCH` ids at a time: SecantusDB's cost for `_id: {$in: [...]}`
-        grows faster than the list (one list of 1,000: 2.3 s; 20 lists of 50: 0.5 s).
-        On mongod one list would do; 20 round trips for 1,000 users cost little there.
-        """
+        """The users among `user_ids` that exist, as `pipeline(their ids)` shapes them,
+        ID_BATCH ids at a time (ids.py says why)."""
         found: dict[str, Document] = {}
-        for start in range(0, len(user_ids), _ID_BATCH):
-            batch = [ObjectId(u) for u in user_ids[start : start + _ID_BATCH]]
+        for batch in id_batches(user_ids):
             for doc in self.users.aggregate(pipeline(batch), session=session):
                 found[str(doc["_id"])] = doc
         return found
@@ -684,15 +680,15 @@ class InboxStore:
         try:
             yield
         except OperationFailure as exc:  # WriteError
-            if exc.code in _REFUSALS:
+            if exc.code in DOCUMENT_REFUSALS:
                 raise self._refusal(exc.code) from exc
             raise
 
     def _refusal(self, code: int | None) -> UserDocumentInvalid:
         """The 409 for the server's refusal (`code`) of a write to the user's document."""
-        if code == _BAD_VALUE:
+        if code == BAD_VALUE:
             return self.not_an_array()
-        if code in _TOO_LARGE:
+        if code in TOO_LARGE:
             return UserDocumentInvalid(
                 "The user's document is too large to take another notification."
             )

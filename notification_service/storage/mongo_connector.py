@@ -31,6 +31,13 @@ R = TypeVar("R")
 Document = dict[str, Any]
 _BAD_DATABASE_CHARS = frozenset('/\\. "$\0')
 DUPLICATE_KEY = 11000
+# The server refusing a write to one document (the application's users collection may
+# hold anything): the document, not the database, is the trouble (a 409, not a 503).
+BAD_VALUE = 2  # e.g. "$push: the field must be an array"
+PATH_NOT_VIABLE = 28  # e.g. `$inc` or `$set` through a field that is not a document
+TOO_LARGE = frozenset({10334, 17419, 17420})  # the document would pass 16 MB
+INVALID = 121  # DocumentValidationFailure: the application's validator said no
+DOCUMENT_REFUSALS = frozenset({BAD_VALUE, PATH_NOT_VIABLE, INVALID, *TOO_LARGE})
 
 
 class DatabaseUnavailable(Exception):

@@ -21,15 +21,9 @@ from ..config import Config
 from ..errors import UserDocumentInvalid, UserNotFound
 from ..keys import KeySpec
 from . import preference_updates as prefs
-from .mongo_connector import Document, guarded
+from .ids import id_batches, matching
+from .mongo_connector import DOCUMENT_REFUSALS, Document, guarded
 from .updates import Layout
-
-_ID_BATCH = 50  # ids per `$in`: SecantusDB's cost grows faster than the list (inbox_store)
-_BAD_VALUE = 2
-_PATH_NOT_VIABLE = 28  # `$set` through a field that is not a document
-_INVALID = 121  # the application's validator refused the document
-_TOO_LARGE = frozenset({10334, 17419, 17420})
-_REFUSALS = frozenset({_BAD_VALUE, _PATH_NOT_VIABLE, _INVALID, *_TOO_LARGE})
 
 Choices = dict[str, dict[str, bool]]  # {"<key>": {"in_app"?: bool, "email"?: bool}}
 
@@ -84,12 +78,8 @@ class PreferenceStore:
         one `find` (of 50 ids at most each), reading only that key's preferences."""
         allowed: set[str] = set()
         projection = prefs.projection(self.layout, key)
-        for start in range(0, len(user_ids), _ID_BATCH):
-            oids = [ObjectId(u) for u in user_ids[start : start + _ID_BATCH]]
-            # One id is matched as such: SecantusDB serves `_id: x` from the index faster
-            # than `_id: {$in: [x]}`.
-            match: Any = oids[0] if len(oids) == 1 else {"$in": oids}
-            for user in self.users.find({"_id": match}, projection=projection):
+        for oids in id_batches(user_ids):
+            for user in self.users.find({"_id": matching(oids)}, projection=projection):
                 if "email" not in prefs.opted_out(self.layout, user, key):
                     allowed.add(str(user["_id"]))
         return allowed
@@ -136,7 +126,7 @@ class PreferenceStore:
         try:
             yield
         except OperationFailure as exc:
-            if exc.code in _REFUSALS:
+            if exc.code in DOCUMENT_REFUSALS:
                 raise UserDocumentInvalid(
                     f"The user's document cannot take preferences in {self.field!r}.",
                     details=[{"field": self.field, "problem": "cannot hold preferences"}],

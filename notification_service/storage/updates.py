@@ -34,6 +34,7 @@ from bson import ObjectId
 
 from ..config import Config
 from ..schemas import Notification
+from .ids import matching
 
 Document = dict[str, Any]
 LOG_SIZE = 8  # rewrites whose change a user's document remembers (see `rewrite`)
@@ -237,11 +238,8 @@ def takes(layout: Layout) -> Document:
 def users(layout: Layout, oids: list[ObjectId]) -> list[Document]:
     """The users (without notifications), with `holds_array`: whether their field can
     take a notification."""
-    # One id is matched as such: SecantusDB serves `_id: x` from the index faster than
-    # `_id: {$in: [x]}`.
-    match = oids[0] if len(oids) == 1 else {"$in": oids}
     return [
-        {"$match": {"_id": match}},
+        {"$match": {"_id": matching(oids)}},
         {"$set": {"holds_array": takes(layout)}},
         {"$project": {layout.field: 0, layout.meta: 0}},
     ]
