@@ -45,9 +45,12 @@ KEYS = KeyTable(
 
 
 def near(user_id: str) -> str:
-    """An id that differs from `user_id` in its last hexadecimal digit only."""
-    last = "0" if user_id[-1] != "0" else "1"
-    return user_id[:-1] + last
+    """An id that differs from `user_id` in one hexadecimal digit only: the last of its
+    random part (digit 18 of 24), not of its counter, so that it is never an id this
+    process's `ObjectId()` makes next (a counter neighbour once collided as a duplicate
+    key)."""
+    digit = "0" if user_id[17] != "0" else "1"
+    return user_id[:17] + digit + user_id[18:]
 
 
 @pytest.fixture
