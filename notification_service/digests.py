@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from .config import Config
-from .email_templates import EmailContent
+from .email_templates import EmailTemplates
 from .keys import KeySpec, KeyTable
 from .outbox import CancelReason, Outbox
 from .schemas import Notification
@@ -40,19 +40,6 @@ from .storage.mongo_connector import Document
 from .unsubscribe import unsubscribe_url
 
 log = logging.getLogger(__name__)
-
-
-class Templates(Protocol):
-    """EmailTemplates' rendering: a digest is render(key, the unread ones, user)."""
-
-    def render(
-        self,
-        key: str,
-        notifications: list[Notification],
-        user: dict[str, Any],
-        *,
-        unsubscribe_url: str | None = None,
-    ) -> EmailContent: ...
 
 
 class Preferences(Protocol):
@@ -101,7 +88,7 @@ class Digests:
 
     outbox: Outbox
     users: DigestStore
-    templates: Templates
+    templates: EmailTemplates  # a digest is render(key, the unread ones, user)
     keys: KeyTable
     preferences: Preferences
     unsubscribe_url: Callable[[str, str], str | None]
@@ -109,7 +96,7 @@ class Digests:
 
     @classmethod
     def of(
-        cls, config: Config, outbox: Outbox, templates: Templates, preferences: Preferences
+        cls, config: Config, outbox: Outbox, templates: EmailTemplates, preferences: Preferences
     ) -> Digests:
         """The due-time step of a process, from its services."""
         return cls(
