@@ -307,7 +307,7 @@ class Config:
                 "CLIENT_TIMEOUT_SECONDS", d.client_timeout_seconds, 0.5, 60
             ),
             api_keys=_api_keys(r),
-            user_token_key=_user_token_key(r),
+            user_token_key=_long_secret(r, "USER_TOKEN_SECRET", SECRET_MIN_BYTES),
             stream_max_per_process=r.integer(
                 "STREAM_MAX_PER_PROCESS", d.stream_max_per_process, 1, 100_000
             ),
@@ -354,7 +354,7 @@ class Config:
             smtp_rate_limit=r.number("SMTP_RATE_LIMIT", d.smtp_rate_limit, 0, 100_000),
             templates_dir=r.optional("TEMPLATES_DIR", _check_dir),
             keys=_keys(r, dispatch_max_age_seconds),
-            unsubscribe_secret=_unsubscribe_secret(r),
+            unsubscribe_secret=_long_secret(r, "UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET_MIN_BYTES),
             public_url=r.optional("PUBLIC_URL", _check_public_url),
             dev_mail_sink=r.boolean("DEV_MAIL_SINK", d.dev_mail_sink),
             allow_unauthenticated=r.boolean("ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
@@ -630,13 +630,14 @@ def _api_keys(r: _Reader) -> tuple[Secret, ...]:
     return tuple(Secret(key) for key in dict.fromkeys(keys))
 
 
-def _user_token_key(r: _Reader) -> Secret | None:
-    secret = r.secret("USER_TOKEN_SECRET")
-    if secret is not None and len(secret.reveal().encode("utf-8")) < SECRET_MIN_BYTES:
+def _long_secret(r: _Reader, name: str, min_bytes: int) -> Secret | None:
+    """A secret of at least `min_bytes` (USER_TOKEN_SECRET, UNSUBSCRIBE_SECRET), or None."""
+    secret = r.secret(name)
+    if secret is not None and len(secret.reveal().encode("utf-8")) < min_bytes:
         # Neither the value nor its length: the message may end up in a log.
         r.refuse(
-            "USER_TOKEN_SECRET",
-            f"must be at least {SECRET_MIN_BYTES} bytes "
+            name,
+            f"must be at least {min_bytes} bytes "
             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
         )
         return None
@@ -654,19 +655,6 @@ def _keys(r: _Reader, max_age_seconds: float) -> KeyTable:
     except KeysFileError as exc:
         r.refuse("KEYS_FILE", str(exc))
         return DEFAULT_KEYS
-
-
-def _unsubscribe_secret(r: _Reader) -> Secret | None:
-    secret = r.secret("UNSUBSCRIBE_SECRET")
-    if secret is not None and len(secret.reveal().encode("utf-8")) < UNSUBSCRIBE_SECRET_MIN_BYTES:
-        # Neither the value nor its length: the message may end up in a log.
-        r.refuse(
-            "UNSUBSCRIBE_SECRET",
-            f"must be at least {UNSUBSCRIBE_SECRET_MIN_BYTES} bytes "
-            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
-        )
-        return None
-    return secret
 
 
 # Each link goes into an email's `List-Unsubscribe: <link>` as it is, on one line of at
