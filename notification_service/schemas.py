@@ -22,7 +22,6 @@ from pydantic import (
     GetJsonSchemaHandler,
     ValidationInfo,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -344,10 +343,27 @@ class CreateRequest(_Body):
         return self
 
 
+def _at_most_list_max(value: int, info: ValidationInfo) -> int:
+    # The maximum is configuration (LIST_MAX_LIMIT), passed as validation context.
+    maximum = (info.context or {}).get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)
+    if value > maximum:
+        raise ValueError(f"must be at most {maximum}")
+    return value
+
+
+# A page's size: /list's and GET /email's, at most LIST_MAX_LIMIT.
+PageLimit = Annotated[int, Field(ge=0), AfterValidator(_at_most_list_max)]
+
+
+def limit_schema(context: dict[str, Any]) -> dict[str, Any]:
+    """What the configuration adds to a PageLimit's JSON schema (openapi.py)."""
+    return {"maximum": context.get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)}
+
+
 class ListQuery(_Query):
     user_id: ObjectIdStr
     skip: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
-    limit: Annotated[int, Field(ge=0)] = 10
+    limit: PageLimit = 10
     # Filters: `elements` and `new` stay the user's totals, `matched` counts these.
     is_new: Flag | None = None
     key: NotificationKey | None = None
@@ -355,19 +371,7 @@ class ListQuery(_Query):
     @classmethod
     def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """What the configuration adds to the fields' JSON schemas (openapi.py)."""
-        return {
-            "limit": {"maximum": context.get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)},
-            "key": key_schema(context),
-        }
-
-    @field_validator("limit")
-    @classmethod
-    def _limit_at_most_max(cls, value: int, info: ValidationInfo) -> int:
-        # The maximum is configuration (LIST_MAX_LIMIT), passed as validation context.
-        maximum = (info.context or {}).get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)
-        if value > maximum:
-            raise ValueError(f"must be at most {maximum}")
-        return value
+        return {"limit": limit_schema(context), "key": key_schema(context)}
 
 
 class ReadRequest(_Query):
@@ -772,26 +776,18 @@ AnyKeyName = Annotated[
 ]
 
 
-def _at_most_list_max(value: int, info: ValidationInfo) -> int:
-    # The maximum is configuration (LIST_MAX_LIMIT), passed as validation context.
-    maximum = (info.context or {}).get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)
-    if value > maximum:
-        raise ValueError(f"must be at most {maximum}")
-    return value
-
-
 class DeadLetterQuery(_Query):
     """GET /email: one page of the failed emails, newest failure first."""
 
     status: DeadLetterStatus
     skip: Annotated[int, Field(ge=0, le=_INT64_MAX)] = 0
-    limit: Annotated[int, Field(ge=0), AfterValidator(_at_most_list_max)] = 10
+    limit: PageLimit = 10
     key: AnyKeyName | None = None
 
     @classmethod
     def schema_overrides(cls, context: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The bound of `limit`, as /list's (openapi.py)."""
-        return {"limit": {"maximum": context.get("list_max_limit", DEFAULT_LIST_MAX_LIMIT)}}
+        return {"limit": limit_schema(context)}
 
 
 def _text_time(value: Any) -> Any:
