@@ -130,20 +130,16 @@ def _begin(
 
 def _answered(response: Response) -> Response:
     ctx = cast(Any, g)._get_current_object()
-    ctx.access_status = response.status_code
     response.headers["X-Request-ID"] = ctx.get("request_id", "")
-    # Every answer: no browser may guess another type than the one declared.
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    if request.path.startswith(LINK_PREFIX):
-        protect_link(response)  # its errors too: the URL is the credential
-    return response
+    return _noted(response)
 
 
 def _noted(response: Response) -> Response:
     g.access_status = response.status_code
+    # Every answer: no browser may guess another type than the one declared.
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.path.startswith(LINK_PREFIX):
-        protect_link(response)
+        protect_link(response)  # its errors too: the URL is the credential
     return response
 
 
