@@ -22,17 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .storage.idempotency_store import ERASED, PACKED_STATUS
 from .storage.ids import IdBlock
 
-STATUS = {
-    "created": "c",
-    "skipped": "s",
-    "user_not_found": "n",
-    "user_has_no_email": "e",
-    "user_document_invalid": "d",
-}
-NAME = {letter: status for status, letter in STATUS.items()}
-ERASED = "x"
+NAME = PACKED_STATUS  # a code's first letter -> its status
+STATUS = {status: letter for letter, status in NAME.items()}
+__all__ = ["ERASED", "pack", "unpack"]
 CHANNEL = {"in_app": "i", "email": "e"}
 CHANNEL_NAME = {letter: channel for channel, letter in CHANNEL.items()}
 

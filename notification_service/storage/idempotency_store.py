@@ -273,11 +273,11 @@ def _without_packed_user(record: Document, data: Document, ref: str) -> UpdateOn
     if ref not in refs or len(refs) != len(codes):
         return None
     i = refs.index(ref)
-    status = _PACKED_STATUS.get(str(codes[i])[:1])
+    status = PACKED_STATUS.get(str(codes[i])[:1])
     if status is None:
         return None
     update: Document = {
-        "$set": {f"refs.{i}": "-", f"body.data.codes.{i}": "x"},
+        "$set": {f"refs.{i}": "-", f"body.data.codes.{i}": ERASED},
         "$inc": {f"body.data.totals.{status}": -1},
     }
     if str(i) in data.get("kept", {}):
@@ -287,14 +287,16 @@ def _without_packed_user(record: Document, data: Document, ref: str) -> UpdateOn
     )
 
 
-# A packed code's first letter, and the status it stands for (outcomes.STATUS).
-_PACKED_STATUS = {
+# A packed code's first letter, and the status it stands for (outcomes.py packs and
+# unpacks with them); ERASED marks a user erased since (`_without_packed_user`).
+PACKED_STATUS = {
     "c": "created",
     "s": "skipped",
     "n": "user_not_found",
     "e": "user_has_no_email",
     "d": "user_document_invalid",
 }
+ERASED = "x"
 
 
 # The fields of a single create's or an email's answer that an erasure clears: ids
