@@ -141,7 +141,7 @@ class Digests:
         return ready
 
     def _mandatory(self, key: Any) -> bool:
-        return isinstance(key, str) and key in self.keys and self.keys.get(key).mandatory
+        return isinstance(key, str) and self.keys.mandatory(key)
 
     def _render(
         self,

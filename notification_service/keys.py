@@ -90,6 +90,11 @@ class KeyTable:
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
+    def mandatory(self, name: str) -> bool:
+        """Whether `name` is a mandatory key of the table (an unknown one is not)."""
+        spec = self._specs.get(name)
+        return spec is not None and spec.mandatory
+
     def __iter__(self) -> Iterator[KeySpec]:
         return iter(self._specs.values())
 

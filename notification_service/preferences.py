@@ -90,7 +90,7 @@ def read_link(svc: Services, token: str) -> Link:
         raise InvalidUnsubscribeToken()
     user_id, key = read_token(secret.reveal().encode("utf-8"), token)
     keys: KeyTable = svc.config.keys
-    return Link(user_id, key, key in keys and keys.get(key).mandatory)
+    return Link(user_id, key, keys.mandatory(key))
 
 
 def unsubscribe(svc: Services, token: str) -> Link:

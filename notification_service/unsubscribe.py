@@ -75,7 +75,7 @@ def unsubscribe_url(config: Config, user_id: str, key: str) -> str | None:
     mandatory key, or when PUBLIC_URL or UNSUBSCRIBE_SECRET is not set (config.py
     requires both when any non-mandatory key emails)."""
     keys: KeyTable = config.keys
-    if key not in keys or keys.get(key).mandatory:
+    if key not in keys or keys.mandatory(key):
         return None
     if config.public_url is None or config.unsubscribe_secret is None:
         return None
